@@ -1,0 +1,225 @@
+//! Tokens and scopes.
+//!
+//! A token is `qv_<id>_<secret>`. Only its SHA-256 is kept, in `<store>/_quiver/tokens.json`.
+//! The admin token comes from `QUIVER_ADMIN_TOKEN` (never stored), or is generated on
+//! first start, printed once, and stored hashed like any other.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parking_lot::RwLock;
+use quiver_engine::Store;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{ApiError, ApiResult};
+
+/// What a token may do. `Admin` implies the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Queries and subscriptions.
+    Read,
+    /// Writing events.
+    Ingest,
+    /// Everything, including DDL and tokens.
+    Admin,
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "read" => Ok(Self::Read),
+            "ingest" => Ok(Self::Ingest),
+            "admin" => Ok(Self::Admin),
+            other => Err(format!("unknown scope '{other}' (read, ingest, admin)")),
+        }
+    }
+}
+
+/// A stored token (the secret is not kept).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Public id.
+    pub id: String,
+    /// Human name.
+    pub name: String,
+    /// Granted scopes.
+    pub scopes: Vec<Scope>,
+    /// SHA-256 of the full token, hex.
+    pub hash: String,
+    /// Creation time, RFC 3339.
+    pub created_at: String,
+}
+
+/// The caller, once authenticated.
+#[derive(Debug, Clone)]
+pub(crate) struct Principal {
+    pub(crate) token_id: String,
+    scopes: Vec<Scope>,
+}
+
+impl Principal {
+    pub(crate) fn has(&self, scope: Scope) -> bool {
+        self.scopes.contains(&Scope::Admin) || self.scopes.contains(&scope)
+    }
+
+    pub(crate) fn require(&self, scope: Scope) -> ApiResult<()> {
+        if self.has(scope) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "this token lacks the '{}' scope",
+                serde_json::to_value(scope)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            )))
+        }
+    }
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// The token registry.
+#[derive(Debug)]
+pub(crate) struct Tokens {
+    store: Arc<dyn ObjectStore>,
+    path: object_store::path::Path,
+    records: RwLock<BTreeMap<String, TokenRecord>>,
+    env_admin_hash: Option<String>,
+}
+
+/// A newly made token; `token` is the only time the secret exists.
+#[derive(Debug, Serialize)]
+pub(crate) struct NewToken {
+    pub(crate) id: String,
+    pub(crate) token: String,
+    pub(crate) name: String,
+    pub(crate) scopes: Vec<Scope>,
+}
+
+impl Tokens {
+    /// Loads the registry. Returns it and, when an admin token had to be generated, that token.
+    pub(crate) async fn load(
+        store: &Store,
+        env_admin: Option<String>,
+    ) -> anyhow::Result<(Self, Option<NewToken>)> {
+        let path = store.path("_quiver/tokens.json")?;
+        let os = store.object_store();
+        let records: BTreeMap<String, TokenRecord> = match os.get(&path).await {
+            Ok(got) => {
+                let bytes = got.bytes().await?;
+                let list: Vec<TokenRecord> = serde_json::from_slice(&bytes)?;
+                list.into_iter().map(|r| (r.id.clone(), r)).collect()
+            }
+            Err(object_store::Error::NotFound { .. }) => BTreeMap::new(),
+            Err(e) => return Err(e.into()),
+        };
+        let env_admin_hash = env_admin.filter(|t| !t.is_empty()).map(|t| sha256_hex(&t));
+        let this = Self {
+            store: os,
+            path,
+            records: RwLock::new(records),
+            env_admin_hash,
+        };
+        let has_admin = this.env_admin_hash.is_some()
+            || this
+                .records
+                .read()
+                .values()
+                .any(|r| r.scopes.contains(&Scope::Admin));
+        let generated = if has_admin {
+            None
+        } else {
+            Some(this.create("admin", vec![Scope::Admin]).await?)
+        };
+        Ok((this, generated))
+    }
+
+    /// Makes a token.
+    pub(crate) async fn create(&self, name: &str, scopes: Vec<Scope>) -> anyhow::Result<NewToken> {
+        let id = hex::encode(rand::random::<[u8; 6]>());
+        let token = format!("qv_{id}_{}", hex::encode(rand::random::<[u8; 20]>()));
+        let record = TokenRecord {
+            id: id.clone(),
+            name: name.to_owned(),
+            scopes: scopes.clone(),
+            hash: sha256_hex(&token),
+            created_at: chrono::Utc::now().to_rfc3339(),
+        };
+        self.records.write().insert(id.clone(), record);
+        self.save().await?;
+        Ok(NewToken {
+            id,
+            token,
+            name: name.to_owned(),
+            scopes,
+        })
+    }
+
+    /// Removes a token; false if there was none with that id.
+    pub(crate) async fn delete(&self, id: &str) -> anyhow::Result<bool> {
+        let removed = self.records.write().remove(id).is_some();
+        if removed {
+            self.save().await?;
+        }
+        Ok(removed)
+    }
+
+    /// Every stored token (without secrets).
+    pub(crate) fn list(&self) -> Vec<TokenRecord> {
+        self.records.read().values().cloned().collect()
+    }
+
+    async fn save(&self) -> anyhow::Result<()> {
+        let list = self.list();
+        let bytes = serde_json::to_vec_pretty(&list)?;
+        self.store.put(&self.path, PutPayload::from(bytes)).await?;
+        Ok(())
+    }
+
+    /// Checks a presented token.
+    pub(crate) fn verify(&self, token: &str) -> Option<Principal> {
+        let hash = sha256_hex(token);
+        if self.env_admin_hash.as_deref() == Some(hash.as_str()) {
+            return Some(Principal {
+                token_id: "env-admin".into(),
+                scopes: vec![Scope::Admin],
+            });
+        }
+        let id = token.strip_prefix("qv_")?.split('_').next()?;
+        let records = self.records.read();
+        let rec = records.get(id)?;
+        // Both sides are hashes of secrets; comparing them leaks nothing useful.
+        (rec.hash == hash).then(|| Principal {
+            token_id: rec.id.clone(),
+            scopes: rec.scopes.clone(),
+        })
+    }
+
+    /// Authenticates the `Authorization: Bearer` header.
+    pub(crate) fn authenticate(&self, headers: &HeaderMap) -> ApiResult<Principal> {
+        let value = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| {
+                ApiError::unauthorized("missing 'Authorization: Bearer <token>' header")
+            })?;
+        let value = value
+            .to_str()
+            .map_err(|_| ApiError::unauthorized("the Authorization header is not text"))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or_else(|| {
+                ApiError::unauthorized("the Authorization header must be 'Bearer <token>'")
+            })?;
+        self.verify(token.trim())
+            .ok_or_else(|| ApiError::unauthorized("the token is not valid"))
+    }
+}

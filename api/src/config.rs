@@ -1,0 +1,107 @@
+//! Settings of `quiver serve`: every flag is also a `QUIVER_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Server settings.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Where tables live: a folder, file://PATH, s3://BUCKET/PREFIX or memory://.
+    #[arg(long, env = "QUIVER_STORE", default_value = "file://./quiver-data")]
+    pub store: String,
+
+    /// Folder of the write-ahead log (must be a local disk). Default: `wal` inside a
+    /// local store, else ./quiver-wal.
+    #[arg(long, env = "QUIVER_WAL_DIR")]
+    pub wal_dir: Option<PathBuf>,
+
+    /// HTTP listen address.
+    #[arg(long, env = "QUIVER_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Largest accepted request body.
+    #[arg(long, env = "QUIVER_MAX_BODY_BYTES", default_value_t = 64 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Flush a stream's buffer to Delta once it holds this many bytes.
+    #[arg(long, env = "QUIVER_FLUSH_BYTES", default_value_t = 64 << 20)]
+    pub flush_bytes: usize,
+
+    /// Flush a stream's buffer to Delta once its oldest event is this old.
+    #[arg(long, env = "QUIVER_FLUSH_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub flush_interval: Duration,
+
+    /// Refuse writes with 503 while buffers hold more than this many bytes.
+    #[arg(long, env = "QUIVER_MAX_BUFFER_BYTES", default_value_t = 512 << 20)]
+    pub max_buffer_bytes: usize,
+
+    /// WAL segment size.
+    #[arg(long, env = "QUIVER_WAL_SEGMENT_BYTES", default_value_t = 64 << 20)]
+    pub wal_segment_bytes: u64,
+
+    /// How often tables are compacted, checkpointed and vacuumed (0s: never).
+    #[arg(long, env = "QUIVER_UPKEEP_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub upkeep_interval: Duration,
+
+    /// Target size of compacted Parquet files.
+    #[arg(long, env = "QUIVER_COMPACT_TARGET_BYTES", default_value_t = 128 << 20)]
+    pub compact_target_bytes: u64,
+
+    /// How long files replaced by compaction are kept before vacuum deletes them.
+    #[arg(long, env = "QUIVER_VACUUM_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub vacuum_retention: Duration,
+
+    /// How long idempotency keys are remembered.
+    #[arg(long, env = "QUIVER_IDEMPOTENCY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub idempotency_ttl: Duration,
+
+    /// Ingest requests per second allowed per token (0: unlimited).
+    #[arg(long, env = "QUIVER_INGEST_RATE_LIMIT", default_value_t = 0)]
+    pub ingest_rate_limit: u32,
+
+    /// Require a `read` token for /metrics.
+    #[arg(long, env = "QUIVER_METRICS_AUTH", default_value_t = false)]
+    pub metrics_auth: bool,
+
+    /// Admin token; when unset one is generated on first start and printed once.
+    #[arg(long, env = "QUIVER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Log format: auto (pretty on a terminal, JSON otherwise), pretty or json.
+    #[arg(long, env = "QUIVER_LOG_FORMAT", default_value = "auto")]
+    pub log_format: String,
+}
+
+impl ServeConfig {
+    /// The WAL folder in effect.
+    pub fn wal_dir(&self) -> PathBuf {
+        if let Some(d) = &self.wal_dir {
+            return d.clone();
+        }
+        let local = self
+            .store
+            .strip_prefix("file://")
+            .or_else(|| (!self.store.contains("://")).then_some(self.store.as_str()));
+        match local {
+            Some(path) => PathBuf::from(path).join("wal"),
+            None => PathBuf::from("./quiver-wal"),
+        }
+    }
+
+    /// The engine settings these flags describe.
+    pub fn engine_config(&self) -> quiver_engine::EngineConfig {
+        let mut c = quiver_engine::EngineConfig::new(self.store.clone(), self.wal_dir());
+        c.flush_bytes = self.flush_bytes;
+        c.flush_interval = self.flush_interval;
+        c.max_buffer_bytes = self.max_buffer_bytes;
+        c.wal.segment_bytes = self.wal_segment_bytes;
+        c.upkeep_interval = self.upkeep_interval;
+        c.table.compact_target_bytes = self.compact_target_bytes;
+        c.table.vacuum_retention = self.vacuum_retention;
+        c.idempotency_ttl = self.idempotency_ttl;
+        c
+    }
+}

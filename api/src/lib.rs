@@ -1,0 +1,17 @@
+//! Quiver's network surfaces and the `quiver` binary.
+//!
+//! [`RunningServer`] binds HTTP, loads tokens, and recovers the engine in the
+//! background (`/ready` turns 200 when done). Handlers authenticate with bearer tokens
+//! ([`auth`]), decode bodies with `quiver-ingest`, and hand batches to the engine, which
+//! answers once they are durable. [`cli`] holds the `demo`, `generate`, `load` and
+//! `token` commands.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+mod error;
+mod routes;
+mod server;
+
+pub use config::ServeConfig;
+pub use server::RunningServer;

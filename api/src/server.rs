@@ -1,0 +1,180 @@
+//! The HTTP server: routes, shared state, start-up and graceful shutdown.
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use prometheus_client::registry::Registry;
+use quiver_engine::metrics::RouteLabel;
+use quiver_engine::{Engine, EngineMetrics, Store};
+use tokio::net::TcpListener;
+use tracing::{error, info};
+
+use crate::auth::Tokens;
+use crate::config::ServeConfig;
+use crate::routes;
+
+/// State every handler shares.
+#[derive(Debug)]
+pub(crate) struct AppState {
+    pub(crate) config: ServeConfig,
+    pub(crate) engine: OnceLock<Engine>,
+    pub(crate) tokens: Tokens,
+    pub(crate) registry: Registry,
+    pub(crate) metrics: Arc<EngineMetrics>,
+    pub(crate) rate_limiter: Option<DefaultKeyedRateLimiter<String>>,
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct RunningServer {
+    state: Arc<AppState>,
+    /// Address the HTTP listener is bound to.
+    pub http_addr: std::net::SocketAddr,
+    /// A token generated on first start (admin), if one was.
+    pub generated_admin_token: Option<String>,
+    http: tokio::task::JoinHandle<()>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl RunningServer {
+    /// Binds the listeners, loads tokens, and starts recovery in the background.
+    pub async fn start(config: ServeConfig) -> anyhow::Result<Self> {
+        let mut registry = Registry::default();
+        let metrics = Arc::new(EngineMetrics::new(&mut registry));
+        let store = Store::open(&config.store).context("opening the store")?;
+        let (tokens, generated) = Tokens::load(&store, config.admin_token.clone())
+            .await
+            .context("loading tokens")?;
+        let rate_limiter = NonZeroU32::new(config.ingest_rate_limit)
+            .map(|n| RateLimiter::keyed(Quota::per_second(n)));
+        let state = Arc::new(AppState {
+            config: config.clone(),
+            engine: OnceLock::new(),
+            tokens,
+            registry,
+            metrics: Arc::clone(&metrics),
+            rate_limiter,
+        });
+
+        let listener = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
+        let http_addr = listener.local_addr()?;
+        let app = router(Arc::clone(&state));
+        let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
+        let http = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = shutdown_rx.changed().await;
+                })
+                .await;
+            if let Err(e) = served {
+                error!(error = %e, "HTTP server failed");
+            }
+        });
+        info!(%http_addr, store = %config.store, wal = %config.wal_dir().display(), "HTTP listening; recovering");
+
+        let recovering = Arc::clone(&state);
+        tokio::spawn(async move {
+            match Engine::open(
+                recovering.config.engine_config(),
+                Arc::clone(&recovering.metrics),
+            )
+            .await
+            {
+                Ok(engine) => {
+                    let _ = recovering.engine.set(engine);
+                    info!("ready");
+                }
+                Err(e) => {
+                    error!(error = %e, "recovery failed; exiting");
+                    std::process::exit(2);
+                }
+            }
+        });
+
+        Ok(Self {
+            state,
+            http_addr,
+            generated_admin_token: generated.map(|t| t.token),
+            http,
+            shutdown,
+        })
+    }
+
+    /// Makes a token directly in the registry (used by `quiver demo` for its feed).
+    pub async fn create_token(
+        &self,
+        name: &str,
+        scopes: Vec<crate::auth::Scope>,
+    ) -> anyhow::Result<String> {
+        Ok(self.state.tokens.create(name, scopes).await?.token)
+    }
+
+    /// Waits until recovery has finished.
+    pub async fn wait_ready(&self) {
+        while self.state.engine.get().is_none() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops taking writes, drains HTTP, flushes buffers into Delta.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        info!("shutting down: no new writes; flushing");
+        if let Some(engine) = self.state.engine.get() {
+            engine.stop_accepting();
+        }
+        let _ = self.shutdown.send(true);
+        let _ = self.http.await;
+        if let Some(engine) = self.state.engine.get() {
+            engine.shutdown().await.context("final flush")?;
+        }
+        Ok(())
+    }
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(routes::health))
+        .route("/ready", get(routes::ready))
+        .route("/metrics", get(routes::metrics))
+        .route("/v1/streams", get(routes::list_streams))
+        .route("/v1/streams/{stream}/events", post(routes::ingest))
+        .route(
+            "/v1/tokens",
+            post(routes::create_token).get(routes::list_tokens),
+        )
+        .route("/v1/tokens/{id}", delete(routes::delete_token))
+        .fallback(routes::not_found)
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), observe))
+        .with_state(state)
+}
+
+/// Times every request into the route histogram, inside a tracing span.
+async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let started = Instant::now();
+    let span = tracing::info_span!("http", method = %req.method(), route = %route);
+    let resp = tracing::Instrument::instrument(next.run(req), span).await;
+    state
+        .metrics
+        .http_request_seconds
+        .get_or_create(&RouteLabel {
+            route,
+            status: resp.status().as_u16(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `quiver` binary, real HTTP, real Delta tables, a real
+//! S3-compatible server.
+
+mod common;
+mod crash;
+mod disk_full;
+mod ingest;
+mod s3;
+mod tools;

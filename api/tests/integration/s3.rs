@@ -1,0 +1,147 @@
+//! The `s3://` store against a real S3-compatible server (moto's standalone server,
+//! started here), including two Quiver writers committing to one table at once.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use object_store::ObjectStore as _;
+use serde_json::Value;
+
+use crate::common::*;
+
+struct S3Server {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_s3(dir: &std::path::Path) -> S3Server {
+    let port = free_port();
+    let python = std::env::var("QUIVER_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let log = std::fs::File::create(dir.join("s3.log")).unwrap();
+    let child = Command::new(python)
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start moto's S3 server (pip install 'moto[server]')");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client.get(&endpoint).send().await.is_err() {
+        assert!(Instant::now() < deadline, "S3 server did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = client
+        .put(format!("{endpoint}/quiver-test"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "create bucket: {}", r.status());
+    S3Server { child, endpoint }
+}
+
+fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ENDPOINT_URL", endpoint.into()),
+        ("AWS_ALLOW_HTTP", "true".into()),
+    ]
+}
+
+#[tokio::test]
+async fn s3_store_with_two_concurrent_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = start_s3(dir.path()).await;
+    let env = s3_env(&s3.endpoint);
+    for (k, v) in &env {
+        // The test process reads the table back through the same variables.
+        #[expect(
+            unsafe_code,
+            reason = "test-only; no other thread reads these variables"
+        )]
+        // SAFETY: the variables are only read by this test's own store client.
+        unsafe {
+            std::env::set_var(k, v)
+        };
+    }
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let store = "s3://quiver-test/lake";
+    let d1 = dir.path().join("a");
+    let d2 = dir.path().join("b");
+    std::fs::create_dir_all(&d1).unwrap();
+    std::fs::create_dir_all(&d2).unwrap();
+    let (mut a, mut b) = tokio::join!(
+        TestServer::start_with(&d1, store, &["--flush-interval", "50ms"], &env_ref),
+        TestServer::start_with(&d2, store, &["--flush-interval", "50ms"], &env_ref),
+    );
+
+    let send = |s: &TestServer, prefix: &'static str| {
+        let url = format!("{}/v1/streams/orders/events", s.url);
+        let client = s.client.clone();
+        async move {
+            let mut accepted = 0u64;
+            for q in 0..40 {
+                let body: Vec<String> = (0..25)
+                    .map(|i| {
+                        order_line(&format!("{prefix}-{q}-{i}"), "2026-11-25T10:00:00Z", "paid")
+                    })
+                    .collect();
+                let r = client
+                    .post(&url)
+                    .bearer_auth(ADMIN)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body.join("\n"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                accepted += r.json::<Value>().await.unwrap()["accepted"]
+                    .as_u64()
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            accepted
+        }
+    };
+    let (na, nb) = tokio::join!(send(&a, "a"), send(&b, "b"));
+    assert_eq!(a.terminate(), Some(0), "log a:\n{}", a.log());
+    assert_eq!(b.terminate(), Some(0), "log b:\n{}", b.log());
+
+    let table = a.table_url("orders");
+    let rows = query_table(
+        store,
+        table.clone(),
+        "SELECT COUNT(*), COUNT(DISTINCT event_id) FROM t",
+    )
+    .await;
+    assert_eq!(single_i64(&rows) as u64, na + nb, "no commit was lost");
+    // Many commits from both writers interleaved in one log.
+    let log = quiver_engine::Store::open(store).unwrap();
+    let list: Vec<_> = futures::StreamExt::collect::<Vec<_>>(
+        log.object_store()
+            .list(Some(&log.path("tables/orders/_delta_log").unwrap())),
+    )
+    .await;
+    let commits = list
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|m| m.location.as_ref().ends_with(".json"))
+        .count();
+    assert!(commits > 4, "expected many commits, got {commits}");
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Durable ingest throughput over HTTP: starts a release `quiver serve` on a scratch store,
+# drives it with 1,000-event requests (NDJSON, then Arrow IPC) from the load driver on
+# the same machine, and prints events/s, request latency and server RSS.
+#
+#   benches/ingest.sh [duration] [concurrency]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration="${1:-20s}"
+concurrency="${2:-16}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/quiver-target}"
+cargo build --release -p quiver-api -p quiver-benches --bins
+bin="$CARGO_TARGET_DIR/release"
+
+scratch="$(mktemp -d)"
+port=18080
+token="bench-admin-token"
+trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$scratch"' EXIT
+
+for format in ndjson arrow; do
+  rm -rf "$scratch/store"
+  QUIVER_ADMIN_TOKEN="$token" QUIVER_LOG=warn "$bin/quiver" serve \
+    --store "file://$scratch/store" --http-addr "127.0.0.1:$port" \
+    --upkeep-interval 0s >"$scratch/server-$format.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 200); do
+    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
+    sleep 0.1
+  done
+  "$bin/ingest-load" --url "http://127.0.0.1:$port" --token "$token" --format "$format" \
+    --batch 1000 --concurrency "$concurrency" --duration "$duration" --server-pid "$pid"
+  kill -TERM "$pid"; wait "$pid" || true
+done
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"

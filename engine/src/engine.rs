@@ -1,0 +1,638 @@
+//! The engine: streams, their live buffers and tables, the WAL, and the background work
+//! that moves events from one to the other.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, ArrayRef, Date32Array, TimestampMicrosecondArray};
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::watch;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::buffer::LiveBuffer;
+use crate::idempotency::{Idempotency, KeyState};
+use crate::metrics::{EngineMetrics, stream_label};
+use crate::schema::{EVENT_TIME_COLUMN, StreamSchema};
+use crate::store::Store;
+use crate::table::{StreamTable, TableOptions};
+use crate::wal::{DurableSink, Wal, WalAppend, WalOptions, WalRecord};
+use crate::{Error, Result};
+
+const MICROS_PER_DAY: i64 = 86_400_000_000;
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Store location (`file://…`, `s3://…`, `memory://`).
+    pub store: String,
+    /// Local folder of the write-ahead log.
+    pub wal_dir: PathBuf,
+    /// WAL tuning.
+    pub wal: WalOptions,
+    /// Flush a stream once its buffer holds this many bytes.
+    pub flush_bytes: usize,
+    /// Flush a stream once its oldest buffered event is this old.
+    pub flush_interval: Duration,
+    /// Refuse writes (503) while all buffers together hold more than this.
+    pub max_buffer_bytes: usize,
+    /// How often tables are compacted, checkpointed and vacuumed (zero: never).
+    pub upkeep_interval: Duration,
+    /// Table upkeep settings.
+    pub table: TableOptions,
+    /// How long idempotency keys are remembered.
+    pub idempotency_ttl: Duration,
+}
+
+impl EngineConfig {
+    /// Defaults for a store, with the WAL in `wal_dir`.
+    pub fn new(store: impl Into<String>, wal_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            store: store.into(),
+            wal_dir: wal_dir.into(),
+            wal: WalOptions::default(),
+            flush_bytes: 64 << 20,
+            flush_interval: Duration::from_secs(10),
+            max_buffer_bytes: 512 << 20,
+            upkeep_interval: Duration::from_secs(600),
+            table: TableOptions::default(),
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What an ingest call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestOutcome {
+    /// The events are durable; this many were accepted.
+    Accepted(u64),
+    /// A request with the same idempotency key already stored this many; nothing new stored.
+    Replayed(u64),
+}
+
+/// A request's idempotency key and body fingerprint.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    /// The `Idempotency-Key` header value.
+    pub key: String,
+    /// Hash of the request body.
+    pub fingerprint: String,
+}
+
+/// A summary of one stream.
+#[derive(Debug, Clone)]
+pub struct StreamInfo {
+    /// Schema.
+    pub schema: StreamSchema,
+    /// Events held in the live buffer.
+    pub buffered_events: usize,
+    /// Delta table version.
+    pub table_version: Option<u64>,
+    /// Events in the Delta table.
+    pub stored_events: u64,
+    /// Active data files in the Delta table.
+    pub files: u64,
+    /// Table URL.
+    pub table_url: String,
+}
+
+#[derive(Debug)]
+struct StreamState {
+    schema: StreamSchema,
+    table: StreamTable,
+    buffer: Mutex<LiveBuffer>,
+    committed_seq: AtomicU64,
+    flush_lock: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    streams: RwLock<BTreeMap<String, Arc<StreamState>>>,
+    metrics: Arc<EngineMetrics>,
+    idempotency: Idempotency,
+    buffered_bytes: AtomicUsize,
+}
+
+impl Shared {
+    fn buffer_batch(&self, stream: &str, seq: u64, batch: RecordBatch) {
+        let state = self.streams.read().get(stream).cloned();
+        let Some(state) = state else {
+            warn!(
+                stream,
+                seq, "WAL record for a stream that no longer exists; skipped"
+            );
+            return;
+        };
+        if seq <= state.committed_seq.load(Ordering::Acquire) {
+            return;
+        }
+        let (bytes, total, rows) = {
+            let mut buf = state.buffer.lock();
+            let bytes = buf.push(seq, batch);
+            (bytes, buf.bytes(), buf.rows())
+        };
+        self.buffered_bytes.fetch_add(bytes, Ordering::AcqRel);
+        let label = stream_label(stream);
+        self.metrics
+            .buffer_bytes
+            .get_or_create(&label)
+            .set(total as i64);
+        self.metrics
+            .buffer_events
+            .get_or_create(&label)
+            .set(rows as i64);
+    }
+}
+
+impl DurableSink for Shared {
+    fn on_durable(&self, records: &[WalRecord], batches: Vec<RecordBatch>) {
+        for (record, batch) in records.iter().zip(batches) {
+            let rows = batch.num_rows() as u64;
+            self.buffer_batch(&record.stream, record.seq, batch);
+            if let Some(key) = &record.idempotency_key {
+                self.idempotency
+                    .complete(&record.stream, key, &record.fingerprint, rows);
+            }
+        }
+    }
+}
+
+/// The engine handle; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: EngineConfig,
+    store: Store,
+    shared: Arc<Shared>,
+    wal: Wal,
+    accepting: AtomicBool,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Opens the store and the built-in streams, replays the WAL, and starts the flush
+    /// and upkeep tasks. Returns once recovery is complete.
+    pub async fn open(config: EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Self> {
+        let started = Instant::now();
+        let store = Store::open(&config.store)?;
+        std::fs::create_dir_all(&config.wal_dir)?;
+        let app_id = format!("quiver-wal-{}", wal_id(&config.wal_dir)?);
+        let idempotency = Idempotency::load(&config.wal_dir, config.idempotency_ttl, 1_000_000)?;
+
+        let mut streams = BTreeMap::new();
+        let mut max_committed = 0;
+        for schema in [StreamSchema::orders(), StreamSchema::inventory()] {
+            let table =
+                StreamTable::open_or_create(&store, &schema, &app_id, config.table.clone()).await?;
+            let committed = table.committed_seq().await?;
+            max_committed = max_committed.max(committed);
+            info!(stream = schema.name(), committed_seq = committed, table = %table.url(), "stream opened");
+            streams.insert(
+                schema.name().to_owned(),
+                Arc::new(StreamState {
+                    schema,
+                    table,
+                    buffer: Mutex::new(LiveBuffer::default()),
+                    committed_seq: AtomicU64::new(committed),
+                    flush_lock: tokio::sync::Mutex::new(()),
+                }),
+            );
+        }
+        let shared = Arc::new(Shared {
+            streams: RwLock::new(streams),
+            metrics: Arc::clone(&metrics),
+            idempotency,
+            buffered_bytes: AtomicUsize::new(0),
+        });
+
+        let (wal, replay) = Wal::open(
+            &config.wal_dir,
+            config.wal.clone(),
+            max_committed + 1,
+            Arc::clone(&shared) as Arc<dyn DurableSink>,
+            Arc::clone(&metrics),
+        )?;
+        let mut replayed = 0u64;
+        for record in &replay.records {
+            let batch = decode_ipc(&record.data)?;
+            shared.on_durable(std::slice::from_ref(record), vec![batch]);
+            replayed += 1;
+        }
+        metrics.wal_replayed_records_total.inc_by(replayed);
+        info!(
+            records = replayed,
+            truncations = replay.truncations,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "recovery finished"
+        );
+
+        let (stop, _) = watch::channel(false);
+        let engine = Self {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                shared,
+                wal,
+                accepting: AtomicBool::new(true),
+                stop,
+                tasks: Mutex::new(Vec::new()),
+            }),
+        };
+        engine.spawn_background();
+        Ok(engine)
+    }
+
+    fn spawn_background(&self) {
+        let flusher = {
+            let engine = self.clone();
+            let mut stop = self.inner.stop.subscribe();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(200));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => engine.flush_due().await,
+                        _ = stop.changed() => break,
+                    }
+                }
+            })
+        };
+        let mut tasks = vec![flusher];
+        if !self.inner.config.upkeep_interval.is_zero() {
+            let engine = self.clone();
+            let mut stop = self.inner.stop.subscribe();
+            let every = self.inner.config.upkeep_interval;
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => engine.upkeep().await,
+                        _ = stop.changed() => break,
+                    }
+                }
+            }));
+        }
+        self.inner.tasks.lock().extend(tasks);
+    }
+
+    /// The engine's metrics.
+    pub fn metrics(&self) -> &Arc<EngineMetrics> {
+        &self.inner.shared.metrics
+    }
+
+    /// The store the tables live in.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Schema of a stream, if it exists.
+    pub fn stream_schema(&self, name: &str) -> Option<StreamSchema> {
+        self.inner
+            .shared
+            .streams
+            .read()
+            .get(name)
+            .map(|s| s.schema.clone())
+    }
+
+    /// Every stream with its state.
+    pub async fn streams(&self) -> Vec<StreamInfo> {
+        let states: Vec<Arc<StreamState>> =
+            self.inner.shared.streams.read().values().cloned().collect();
+        let mut out = Vec::with_capacity(states.len());
+        for s in states {
+            let buffered_events = s.buffer.lock().rows();
+            let (table_version, stored_events, files) = s.table.stats().await;
+            out.push(StreamInfo {
+                schema: s.schema.clone(),
+                buffered_events,
+                table_version,
+                stored_events,
+                files,
+                table_url: s.table.url().to_string(),
+            });
+        }
+        out
+    }
+
+    /// Makes `batch` (in the stream's input schema) durable, then buffers it.
+    ///
+    /// Returns only after the WAL record is on disk. With a key, a retry of a request
+    /// already stored returns [`IngestOutcome::Replayed`] and stores nothing.
+    pub async fn ingest(
+        &self,
+        stream: &str,
+        batch: RecordBatch,
+        idempotency: Option<IdempotencyKey>,
+    ) -> Result<IngestOutcome> {
+        let state = self
+            .inner
+            .shared
+            .streams
+            .read()
+            .get(stream)
+            .cloned()
+            .ok_or_else(|| Error::UnknownStream(stream.to_owned()))?;
+        if !self.inner.accepting.load(Ordering::Acquire) {
+            return Err(Error::Unavailable {
+                reason: "the server is shutting down".into(),
+                retry_after_secs: 5,
+            });
+        }
+        if let Some(k) = &idempotency {
+            match self
+                .inner
+                .shared
+                .idempotency
+                .begin(stream, &k.key, &k.fingerprint)
+                .await
+            {
+                KeyState::New => {}
+                KeyState::Done { accepted } => return Ok(IngestOutcome::Replayed(accepted)),
+                KeyState::Conflict => return Err(Error::IdempotencyConflict(k.key.clone())),
+            }
+        }
+        let result = self.append(&state, batch, idempotency.as_ref()).await;
+        if result.is_err()
+            && let Some(k) = &idempotency
+        {
+            self.inner.shared.idempotency.abandon(stream, &k.key);
+        }
+        result
+    }
+
+    async fn append(
+        &self,
+        state: &StreamState,
+        batch: RecordBatch,
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<IngestOutcome> {
+        let stream = state.schema.name();
+        let stored = with_partition_column(&state.schema, batch)?;
+        let rows = stored.num_rows() as u64;
+        let held = self.inner.shared.buffered_bytes.load(Ordering::Acquire);
+        if held + stored.get_array_memory_size() > self.inner.config.max_buffer_bytes {
+            return Err(Error::Unavailable {
+                reason: format!(
+                    "ingest buffers are full ({held} bytes held); flushing to storage is behind"
+                ),
+                retry_after_secs: 1,
+            });
+        }
+        let data = encode_ipc(&stored)?;
+        self.inner
+            .wal
+            .append(WalAppend {
+                stream: stream.to_owned(),
+                idempotency_key: idempotency.map(|k| k.key.clone()),
+                fingerprint: idempotency
+                    .map(|k| k.fingerprint.clone())
+                    .unwrap_or_default(),
+                data,
+                batch: stored,
+            })
+            .await?;
+        let label = stream_label(stream);
+        self.metrics()
+            .ingest_events_total
+            .get_or_create(&label)
+            .inc_by(rows);
+        Ok(IngestOutcome::Accepted(rows))
+    }
+
+    /// Flushes every stream whose buffer is due by size or age.
+    async fn flush_due(&self) {
+        let states: Vec<Arc<StreamState>> =
+            self.inner.shared.streams.read().values().cloned().collect();
+        for state in states {
+            let due = {
+                let buf = state.buffer.lock();
+                buf.bytes() >= self.inner.config.flush_bytes
+                    || buf
+                        .oldest()
+                        .is_some_and(|t| t.elapsed() >= self.inner.config.flush_interval)
+            };
+            if due && let Err(e) = self.flush_stream(&state).await {
+                error!(stream = state.schema.name(), error = %e, "flush failed; will retry");
+            }
+        }
+    }
+
+    /// Flushes every stream now, whatever its size or age.
+    pub async fn flush_all(&self) -> Result<()> {
+        let states: Vec<Arc<StreamState>> =
+            self.inner.shared.streams.read().values().cloned().collect();
+        for state in states {
+            self.flush_stream(&state).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_stream(&self, state: &StreamState) -> Result<()> {
+        let _guard = state.flush_lock.lock().await;
+        let (batches, last_seq) = state.buffer.lock().snapshot();
+        let Some(last_seq) = last_seq else {
+            return Ok(());
+        };
+        let stream = state.schema.name();
+        let label = stream_label(stream);
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        let started = Instant::now();
+        let span = info_span!("flush", stream, rows, last_seq);
+        let result = state.table.append(batches, last_seq).instrument(span).await;
+        let m = self.metrics();
+        match result {
+            Ok(version) => {
+                let elapsed = started.elapsed();
+                m.flush_total.get_or_create(&label).inc();
+                m.flush_events_total
+                    .get_or_create(&label)
+                    .inc_by(rows as u64);
+                m.flush_seconds
+                    .get_or_create(&label)
+                    .observe(elapsed.as_secs_f64());
+                state.committed_seq.store(last_seq, Ordering::Release);
+                let (freed, remaining_bytes, remaining_rows) = {
+                    let mut buf = state.buffer.lock();
+                    let (bytes, _) = buf.release_through(last_seq);
+                    (bytes, buf.bytes(), buf.rows())
+                };
+                self.inner
+                    .shared
+                    .buffered_bytes
+                    .fetch_sub(freed, Ordering::AcqRel);
+                m.buffer_bytes
+                    .get_or_create(&label)
+                    .set(remaining_bytes as i64);
+                m.buffer_events
+                    .get_or_create(&label)
+                    .set(remaining_rows as i64);
+                info!(
+                    stream,
+                    rows,
+                    version,
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "flushed to Delta"
+                );
+                self.truncate_wal()?;
+                Ok(())
+            }
+            Err(e) => {
+                m.flush_failures_total.get_or_create(&label).inc();
+                Err(e)
+            }
+        }
+    }
+
+    fn truncate_wal(&self) -> Result<()> {
+        let committed: HashMap<String, u64> = self
+            .inner
+            .shared
+            .streams
+            .read()
+            .iter()
+            .map(|(k, s)| (k.clone(), s.committed_seq.load(Ordering::Acquire)))
+            .collect();
+        // Keys must outlive the segments that carry them.
+        let idempotency = &self.inner.shared.idempotency;
+        let deleted = self
+            .inner
+            .wal
+            .truncate(&committed, || idempotency.persist())?;
+        self.metrics()
+            .wal_segments_deleted_total
+            .inc_by(deleted as u64);
+        Ok(())
+    }
+
+    /// Runs compaction, checkpoint and vacuum on every table.
+    pub async fn upkeep(&self) {
+        let states: Vec<Arc<StreamState>> =
+            self.inner.shared.streams.read().values().cloned().collect();
+        for state in states {
+            let label = stream_label(state.schema.name());
+            match state.table.upkeep().await {
+                Ok(report) => {
+                    let m = self.metrics();
+                    if report.files_added > 0 {
+                        m.compactions_total.get_or_create(&label).inc();
+                    }
+                    if report.checkpointed {
+                        m.checkpoints_total.get_or_create(&label).inc();
+                    }
+                    m.vacuumed_files_total
+                        .get_or_create(&label)
+                        .inc_by(report.files_vacuumed);
+                }
+                Err(e) => {
+                    error!(stream = state.schema.name(), error = %e, "table upkeep failed");
+                }
+            }
+        }
+    }
+
+    /// Stops taking writes, flushes every buffer and stops background work.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.inner.accepting.store(false, Ordering::Release);
+        let _ = self.inner.stop.send(true);
+        let tasks: Vec<_> = self.inner.tasks.lock().drain(..).collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.flush_all().await?;
+        info!("engine stopped; all buffered events are in Delta");
+        Ok(())
+    }
+
+    /// Refuses new writes from now on (they get 503); what is in flight completes.
+    pub fn stop_accepting(&self) {
+        self.inner.accepting.store(false, Ordering::Release);
+    }
+
+    /// Whether writes are being accepted.
+    pub fn is_accepting(&self) -> bool {
+        self.inner.accepting.load(Ordering::Acquire)
+    }
+
+    /// Number of WAL segment files (for tests and metrics).
+    pub fn wal_segments(&self) -> usize {
+        self.inner.wal.segment_count()
+    }
+}
+
+/// Returns the WAL's identity, creating it on first use.
+fn wal_id(dir: &std::path::Path) -> Result<String> {
+    let path = dir.join("wal.id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        Ok(_) | Err(_) => {
+            let id = hex::encode(rand::random::<[u8; 8]>());
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, &id)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(dir)?.sync_all()?;
+            Ok(id)
+        }
+    }
+}
+
+/// Adds the `event_date` partition column derived from `event_time`.
+fn with_partition_column(schema: &StreamSchema, batch: RecordBatch) -> Result<RecordBatch> {
+    let mismatch = |message: String| Error::SchemaMismatch {
+        stream: schema.name().to_owned(),
+        message,
+    };
+    if batch.schema().fields() != schema.input_schema().fields() {
+        return Err(mismatch(format!(
+            "expected columns {:?}, got {:?}",
+            schema.input_schema(),
+            batch.schema()
+        )));
+    }
+    let times = batch
+        .column_by_name(EVENT_TIME_COLUMN)
+        .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
+        .ok_or_else(|| mismatch("event_time is not a microsecond timestamp".into()))?;
+    let dates: Date32Array = times
+        .iter()
+        .map(|t| t.map(|us| us.div_euclid(MICROS_PER_DAY) as i32))
+        .collect();
+    if dates.null_count() > 0 {
+        return Err(mismatch("event_time has nulls".into()));
+    }
+    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+    columns.push(Arc::new(dates));
+    Ok(RecordBatch::try_new(
+        Arc::clone(schema.stored_schema()),
+        columns,
+    )?)
+}
+
+fn encode_ipc(batch: &RecordBatch) -> Result<Bytes> {
+    let mut buf = Vec::with_capacity(batch.get_array_memory_size() + 1024);
+    {
+        let mut w = StreamWriter::try_new(&mut buf, &batch.schema())?;
+        w.write(batch)?;
+        w.finish()?;
+    }
+    Ok(Bytes::from(buf))
+}
+
+fn decode_ipc(data: &[u8]) -> Result<RecordBatch> {
+    let reader = StreamReader::try_new(std::io::Cursor::new(data), None)?;
+    let schema = reader.schema();
+    let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(arrow::compute::concat_batches(&schema, &batches)?)
+}

@@ -1,0 +1,29 @@
+//! Quiver's engine: everything between an accepted event and a query answer.
+//!
+//! Events enter through [`Engine::ingest`] as Arrow batches. They are written to the
+//! write-ahead log ([`wal`]) and fsynced in groups before the call returns, then held in
+//! a per-stream live buffer. A background task flushes each buffer into the stream's
+//! Delta Lake table by size or age; the commit records the highest WAL position it
+//! covers as a Delta `txn` action, so replay after a crash skips what is already stored
+//! and no event is stored twice. WAL segments are deleted only once every stream has
+//! committed past them.
+//!
+//! The engine depends on no other Quiver crate.
+
+mod buffer;
+mod engine;
+mod error;
+mod idempotency;
+pub mod metrics;
+pub mod schema;
+mod store;
+mod table;
+pub mod wal;
+
+pub use engine::{Engine, EngineConfig, IdempotencyKey, IngestOutcome, StreamInfo};
+pub use error::{Error, Result};
+pub use metrics::EngineMetrics;
+pub use schema::{ColumnDef, ColumnType, Rule, StreamSchema};
+pub use store::Store;
+pub use table::TableOptions;
+pub use wal::WalOptions;

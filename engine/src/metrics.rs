@@ -1,0 +1,211 @@
+//! Every Prometheus metric Quiver exports, registered in one place.
+//!
+//! Names follow `quiver_<subsystem>_<what>_<unit>`; counters end in `_total`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label set naming one stream.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabel {
+    /// Stream name.
+    pub stream: String,
+}
+
+/// Label set for rejected ingest requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabel {
+    /// Stream name as requested (may be unknown).
+    pub stream: String,
+    /// Short machine-readable reason (`invalid_rows`, `too_large`, ...).
+    pub reason: String,
+}
+
+/// Label set for HTTP requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// Matched route template.
+    pub route: String,
+    /// Response status code.
+    pub status: u16,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 50 µs .. ~6.5 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+}
+
+/// All of Quiver's metrics.
+#[derive(Debug)]
+pub struct EngineMetrics {
+    /// Events accepted (durable), by stream.
+    pub ingest_events_total: Family<StreamLabel, Counter>,
+    /// Request body bytes accepted, by stream.
+    pub ingest_bytes_total: Family<StreamLabel, Counter>,
+    /// Rejected ingest requests, by stream and reason.
+    pub ingest_rejects_total: Family<RejectLabel, Counter>,
+    /// Rows named as bad in rejected requests, by stream.
+    pub ingest_rejected_rows_total: Family<StreamLabel, Counter>,
+    /// Latency of a WAL group write plus fsync.
+    pub wal_fsync_seconds: Histogram,
+    /// Bytes written to the WAL.
+    pub wal_bytes_total: Counter,
+    /// WAL segments deleted after commits.
+    pub wal_segments_deleted_total: Counter,
+    /// Records replayed from the WAL at start.
+    pub wal_replayed_records_total: Counter,
+    /// Successful flushes of the live buffer into Delta, by stream.
+    pub flush_total: Family<StreamLabel, Counter>,
+    /// Failed flush attempts, by stream.
+    pub flush_failures_total: Family<StreamLabel, Counter>,
+    /// Events written by flushes, by stream.
+    pub flush_events_total: Family<StreamLabel, Counter>,
+    /// Duration of a flush (Parquet write plus Delta commit).
+    pub flush_seconds: Family<StreamLabel, Histogram, fn() -> Histogram>,
+    /// Bytes held in live buffers, by stream.
+    pub buffer_bytes: Family<StreamLabel, Gauge>,
+    /// Events held in live buffers, by stream.
+    pub buffer_events: Family<StreamLabel, Gauge>,
+    /// Compactions (Delta optimize) run, by stream.
+    pub compactions_total: Family<StreamLabel, Counter>,
+    /// Delta checkpoints written, by stream.
+    pub checkpoints_total: Family<StreamLabel, Counter>,
+    /// Files removed by vacuum, by stream.
+    pub vacuumed_files_total: Family<StreamLabel, Counter>,
+    /// HTTP request durations, by route and status.
+    pub http_request_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
+}
+
+impl EngineMetrics {
+    /// Creates the metrics and registers each in `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            ingest_events_total: Family::default(),
+            ingest_bytes_total: Family::default(),
+            ingest_rejects_total: Family::default(),
+            ingest_rejected_rows_total: Family::default(),
+            wal_fsync_seconds: seconds_histogram(),
+            wal_bytes_total: Counter::default(),
+            wal_segments_deleted_total: Counter::default(),
+            wal_replayed_records_total: Counter::default(),
+            flush_total: Family::default(),
+            flush_failures_total: Family::default(),
+            flush_events_total: Family::default(),
+            flush_seconds: Family::new_with_constructor(seconds_histogram),
+            buffer_bytes: Family::default(),
+            buffer_events: Family::default(),
+            compactions_total: Family::default(),
+            checkpoints_total: Family::default(),
+            vacuumed_files_total: Family::default(),
+            http_request_seconds: Family::new_with_constructor(seconds_histogram),
+        };
+        let r = registry.sub_registry_with_prefix("quiver");
+        r.register(
+            "ingest_events",
+            "Events accepted and durable",
+            m.ingest_events_total.clone(),
+        );
+        r.register(
+            "ingest_bytes",
+            "Request body bytes accepted",
+            m.ingest_bytes_total.clone(),
+        );
+        r.register(
+            "ingest_rejects",
+            "Rejected ingest requests by reason",
+            m.ingest_rejects_total.clone(),
+        );
+        r.register(
+            "ingest_rejected_rows",
+            "Bad rows named in rejected requests",
+            m.ingest_rejected_rows_total.clone(),
+        );
+        r.register(
+            "wal_fsync_seconds",
+            "WAL group write and fsync latency",
+            m.wal_fsync_seconds.clone(),
+        );
+        r.register(
+            "wal_bytes",
+            "Bytes written to the WAL",
+            m.wal_bytes_total.clone(),
+        );
+        r.register(
+            "wal_segments_deleted",
+            "WAL segments deleted after commit",
+            m.wal_segments_deleted_total.clone(),
+        );
+        r.register(
+            "wal_replayed_records",
+            "WAL records replayed at start",
+            m.wal_replayed_records_total.clone(),
+        );
+        r.register(
+            "flush",
+            "Flushes of live buffers into Delta",
+            m.flush_total.clone(),
+        );
+        r.register(
+            "flush_failures",
+            "Failed flush attempts",
+            m.flush_failures_total.clone(),
+        );
+        r.register(
+            "flush_events",
+            "Events written to Delta by flushes",
+            m.flush_events_total.clone(),
+        );
+        r.register(
+            "flush_seconds",
+            "Flush duration (Parquet write and Delta commit)",
+            m.flush_seconds.clone(),
+        );
+        r.register(
+            "buffer_bytes",
+            "Bytes held in live buffers",
+            m.buffer_bytes.clone(),
+        );
+        r.register(
+            "buffer_events",
+            "Events held in live buffers",
+            m.buffer_events.clone(),
+        );
+        r.register(
+            "table_compactions",
+            "Delta optimize runs",
+            m.compactions_total.clone(),
+        );
+        r.register(
+            "table_checkpoints",
+            "Delta checkpoints written",
+            m.checkpoints_total.clone(),
+        );
+        r.register(
+            "table_vacuumed_files",
+            "Files removed by vacuum",
+            m.vacuumed_files_total.clone(),
+        );
+        r.register(
+            "http_request_seconds",
+            "HTTP request duration",
+            m.http_request_seconds.clone(),
+        );
+        m
+    }
+
+    /// Metrics not attached to any registry (tests, tools).
+    pub fn unregistered() -> Self {
+        Self::new(&mut Registry::default())
+    }
+}
+
+/// Shorthand for a stream label.
+pub fn stream_label(stream: &str) -> StreamLabel {
+    StreamLabel {
+        stream: stream.to_owned(),
+    }
+}

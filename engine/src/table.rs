@@ -1,0 +1,221 @@
+//! A stream's Delta Lake table: created on first use, appended to by flushes, kept tidy
+//! by compaction, checkpoints and vacuum.
+
+use std::num::NonZeroU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::record_batch::RecordBatch;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::{StructType, Transaction};
+use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::protocol::SaveMode;
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use tokio::sync::Mutex;
+use tracing::{info, instrument};
+use url::Url;
+
+use crate::Result;
+use crate::schema::{PARTITION_COLUMN, StreamSchema};
+use crate::store::Store;
+
+/// Upkeep settings for tables.
+#[derive(Debug, Clone)]
+pub struct TableOptions {
+    /// Target size of compacted files.
+    pub compact_target_bytes: u64,
+    /// How long removed files are kept before vacuum deletes them.
+    pub vacuum_retention: Duration,
+    /// Zstd level for Parquet pages.
+    pub zstd_level: i32,
+}
+
+impl Default for TableOptions {
+    fn default() -> Self {
+        Self {
+            compact_target_bytes: 128 << 20,
+            vacuum_retention: Duration::from_secs(7 * 24 * 3600),
+            zstd_level: 3,
+        }
+    }
+}
+
+/// What one upkeep pass did.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct UpkeepReport {
+    /// Files added by compaction.
+    pub(crate) files_added: u64,
+    /// Files replaced by compaction.
+    pub(crate) files_removed: u64,
+    /// Files deleted by vacuum.
+    pub(crate) files_vacuumed: u64,
+    /// Whether a checkpoint was written.
+    pub(crate) checkpointed: bool,
+}
+
+/// One stream's Delta table.
+#[derive(Debug)]
+pub(crate) struct StreamTable {
+    url: Url,
+    app_id: String,
+    options: TableOptions,
+    table: Mutex<DeltaTable>,
+}
+
+impl StreamTable {
+    /// Opens the stream's table, creating it (partitioned by `event_date`) if absent.
+    ///
+    /// `app_id` names this writer in the Delta `txn` actions that record WAL positions.
+    pub(crate) async fn open_or_create(
+        store: &Store,
+        schema: &StreamSchema,
+        app_id: &str,
+        options: TableOptions,
+    ) -> Result<Self> {
+        let url = store.table_url(schema.name())?;
+        if url.scheme() == "file"
+            && let Ok(path) = url.to_file_path()
+        {
+            // The Delta kernel refuses a local location that does not exist yet.
+            std::fs::create_dir_all(path)?;
+        }
+        let mut table = builder(store, &url)?.build()?;
+        match table.load().await {
+            Ok(()) => {}
+            // A folder that does not exist yet (local store) or holds no log: create.
+            Err(DeltaTableError::NotATable(_) | DeltaTableError::InvalidTableLocation(_)) => {
+                let kernel: StructType = schema.stored_schema().as_ref().try_into_kernel()?;
+                let created = table
+                    .create()
+                    .with_table_name(schema.name())
+                    .with_columns(kernel.fields().cloned())
+                    .with_partition_columns([PARTITION_COLUMN])
+                    .with_save_mode(SaveMode::Ignore)
+                    .await;
+                table = match created {
+                    Ok(t) => t,
+                    // Another writer created it first.
+                    Err(DeltaTableError::VersionAlreadyExists(_)) => {
+                        let mut t = builder(store, &url)?.build()?;
+                        t.load().await?;
+                        t
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                info!(table = %url, "created Delta table");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Self {
+            url,
+            app_id: app_id.to_owned(),
+            options,
+            table: Mutex::new(table),
+        })
+    }
+
+    /// The table's location.
+    pub(crate) fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// Highest WAL position this writer has committed to the table (0 if none).
+    pub(crate) async fn committed_seq(&self) -> Result<u64> {
+        let mut table = self.table.lock().await;
+        table.update_state().await?;
+        let v = table
+            .snapshot()?
+            .transaction_version(table.log_store().as_ref(), &self.app_id)
+            .await?;
+        Ok(v.map(|v| v.max(0) as u64).unwrap_or(0))
+    }
+
+    /// Version, stored rows and data files of the table as this writer last saw it.
+    pub(crate) async fn stats(&self) -> (Option<u64>, u64, u64) {
+        let table = self.table.lock().await;
+        let Ok(snapshot) = table.snapshot() else {
+            return (table.version(), 0, 0);
+        };
+        let (rows, files) = snapshot
+            .log_data()
+            .into_iter()
+            .fold((0u64, 0u64), |(rows, files), f| {
+                (rows + f.num_records().unwrap_or(0) as u64, files + 1)
+            });
+        (table.version(), rows, files)
+    }
+
+    /// Appends `batches` and records `seq` as this writer's position, in one commit.
+    #[instrument(skip_all, fields(table = %self.url, seq, rows))]
+    pub(crate) async fn append(&self, batches: Vec<RecordBatch>, seq: u64) -> Result<u64> {
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        tracing::Span::current().record("rows", rows);
+        let mut table = self.table.lock().await;
+        let commit = CommitProperties::default()
+            .with_application_transaction(Transaction::new(&self.app_id, seq as i64));
+        let written = table
+            .clone()
+            .write(batches)
+            .with_save_mode(SaveMode::Append)
+            .with_partition_columns([PARTITION_COLUMN])
+            .with_writer_properties(self.writer_properties())
+            .with_commit_properties(commit)
+            .await?;
+        *table = written;
+        Ok(table.version().unwrap_or(0))
+    }
+
+    fn writer_properties(&self) -> WriterProperties {
+        let level = ZstdLevel::try_new(self.options.zstd_level).unwrap_or_default();
+        WriterProperties::builder()
+            .set_compression(Compression::ZSTD(level))
+            .build()
+    }
+
+    /// Compacts small files, writes a checkpoint and vacuums files past retention.
+    #[instrument(skip_all, fields(table = %self.url))]
+    pub(crate) async fn upkeep(&self) -> Result<UpkeepReport> {
+        let started = Instant::now();
+        let mut report = UpkeepReport::default();
+        let mut table = self.table.lock().await;
+        table.update_state().await?;
+        let target = NonZeroU64::new(self.options.compact_target_bytes.max(1 << 20))
+            .unwrap_or(NonZeroU64::MIN);
+        let (compacted, metrics) = table
+            .clone()
+            .optimize()
+            .with_target_size(target)
+            .with_writer_properties(self.writer_properties())
+            .await?;
+        report.files_added = metrics.num_files_added;
+        report.files_removed = metrics.num_files_removed;
+        *table = compacted;
+
+        deltalake::checkpoints::create_checkpoint(&table, None).await?;
+        report.checkpointed = true;
+
+        let retention = chrono::Duration::from_std(self.options.vacuum_retention)
+            .unwrap_or(chrono::Duration::days(7));
+        let (vacuumed, vm) = table
+            .clone()
+            .vacuum()
+            .with_retention_period(retention)
+            .with_enforce_retention_duration(false)
+            .await?;
+        report.files_vacuumed = vm.files_deleted.len() as u64;
+        *table = vacuumed;
+        info!(
+            ?report,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "table upkeep done"
+        );
+        Ok(report)
+    }
+}
+
+fn builder(store: &Store, url: &Url) -> Result<DeltaTableBuilder> {
+    Ok(DeltaTableBuilder::from_url(url.clone())?
+        .with_storage_backend(Arc::clone(&store.object_store()), url.clone()))
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what the tests need (moto's S3
+# server from PyPI), then runs fmt, clippy and every test with cargo-nextest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Compiled dependencies may be cached outside the clone; a cold run works too.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/quiver-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+echo "== installing test services"
+if ! python3 -c "import moto.server, flask, flask_cors" 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5.1'
+fi
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi
+
+echo "== fmt"
+cargo fmt --all -- --check
+
+echo "== clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== tests"
+cargo nextest run --workspace --locked --no-fail-fast --test-threads 2
