@@ -130,7 +130,24 @@ async fn s3_store_with_two_concurrent_writers() {
         "SELECT COUNT(*), COUNT(DISTINCT event_id) FROM t",
     )
     .await;
-    assert_eq!(single_i64(&rows) as u64, na + nb, "no commit was lost");
+    let per_writer = query_table(
+        store,
+        table.clone(),
+        "SELECT substr(event_id, 1, 1) AS w, CAST(COUNT(*) AS VARCHAR) AS n FROM t GROUP BY substr(event_id, 1, 1)",
+    )
+    .await;
+    assert_eq!(
+        single_i64(&rows) as u64,
+        na + nb,
+        "no commit was lost; per writer {:?}; versions both writers believe they committed: {:?}",
+        strings(&per_writer, 0)
+            .into_iter()
+            .zip(strings(&per_writer, 1))
+            .collect::<Vec<_>>(),
+        committed_versions(&a.log())
+            .intersection(&committed_versions(&b.log()))
+            .collect::<Vec<_>>(),
+    );
     // Many commits from both writers interleaved in one log.
     let log = quiver_engine::Store::open(store).unwrap();
     let list: Vec<_> = futures::StreamExt::collect::<Vec<_>>(
@@ -144,4 +161,13 @@ async fn s3_store_with_two_concurrent_writers() {
         .filter(|m| m.location.as_ref().ends_with(".json"))
         .count();
     assert!(commits > 4, "expected many commits, got {commits}");
+}
+
+/// The Delta versions a server logged as its own flush commits.
+fn committed_versions(log: &str) -> std::collections::BTreeSet<u64> {
+    log.lines()
+        .filter(|l| l.contains("flushed to Delta"))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["fields"]["version"].as_u64())
+        .collect()
 }

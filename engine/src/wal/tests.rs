@@ -291,3 +291,31 @@ async fn replayed_segments_remember_that_they_hold_keys() {
         "the keys of a replayed segment are saved before it goes"
     );
 }
+
+/// The on-disk record layout is a persisted format: this pins it byte for byte.
+#[test]
+fn record_layout_is_stable() {
+    let record = WalRecord {
+        seq: 7,
+        stream: "orders".into(),
+        idempotency_key: Some("k".into()),
+        fingerprint: "fp".into(),
+        data: Bytes::from_static(b"IPC"),
+    };
+    let mut framed = Vec::new();
+    record.frame(&mut framed);
+    assert_eq!(
+        hex::encode(&framed),
+        "20000000\
+         df5f1aa7\
+         0700000000000000\
+         060000006f7264657273\
+         010000006b\
+         020000006670\
+         495043"
+            .replace(' ', ""),
+    );
+    let (back, used) = read_record(&framed).unwrap();
+    assert_eq!(back, record);
+    assert_eq!(used, framed.len());
+}

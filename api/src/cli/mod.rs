@@ -1,0 +1,349 @@
+//! The `quiver` command line: `serve`, `demo`, `generate`, `load`, `token`.
+
+mod files;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use quiver_ingest::generator::{GeneratedEvent, Generator, GeneratorConfig, StreamKind};
+use tracing::warn;
+
+use crate::auth::Scope;
+use crate::config::ServeConfig;
+use crate::server::RunningServer;
+
+/// Quiver: a streaming analytics engine for order and inventory events.
+#[derive(Debug, Parser)]
+#[command(name = "quiver", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeConfig),
+    /// Run the server and feed it a continuous, realistic event stream.
+    Demo {
+        #[command(flatten)]
+        serve: ServeConfig,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Events per second to send.
+        #[arg(long, env = "QUIVER_DEMO_RATE", default_value_t = 500.0)]
+        rate: f64,
+    },
+    /// Write generated events to files, one per stream (`orders.<ext>`, `inventory.<ext>`).
+    Generate {
+        /// How many events in all.
+        #[arg(long)]
+        events: usize,
+        /// File format.
+        #[arg(long, default_value = "ndjson", value_parser = ["ndjson", "csv", "arrow"])]
+        format: String,
+        /// Output folder.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Send a file of events to a running server, with a progress bar.
+    Load {
+        /// File to send (.ndjson, .jsonl, .csv or .arrow).
+        file: PathBuf,
+        /// Target stream.
+        #[arg(long)]
+        stream: String,
+        /// Events per request.
+        #[arg(long, default_value_t = 5_000)]
+        batch: usize,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Manage tokens on a running server.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct DataArgs {
+    /// Number of SKUs.
+    #[arg(long, default_value_t = 200)]
+    skus: usize,
+    /// Number of warehouses.
+    #[arg(long, default_value_t = 4)]
+    warehouses: usize,
+    /// Share of events sent late (out of order).
+    #[arg(long, default_value_t = 0.02)]
+    late_fraction: f64,
+    /// Random seed (default: random).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl DataArgs {
+    fn generator(&self, lines_per_sec: f64) -> Generator {
+        Generator::new(GeneratorConfig {
+            skus: self.skus.max(1),
+            warehouses: self.warehouses.max(1),
+            order_lines_per_sec: lines_per_sec,
+            late_fraction: self.late_fraction.clamp(0.0, 1.0),
+            seed: self.seed.unwrap_or_else(rand::random),
+            ..GeneratorConfig::default()
+        })
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct RemoteArgs {
+    /// Server URL.
+    #[arg(long, env = "QUIVER_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Token to authenticate with.
+    #[arg(long, env = "QUIVER_TOKEN")]
+    token: Option<String>,
+}
+
+impl RemoteArgs {
+    fn endpoint(&self, path: &str) -> String {
+        format!("{}/{path}", self.url.trim_end_matches('/'))
+    }
+
+    fn token(&self) -> anyhow::Result<String> {
+        self.token
+            .clone()
+            .or_else(|| std::env::var("QUIVER_ADMIN_TOKEN").ok())
+            .context("no token: pass --token or set QUIVER_TOKEN")
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token; its secret is printed once.
+    Create {
+        /// Scopes to grant (repeatable): read, ingest, admin.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<Scope>,
+        /// A name to recognise it by.
+        #[arg(long, default_value = "cli")]
+        name: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// List tokens (without secrets).
+    List {
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Delete a token by id.
+    Delete {
+        /// Token id.
+        id: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+}
+
+fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("QUIVER_LOG").unwrap_or_else(|_| {
+        EnvFilter::new("info,deltalake=warn,deltalake_core=warn,datafusion=warn,buoyant_kernel=off")
+    });
+    let json = match format {
+        "json" => true,
+        "pretty" => false,
+        _ => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(config) => {
+            init_logging(&config.log_format);
+            let server = RunningServer::start(config).await?;
+            announce(&server);
+            wait_for_signal().await;
+            server.shutdown().await
+        }
+        Command::Demo { serve, data, rate } => {
+            init_logging(&serve.log_format);
+            demo(serve, data, rate).await
+        }
+        Command::Generate {
+            events,
+            format,
+            out,
+            data,
+        } => files::generate(events, &format, &out, &data),
+        Command::Load {
+            file,
+            stream,
+            batch,
+            concurrency,
+            remote,
+        } => files::load(&file, &stream, batch.max(1), concurrency.max(1), &remote).await,
+        Command::Token { command } => token(command).await,
+    }
+}
+
+fn announce(server: &RunningServer) {
+    if let Some(t) = &server.generated_admin_token {
+        println!("Generated admin token (shown once, keep it): {t}");
+    }
+    println!("Quiver HTTP API on http://{}", server.http_addr);
+    let _ = std::io::stdout().flush();
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn demo(serve: ServeConfig, data: DataArgs, rate: f64) -> anyhow::Result<()> {
+    let server = RunningServer::start(serve).await?;
+    announce(&server);
+    server.wait_ready().await;
+    let token = server
+        .create_token("demo-feed", vec![Scope::Ingest])
+        .await?;
+    let base = format!("http://{}", server.http_addr);
+    println!("Demo feed: about {rate} events/s into 'orders' and 'inventory'. Ctrl-C stops.");
+    let client = reqwest::Client::new();
+    // About 1.4 events per order line over its life (status changes and stock moves).
+    let mut generator = data.generator((rate / 5.0).max(0.1));
+    let opening = generator.opening_stock();
+    send_events(&client, &base, &token, opening).await;
+    let feed = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut sent: u64 = 0;
+        let started = Instant::now();
+        loop {
+            tick.tick().await;
+            let due = (started.elapsed().as_secs_f64() * rate) as u64;
+            if due > sent {
+                let n = (due - sent) as usize;
+                let events = generator.next_events(n);
+                sent += events.len() as u64;
+                send_events(&client, &base, &token, events).await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = feed => {}
+        _ = wait_for_signal() => {}
+    }
+    server.shutdown().await
+}
+
+async fn send_events(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    events: Vec<GeneratedEvent>,
+) {
+    for kind in [StreamKind::Inventory, StreamKind::Orders] {
+        let body: String = events
+            .iter()
+            .filter(|e| e.stream == kind)
+            .flat_map(|e| [e.json.as_str(), "\n"])
+            .collect();
+        if body.is_empty() {
+            continue;
+        }
+        let sent = client
+            .post(format!("{base}/v1/streams/{}/events", kind.name()))
+            .bearer_auth(token)
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => warn!(status = %r.status(), "demo feed request refused"),
+            Err(e) => warn!(error = %e, "demo feed request failed"),
+        }
+    }
+}
+
+/// Sends an authenticated request; the JSON answer, or the server's error as an error.
+async fn call(
+    request: reqwest::RequestBuilder,
+    remote: &RemoteArgs,
+) -> anyhow::Result<serde_json::Value> {
+    let resp = request.bearer_auth(remote.token()?).send().await?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        bail!("{status}: {text}");
+    }
+    Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+}
+
+async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    match cmd {
+        TokenCommand::Create {
+            scopes,
+            name,
+            remote,
+        } => {
+            let body = serde_json::json!({"name": name, "scopes": scopes});
+            let made = call(
+                client.post(remote.endpoint("v1/tokens")).json(&body),
+                &remote,
+            )
+            .await?;
+            println!("id:    {}", made["id"].as_str().unwrap_or(""));
+            println!("token: {}", made["token"].as_str().unwrap_or(""));
+            println!("(the token is shown once)");
+        }
+        TokenCommand::List { remote } => {
+            let list = call(client.get(remote.endpoint("v1/tokens")), &remote).await?;
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        }
+        TokenCommand::Delete { id, remote } => {
+            call(
+                client.delete(remote.endpoint(&format!("v1/tokens/{id}"))),
+                &remote,
+            )
+            .await?;
+            println!("deleted {id}");
+        }
+    }
+    Ok(())
+}
