@@ -14,7 +14,7 @@ use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use tokio::sync::Mutex;
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 use url::Url;
 
 use crate::Result;
@@ -95,16 +95,19 @@ impl StreamTable {
                     .with_save_mode(SaveMode::Ignore)
                     .await;
                 table = match created {
-                    Ok(t) => t,
-                    // Another writer created it first.
-                    Err(DeltaTableError::VersionAlreadyExists(_)) => {
-                        let mut t = builder(store, &url)?.build()?;
-                        t.load().await?;
+                    Ok(t) => {
+                        info!(table = %url, "created Delta table");
                         t
                     }
-                    Err(e) => return Err(e.into()),
+                    // Another writer may have created it first: use theirs if it is there.
+                    Err(create_err) => {
+                        let mut t = builder(store, &url)?.build()?;
+                        match t.load().await {
+                            Ok(()) => t,
+                            Err(_) => return Err(create_err.into()),
+                        }
+                    }
                 };
-                info!(table = %url, "created Delta table");
             }
             Err(e) => return Err(e.into()),
         }
@@ -162,7 +165,19 @@ impl StreamTable {
             .with_partition_columns([PARTITION_COLUMN])
             .with_writer_properties(self.writer_properties())
             .with_commit_properties(commit)
-            .await?;
+            .await;
+        let written = match written {
+            Ok(t) => t,
+            Err(e) => {
+                // Another writer may have changed the table in a way that conflicts with
+                // the state this one holds (e.g. a second metadata action from a create
+                // race); start the next attempt from the latest version.
+                if let Err(reload) = table.update_state().await {
+                    warn!(error = %reload, "could not reload the table after a failed commit");
+                }
+                return Err(e.into());
+            }
+        };
         *table = written;
         Ok(table.version().unwrap_or(0))
     }

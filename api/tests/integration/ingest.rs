@@ -504,3 +504,33 @@ impl TestServer {
             .unwrap()
     }
 }
+
+#[tokio::test]
+async fn per_token_rate_limit_answers_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TestServer::start(dir.path(), &["--ingest-rate-limit", "2"]).await;
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let r = s
+            .post(
+                "orders",
+                "application/x-ndjson",
+                order_line(&format!("rl-{i}"), "2026-11-25T10:00:00Z", "paid"),
+            )
+            .await;
+        if r.status() == 429 {
+            assert!(r.headers().get("retry-after").is_some());
+        }
+        statuses.push(r.status().as_u16());
+    }
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    let accepted = statuses.iter().filter(|s| **s == 200).count();
+    assert!(limited >= 1 && accepted >= 2, "{statuses:?}");
+    assert_eq!(s.terminate(), Some(0));
+    let n = query_table(&s.store, s.table_url("orders"), "SELECT COUNT(*) FROM t").await;
+    assert_eq!(
+        single_i64(&n),
+        accepted as i64,
+        "refused requests stored nothing"
+    );
+}

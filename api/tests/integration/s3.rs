@@ -1,5 +1,5 @@
-//! The `s3://` store against a real S3-compatible server (moto's standalone server,
-//! started here), including two Quiver writers committing to one table at once.
+//! The `s3://` store against a real S3-compatible server (moto's S3 server, started
+//! here by `tests/s3_server.py`), including two Quiver writers committing to one table at once.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
