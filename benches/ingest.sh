@@ -29,6 +29,7 @@ for format in ndjson arrow; do
   done
   "$bin/ingest-load" --url "http://127.0.0.1:$port" --token "$token" --format "$format" \
     --batch 1000 --concurrency "$concurrency" --duration "$duration" --server-pid "$pid"
+  curl -s "http://127.0.0.1:$port/metrics" | grep -E '^quiver_(flush_events_total|flush_seconds_(sum|count)|wal_fsync_seconds_(sum|count))' | sed 's/^/  /'
   kill -TERM "$pid"; wait "$pid" || true
 done
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"

@@ -35,7 +35,7 @@ pub struct ServeConfig {
     pub flush_interval: Duration,
 
     /// Refuse writes with 503 while buffers hold more than this many bytes.
-    #[arg(long, env = "QUIVER_MAX_BUFFER_BYTES", default_value_t = 512 << 20)]
+    #[arg(long, env = "QUIVER_MAX_BUFFER_BYTES", default_value_t = 256 << 20)]
     pub max_buffer_bytes: usize,
 
     /// WAL segment size.

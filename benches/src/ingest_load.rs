@@ -107,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
         let bodies = Arc::clone(&bodies);
         workers.push(tokio::spawn(async move {
             let mut lat = Vec::new();
-            let mut errors = 0u64;
+            let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
             let mut i = w;
             while Instant::now() < deadline {
                 let body = bodies[i % bodies.len()].clone();
@@ -123,12 +123,12 @@ async fn main() -> anyhow::Result<()> {
                 match r {
                     Ok(r) if r.status().is_success() => lat.push(t.elapsed()),
                     Ok(r) => {
-                        errors += 1;
+                        *errors.entry(r.status().as_u16().to_string()).or_default() += 1;
                         if r.status().as_u16() == 503 {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
-                    Err(_) => errors += 1,
+                    Err(e) => *errors.entry(format!("transport: {e}")).or_default() += 1,
                 }
             }
             (lat, errors)
@@ -144,11 +144,13 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let mut lat = Vec::new();
-    let mut errors = 0;
+    let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
     for w in workers {
         let (l, e) = w.await.context("worker")?;
         lat.extend(l);
-        errors += e;
+        for (k, n) in e {
+            *errors.entry(k).or_default() += n;
+        }
     }
     let secs = started.elapsed().as_secs_f64();
     lat.sort();
@@ -159,7 +161,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let events = lat.len() * args.batch;
     println!(
-        "format={} batch={} concurrency={} duration={:.1}s requests={} errors={} events/s={:.0} p50={:.2}ms p99={:.2}ms max={:.2}ms",
+        "format={} batch={} concurrency={} duration={:.1}s requests={} refused={:?} events/s={:.0} p50={:.2}ms p99={:.2}ms max={:.2}ms",
         format,
         args.batch,
         args.concurrency,

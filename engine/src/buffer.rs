@@ -27,8 +27,9 @@ pub(crate) struct LiveBuffer {
 }
 
 impl LiveBuffer {
-    pub(crate) fn push(&mut self, seq: u64, batch: RecordBatch) -> usize {
-        let bytes = batch.get_array_memory_size();
+    /// Adds a batch; `bytes` is its size as encoded in the WAL, which tracks its columnar
+    /// size closely (Arrow's own per-array count double-counts buffers that arrays share).
+    pub(crate) fn push(&mut self, seq: u64, batch: RecordBatch, bytes: usize) -> usize {
         self.bytes += bytes;
         self.rows += batch.num_rows();
         self.items.push_back(Buffered {
@@ -52,10 +53,22 @@ impl LiveBuffer {
         self.items.front().map(|b| b.at)
     }
 
-    /// Copies out the whole buffer and the highest sequence number in it.
-    pub(crate) fn snapshot(&self) -> (Vec<RecordBatch>, Option<u64>) {
-        let batches = self.items.iter().map(|b| b.batch.clone()).collect();
-        (batches, self.items.back().map(|b| b.seq))
+    /// Copies out the oldest batches, up to about `max_bytes` (at least one), and the
+    /// highest sequence number among them. Capping a flush keeps its working memory
+    /// bounded however far behind flushing has fallen.
+    pub(crate) fn prefix(&self, max_bytes: usize) -> (Vec<RecordBatch>, Option<u64>) {
+        let mut taken = 0;
+        let mut last = None;
+        let mut batches = Vec::new();
+        for b in &self.items {
+            if taken > 0 && taken + b.bytes > max_bytes {
+                break;
+            }
+            taken += b.bytes;
+            last = Some(b.seq);
+            batches.push(b.batch.clone());
+        }
+        (batches, last)
     }
 
     /// Drops every batch up to and including `seq`; returns (bytes, rows) released.
@@ -70,5 +83,38 @@ impl LiveBuffer {
         self.bytes -= freed.0;
         self.rows -= freed.1;
         freed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    fn batch() -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1, 2]))]).unwrap()
+    }
+
+    #[test]
+    fn prefixes_are_capped_and_release_is_exact() {
+        let mut buf = LiveBuffer::default();
+        for seq in 1..=5 {
+            buf.push(seq, batch(), 100);
+        }
+        assert_eq!((buf.bytes(), buf.rows()), (500, 10));
+        let (batches, last) = buf.prefix(250);
+        assert_eq!((batches.len(), last), (2, Some(2)));
+        // A batch larger than the cap still goes, alone.
+        assert_eq!(buf.prefix(10).1, Some(1));
+        assert_eq!(buf.release_through(2), (200, 4));
+        assert_eq!(buf.prefix(usize::MAX).1, Some(5));
+        assert_eq!(buf.release_through(5), (300, 6));
+        assert_eq!((buf.bytes(), buf.rows(), buf.oldest()), (0, 0, None));
+        assert_eq!(buf.prefix(100), (vec![], None));
     }
 }

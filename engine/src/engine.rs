@@ -59,7 +59,7 @@ impl EngineConfig {
             wal: WalOptions::default(),
             flush_bytes: 64 << 20,
             flush_interval: Duration::from_secs(10),
-            max_buffer_bytes: 512 << 20,
+            max_buffer_bytes: 256 << 20,
             upkeep_interval: Duration::from_secs(600),
             table: TableOptions::default(),
             idempotency_ttl: Duration::from_secs(24 * 3600),
@@ -120,7 +120,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn buffer_batch(&self, stream: &str, seq: u64, batch: RecordBatch) {
+    fn buffer_batch(&self, stream: &str, seq: u64, batch: RecordBatch, bytes: usize) {
         let state = self.streams.read().get(stream).cloned();
         let Some(state) = state else {
             warn!(
@@ -134,7 +134,7 @@ impl Shared {
         }
         let (bytes, total, rows) = {
             let mut buf = state.buffer.lock();
-            let bytes = buf.push(seq, batch);
+            let bytes = buf.push(seq, batch, bytes);
             (bytes, buf.bytes(), buf.rows())
         };
         self.buffered_bytes.fetch_add(bytes, Ordering::AcqRel);
@@ -154,7 +154,7 @@ impl DurableSink for Shared {
     fn on_durable(&self, records: &[WalRecord], batches: Vec<RecordBatch>) {
         for (record, batch) in records.iter().zip(batches) {
             let rows = batch.num_rows() as u64;
-            self.buffer_batch(&record.stream, record.seq, batch);
+            self.buffer_batch(&record.stream, record.seq, batch, record.data.len());
             if let Some(key) = &record.idempotency_key {
                 self.idempotency
                     .complete(&record.stream, key, &record.fingerprint, rows);
@@ -381,8 +381,9 @@ impl Engine {
         let stream = state.schema.name();
         let stored = with_partition_column(&state.schema, batch)?;
         let rows = stored.num_rows() as u64;
+        let data = encode_ipc(&stored)?;
         let held = self.inner.shared.buffered_bytes.load(Ordering::Acquire);
-        if held + stored.get_array_memory_size() > self.inner.config.max_buffer_bytes {
+        if held + data.len() > self.inner.config.max_buffer_bytes {
             return Err(Error::Unavailable {
                 reason: format!(
                     "ingest buffers are full ({held} bytes held); flushing to storage is behind"
@@ -390,7 +391,6 @@ impl Engine {
                 retry_after_secs: 1,
             });
         }
-        let data = encode_ipc(&stored)?;
         self.inner
             .wal
             .append(WalAppend {
@@ -415,16 +415,31 @@ impl Engine {
     async fn flush_due(&self) {
         let states: Vec<Arc<StreamState>> =
             self.inner.shared.streams.read().values().cloned().collect();
-        for state in states {
-            let due = {
-                let buf = state.buffer.lock();
-                buf.bytes() >= self.inner.config.flush_bytes
-                    || buf
-                        .oldest()
-                        .is_some_and(|t| t.elapsed() >= self.inner.config.flush_interval)
-            };
-            if due && let Err(e) = self.flush_stream(&state).await {
-                error!(stream = state.schema.name(), error = %e, "flush failed; will retry");
+        // One capped commit per due stream per round, round after round while any is
+        // still due, so a busy stream cannot starve the others.
+        loop {
+            let mut flushed_any = false;
+            for state in &states {
+                let due = {
+                    let buf = state.buffer.lock();
+                    buf.bytes() >= self.inner.config.flush_bytes
+                        || buf
+                            .oldest()
+                            .is_some_and(|t| t.elapsed() >= self.inner.config.flush_interval)
+                };
+                if !due {
+                    continue;
+                }
+                match self.flush_prefix(state).await {
+                    Ok(flushed) => flushed_any |= flushed,
+                    Err(e) => {
+                        error!(stream = state.schema.name(), error = %e, "flush failed; will retry");
+                        return;
+                    }
+                }
+            }
+            if !flushed_any {
+                return;
             }
         }
     }
@@ -439,11 +454,18 @@ impl Engine {
         Ok(())
     }
 
+    /// Flushes the whole buffer of a stream, in commits of at most `flush_bytes` each.
     async fn flush_stream(&self, state: &StreamState) -> Result<()> {
+        while self.flush_prefix(state).await? {}
+        Ok(())
+    }
+
+    /// Commits the oldest `flush_bytes` of a stream's buffer; false when it was empty.
+    async fn flush_prefix(&self, state: &StreamState) -> Result<bool> {
         let _guard = state.flush_lock.lock().await;
-        let (batches, last_seq) = state.buffer.lock().snapshot();
+        let (batches, last_seq) = state.buffer.lock().prefix(self.inner.config.flush_bytes);
         let Some(last_seq) = last_seq else {
-            return Ok(());
+            return Ok(false);
         };
         let stream = state.schema.name();
         let label = stream_label(stream);
@@ -486,7 +508,7 @@ impl Engine {
                     "flushed to Delta"
                 );
                 self.truncate_wal()?;
-                Ok(())
+                Ok(true)
             }
             Err(e) => {
                 m.flush_failures_total.get_or_create(&label).inc();
