@@ -1,0 +1,112 @@
+use arrow::array::{Int64Array, StringArray};
+
+use super::*;
+
+fn inventory_batch(ids: &[&str]) -> RecordBatch {
+    let n = ids.len();
+    let schema = StreamSchema::inventory();
+    RecordBatch::try_new(
+        Arc::clone(schema.input_schema()),
+        vec![
+            Arc::new(StringArray::from(ids.to_vec())),
+            Arc::new(
+                TimestampMicrosecondArray::from(vec![1_764_064_800_000_000; n])
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(StringArray::from(vec!["SKU-1"; n])),
+            Arc::new(StringArray::from(vec!["W1"; n])),
+            Arc::new(StringArray::from(vec!["receipt"; n])),
+            Arc::new(Int64Array::from(vec![5; n])),
+            Arc::new(
+                arrow::array::Decimal128Array::from(vec![None::<i128>; n])
+                    .with_precision_and_scale(18, 2)
+                    .unwrap(),
+            ),
+        ],
+    )
+    .unwrap()
+}
+
+async fn stored(engine: &Engine, stream: &str) -> (u64, usize) {
+    let info = engine.streams().await;
+    let s = info.iter().find(|s| s.schema.name() == stream).unwrap();
+    (s.stored_events, s.buffered_events)
+}
+
+#[tokio::test]
+async fn memory_store_ingest_flush_and_replay() {
+    let wal = tempfile::tempdir().unwrap();
+    let mut config = EngineConfig::new("memory://", wal.path());
+    config.upkeep_interval = Duration::ZERO;
+    let metrics = Arc::new(EngineMetrics::unregistered());
+    let engine = Engine::open(config.clone(), Arc::clone(&metrics))
+        .await
+        .unwrap();
+
+    let out = engine
+        .ingest("inventory", inventory_batch(&["a", "b"]), None)
+        .await
+        .unwrap();
+    assert_eq!(out, IngestOutcome::Accepted(2));
+    assert_eq!(stored(&engine, "inventory").await, (0, 2));
+    engine.flush_all().await.unwrap();
+    assert_eq!(stored(&engine, "inventory").await, (2, 0));
+
+    let unknown = engine
+        .ingest("returns", inventory_batch(&["c"]), None)
+        .await;
+    assert!(matches!(unknown, Err(Error::UnknownStream(_))));
+    let wrong = engine.ingest("orders", inventory_batch(&["c"]), None).await;
+    assert!(matches!(wrong, Err(Error::SchemaMismatch { .. })));
+
+    // Buffered but not flushed: a second engine on the same WAL (as after a crash)
+    // replays it; the memory store itself is gone with the process, as documented.
+    engine
+        .ingest("inventory", inventory_batch(&["d"]), None)
+        .await
+        .unwrap();
+    engine.stop_accepting();
+    let refused = engine
+        .ingest("inventory", inventory_batch(&["e"]), None)
+        .await;
+    assert!(matches!(refused, Err(Error::Unavailable { .. })));
+    drop(engine);
+    let again = Engine::open(config, metrics).await.unwrap();
+    let (_, buffered) = stored(&again, "inventory").await;
+    assert!(buffered >= 1, "the unflushed event came back from the WAL");
+}
+
+#[tokio::test]
+async fn buffer_bound_answers_unavailable() {
+    let wal = tempfile::tempdir().unwrap();
+    let mut config = EngineConfig::new("memory://", wal.path());
+    config.upkeep_interval = Duration::ZERO;
+    config.flush_interval = Duration::from_secs(3600);
+    config.max_buffer_bytes = 4096;
+    let engine = Engine::open(config, Arc::new(EngineMetrics::unregistered()))
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..40).map(|i| format!("id-{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut refused = 0;
+    for _ in 0..10 {
+        if let Err(Error::Unavailable {
+            retry_after_secs, ..
+        }) = engine
+            .ingest("inventory", inventory_batch(&ids), None)
+            .await
+        {
+            assert!(retry_after_secs > 0);
+            refused += 1;
+        }
+    }
+    assert!(refused > 0);
+    // Flushing frees the bound.
+    engine.flush_all().await.unwrap();
+    assert!(
+        engine
+            .ingest("inventory", inventory_batch(&ids), None)
+            .await
+            .is_ok()
+    );
+}
