@@ -204,3 +204,70 @@ async fn upkeep_compacts_checkpoints_and_vacuums() {
     let n = query_table(&s.store, s.table_url("orders"), "SELECT COUNT(*) FROM t").await;
     assert_eq!(single_i64(&n), 8);
 }
+
+/// The README's first command: `quiver demo` serves, feeds itself, and stops cleanly.
+#[tokio::test]
+async fn demo_feeds_both_streams_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quiver"))
+        .args([
+            "demo",
+            "--rate",
+            "400",
+            "--flush-interval",
+            "500ms",
+            "--upkeep-interval",
+            "0s",
+        ])
+        .arg("--http-addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--store")
+        .arg(format!("file://{}", dir.path().join("store").display()))
+        .env("QUIVER_ADMIN_TOKEN", ADMIN)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    eventually(60, || async {
+        let Ok(r) = client
+            .get(format!("{url}/v1/streams"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+        else {
+            return false;
+        };
+        let Ok(v) = r.json::<serde_json::Value>().await else {
+            return false;
+        };
+        let rows = |name: &str| {
+            v.as_array()
+                .and_then(|a| a.iter().find(|s| s["name"] == name))
+                .and_then(|s| s["stored_events"].as_u64())
+                .unwrap_or(0)
+        };
+        rows("orders") > 100 && rows("inventory") > 100
+    })
+    .await;
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let n = query_table(
+        &format!("file://{}", dir.path().join("store").display()),
+        url::Url::parse(&format!(
+            "file://{}/store/tables/orders/",
+            dir.path().display()
+        ))
+        .unwrap(),
+        "SELECT COUNT(DISTINCT status) FROM t",
+    )
+    .await;
+    assert!(single_i64(&n) >= 2, "orders move through their lifecycle");
+}
