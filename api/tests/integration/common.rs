@@ -173,6 +173,33 @@ impl TestServer {
             .expect("request")
     }
 
+    /// Posts NDJSON with another token.
+    pub(crate) async fn post_as(
+        &self,
+        token: &str,
+        stream: &str,
+        body: String,
+    ) -> reqwest::Response {
+        self.client
+            .post(format!("{}/v1/streams/{stream}/events", self.url))
+            .bearer_auth(token)
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Posts one paid order line with the given event id.
+    pub(crate) async fn post_order(&self, id: &str) -> reqwest::Response {
+        self.post_as(
+            ADMIN,
+            "orders",
+            order_line(id, "2026-11-25T10:00:00Z", "paid"),
+        )
+        .await
+    }
+
     pub(crate) fn table_url(&self, stream: &str) -> url::Url {
         let base = if self.store.ends_with('/') {
             self.store.clone()

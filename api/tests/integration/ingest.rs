@@ -492,17 +492,6 @@ impl TestServer {
             .await
             .unwrap()
     }
-
-    async fn post_as(&self, token: &str, stream: &str, body: String) -> reqwest::Response {
-        self.client
-            .post(format!("{}/v1/streams/{stream}/events", self.url))
-            .bearer_auth(token)
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-    }
 }
 
 #[tokio::test]
@@ -511,13 +500,7 @@ async fn per_token_rate_limit_answers_429() {
     let mut s = TestServer::start(dir.path(), &["--ingest-rate-limit", "2"]).await;
     let mut statuses = Vec::new();
     for i in 0..6 {
-        let r = s
-            .post(
-                "orders",
-                "application/x-ndjson",
-                order_line(&format!("rl-{i}"), "2026-11-25T10:00:00Z", "paid"),
-            )
-            .await;
+        let r = s.post_order(&format!("rl-{i}")).await;
         if r.status() == 429 {
             assert!(r.headers().get("retry-after").is_some());
         }

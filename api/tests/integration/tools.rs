@@ -119,22 +119,13 @@ async fn token_cli_creates_a_working_read_token() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let r = s
-        .post_with(&token, order_line("x", "2026-11-25T10:00:00Z", "paid"))
+        .post_as(
+            &token,
+            "orders",
+            order_line("x", "2026-11-25T10:00:00Z", "paid"),
+        )
         .await;
     assert_eq!(r.status(), 403);
-}
-
-impl TestServer {
-    async fn post_with(&self, token: &str, body: String) -> reqwest::Response {
-        self.client
-            .post(format!("{}/v1/streams/orders/events", self.url))
-            .bearer_auth(token)
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-    }
 }
 
 #[tokio::test]
@@ -153,13 +144,7 @@ async fn upkeep_compacts_checkpoints_and_vacuums() {
     )
     .await;
     for i in 0..8 {
-        let r = s
-            .post(
-                "orders",
-                "application/x-ndjson",
-                order_line(&format!("u-{i}"), "2026-11-25T10:00:00Z", "paid"),
-            )
-            .await;
+        let r = s.post_order(&format!("u-{i}")).await;
         assert_eq!(r.status(), 200);
         tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     }
