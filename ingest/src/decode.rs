@@ -362,17 +362,16 @@ fn decode_csv(schema: &StreamSchema, body: &[u8]) -> Result<RecordBatch> {
         match reader.read_record(&mut record) {
             Ok(false) => break,
             Ok(true) => {
-                rows.seen.copy_from_slice(&header_seen);
                 for (pos, field) in record.iter().enumerate() {
                     if let Some(Some(idx)) = mapping.get(pos) {
                         let text = (!field.is_empty()).then_some(field);
                         rows.value(row, *idx, text, Lexical::Text, false);
                     }
                 }
-                for (idx, col) in schema.columns().iter().enumerate() {
-                    if !header_seen[idx] {
+                // Optional columns the header lacks are null in every row.
+                for (idx, seen) in header_seen.iter().enumerate() {
+                    if !seen {
                         rows.builders[idx].push(None);
-                        let _ = col;
                     }
                 }
                 rows.rows += 1;
