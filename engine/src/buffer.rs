@@ -29,7 +29,7 @@ pub(crate) struct LiveBuffer {
 impl LiveBuffer {
     /// Adds a batch; `bytes` is its size as encoded in the WAL, which tracks its columnar
     /// size closely (Arrow's own per-array count double-counts buffers that arrays share).
-    pub(crate) fn push(&mut self, seq: u64, batch: RecordBatch, bytes: usize) -> usize {
+    pub(crate) fn push(&mut self, seq: u64, batch: RecordBatch, bytes: usize) {
         self.bytes += bytes;
         self.rows += batch.num_rows();
         self.items.push_back(Buffered {
@@ -38,7 +38,6 @@ impl LiveBuffer {
             bytes,
             at: Instant::now(),
         });
-        bytes
     }
 
     pub(crate) fn bytes(&self) -> usize {

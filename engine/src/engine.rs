@@ -132,10 +132,10 @@ impl Shared {
         if seq <= state.committed_seq.load(Ordering::Acquire) {
             return;
         }
-        let (bytes, total, rows) = {
+        let (total, rows) = {
             let mut buf = state.buffer.lock();
-            let bytes = buf.push(seq, batch, bytes);
-            (bytes, buf.bytes(), buf.rows())
+            buf.push(seq, batch, bytes);
+            (buf.bytes(), buf.rows())
         };
         self.buffered_bytes.fetch_add(bytes, Ordering::AcqRel);
         let label = stream_label(stream);
