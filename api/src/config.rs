@@ -66,6 +66,22 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_METRICS_AUTH", default_value_t = false)]
     pub metrics_auth: bool,
 
+    /// Memory one query may use (DataFusion memory pool); past it the query fails.
+    #[arg(long, env = "QUIVER_QUERY_MEMORY_LIMIT", default_value_t = 2 << 30)]
+    pub query_memory_limit: usize,
+
+    /// Longest a query may run, delivery of its result included.
+    #[arg(long, env = "QUIVER_QUERY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub query_timeout: Duration,
+
+    /// Largest result one query may return, in encoded bytes.
+    #[arg(long, env = "QUIVER_MAX_RESULT_BYTES", default_value_t = 1 << 30)]
+    pub max_result_bytes: usize,
+
+    /// Threads that run queries (default: one per core).
+    #[arg(long, env = "QUIVER_QUERY_THREADS")]
+    pub query_threads: Option<usize>,
+
     /// Admin token; when unset one is generated on first start and printed once.
     #[arg(long, env = "QUIVER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -102,6 +118,11 @@ impl ServeConfig {
         c.table.compact_target_bytes = self.compact_target_bytes;
         c.table.vacuum_retention = self.vacuum_retention;
         c.idempotency_ttl = self.idempotency_ttl;
+        c.query.memory_limit = self.query_memory_limit;
+        c.query.timeout = self.query_timeout;
+        if let Some(n) = self.query_threads {
+            c.query.threads = n.max(1);
+        }
         c
     }
 }

@@ -3,7 +3,8 @@
 //! [`RunningServer`] binds HTTP, loads tokens, and recovers the engine in the
 //! background (`/ready` turns 200 when done). Handlers authenticate with bearer tokens
 //! ([`auth`]), decode bodies with `quiver-ingest`, and hand batches to the engine, which
-//! answers once they are durable. [`cli`] holds the `demo`, `generate`, `load` and
+//! answers once they are durable. `POST /v1/sql` (`sql`) runs read-only SQL on the
+//! engine's query runtime and streams the result as JSON, NDJSON, CSV, Arrow or Parquet. [`cli`] holds the `demo`, `generate`, `load` and
 //! `token` commands.
 
 pub mod auth;
@@ -12,6 +13,7 @@ pub mod config;
 mod error;
 mod routes;
 mod server;
+mod sql;
 
 pub use config::ServeConfig;
 pub use server::RunningServer;

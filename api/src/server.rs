@@ -148,6 +148,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(routes::metrics))
         .route("/v1/streams", get(routes::list_streams))
         .route("/v1/streams/{stream}/events", post(routes::ingest))
+        .route("/v1/sql", post(crate::sql::sql))
         .route(
             "/v1/tokens",
             post(routes::create_token).get(routes::list_tokens),

@@ -70,6 +70,14 @@ impl LiveBuffer {
         (batches, last)
     }
 
+    /// Every buffered batch with its WAL position, oldest first (for queries).
+    pub(crate) fn batches(&self) -> Vec<(u64, RecordBatch)> {
+        self.items
+            .iter()
+            .map(|b| (b.seq, b.batch.clone()))
+            .collect()
+    }
+
     /// Drops every batch up to and including `seq`; returns (bytes, rows) released.
     pub(crate) fn release_through(&mut self, seq: u64) -> (usize, usize) {
         let mut freed = (0, 0);

@@ -19,9 +19,10 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::buffer::LiveBuffer;
 use crate::idempotency::{Idempotency, KeyState};
 use crate::metrics::{EngineMetrics, stream_label};
-use crate::schema::{EVENT_TIME_COLUMN, StreamSchema};
+use crate::query::{QueryOptions, QueryRuntime, QuerySession};
+use crate::schema::{ColumnDef, EVENT_TIME_COLUMN, Rule, StreamSchema};
 use crate::store::Store;
-use crate::table::{StreamTable, TableOptions};
+use crate::table::{StreamTable, TableAt, TableOptions};
 use crate::wal::{DurableSink, Wal, WalAppend, WalOptions, WalRecord};
 use crate::{Error, Result};
 
@@ -48,6 +49,8 @@ pub struct EngineConfig {
     pub table: TableOptions,
     /// How long idempotency keys are remembered.
     pub idempotency_ttl: Duration,
+    /// Query limits and parallelism.
+    pub query: QueryOptions,
 }
 
 impl EngineConfig {
@@ -63,6 +66,7 @@ impl EngineConfig {
             upkeep_interval: Duration::from_secs(600),
             table: TableOptions::default(),
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            query: QueryOptions::default(),
         }
     }
 }
@@ -109,6 +113,19 @@ struct StreamState {
     buffer: Mutex<LiveBuffer>,
     committed_seq: AtomicU64,
     flush_lock: tokio::sync::Mutex<()>,
+}
+
+impl StreamState {
+    fn new(schema: StreamSchema, table: StreamTable) -> Arc<Self> {
+        let committed = table.committed_seq();
+        Arc::new(Self {
+            schema,
+            table,
+            buffer: Mutex::new(LiveBuffer::default()),
+            committed_seq: AtomicU64::new(committed),
+            flush_lock: tokio::sync::Mutex::new(()),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -178,7 +195,22 @@ struct Inner {
     accepting: AtomicBool,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    query: QueryRuntime,
+    app_id: String,
+    /// Serialises stream creation, so the saved definitions never lose one.
+    ddl_lock: tokio::sync::Mutex<()>,
 }
+
+/// What a query reads of one stream: a published table state and the buffered batches
+/// that state does not hold yet.
+#[derive(Debug)]
+pub(crate) struct ReadSnapshot {
+    pub(crate) table: deltalake::DeltaTable,
+    pub(crate) buffered: Vec<RecordBatch>,
+}
+
+/// Where user-declared stream definitions are kept in the store.
+const STREAMS_FILE: &str = "_quiver/streams.json";
 
 impl Engine {
     /// Opens the store and the built-in streams, replays the WAL, and starts the flush
@@ -188,26 +220,21 @@ impl Engine {
         let store = Store::open(&config.store)?;
         std::fs::create_dir_all(&config.wal_dir)?;
         let app_id = format!("quiver-wal-{}", wal_id(&config.wal_dir)?);
+        let app_id_kept = app_id.clone();
         let idempotency = Idempotency::load(&config.wal_dir, config.idempotency_ttl, 1_000_000)?;
 
         let mut streams = BTreeMap::new();
         let mut max_committed = 0;
-        for schema in [StreamSchema::orders(), StreamSchema::inventory()] {
+        let mut schemas = vec![StreamSchema::orders(), StreamSchema::inventory()];
+        schemas.extend(load_stream_definitions(&store).await?);
+        let query = QueryRuntime::new(config.query.clone())?;
+        for schema in schemas {
             let table =
                 StreamTable::open_or_create(&store, &schema, &app_id, config.table.clone()).await?;
-            let committed = table.committed_seq().await?;
+            let committed = table.committed_seq();
             max_committed = max_committed.max(committed);
             info!(stream = schema.name(), committed_seq = committed, table = %table.url(), "stream opened");
-            streams.insert(
-                schema.name().to_owned(),
-                Arc::new(StreamState {
-                    schema,
-                    table,
-                    buffer: Mutex::new(LiveBuffer::default()),
-                    committed_seq: AtomicU64::new(committed),
-                    flush_lock: tokio::sync::Mutex::new(()),
-                }),
-            );
+            streams.insert(schema.name().to_owned(), StreamState::new(schema, table));
         }
         let shared = Arc::new(Shared {
             streams: RwLock::new(streams),
@@ -247,6 +274,9 @@ impl Engine {
                 accepting: AtomicBool::new(true),
                 stop,
                 tasks: Mutex::new(Vec::new()),
+                query,
+                app_id: app_id_kept,
+                ddl_lock: tokio::sync::Mutex::new(()),
             }),
         };
         engine.spawn_background();
@@ -306,6 +336,107 @@ impl Engine {
             .map(|s| s.schema.clone())
     }
 
+    fn state(&self, stream: &str) -> Result<Arc<StreamState>> {
+        self.inner
+            .shared
+            .streams
+            .read()
+            .get(stream)
+            .cloned()
+            .ok_or_else(|| Error::UnknownStream(stream.to_owned()))
+    }
+
+    /// Names of every stream, sorted.
+    pub fn stream_names(&self) -> Vec<String> {
+        self.inner.shared.streams.read().keys().cloned().collect()
+    }
+
+    /// What a query reads of `stream` now. The buffer is read before the published
+    /// table state: a flush publishes its commit before it releases the buffer, so every
+    /// acknowledged event is in exactly one of the two once the buffer is filtered by the
+    /// state's committed position.
+    pub(crate) fn read_snapshot(&self, stream: &str) -> Option<ReadSnapshot> {
+        let state = self.inner.shared.streams.read().get(stream).cloned()?;
+        let buffered = state.buffer.lock().batches();
+        let published = state.table.published();
+        let buffered = buffered
+            .into_iter()
+            .filter(|(seq, _)| *seq > published.committed_seq)
+            .map(|(_, b)| b)
+            .collect();
+        Some(ReadSnapshot {
+            table: published.table,
+            buffered,
+        })
+    }
+
+    /// `stream`'s Delta table as it was at a version or instant.
+    pub(crate) async fn historical_table(
+        &self,
+        stream: &str,
+        at: TableAt,
+    ) -> Result<deltalake::DeltaTable> {
+        let state = self.state(stream)?;
+        state.table.historical(at).await
+    }
+
+    /// A fresh query session over every stream, under the configured limits.
+    pub fn query_session(&self) -> QuerySession {
+        QuerySession::new(self, &self.inner.query)
+    }
+
+    /// The runtime queries should execute on.
+    pub fn query_runtime(&self) -> tokio::runtime::Handle {
+        self.inner.query.handle()
+    }
+
+    /// Query limits in force.
+    pub fn query_options(&self) -> &QueryOptions {
+        self.inner.query.options()
+    }
+
+    /// Creates a stream (its Delta table and its saved definition). Returns false when
+    /// a stream of that name exists and `if_not_exists` is set.
+    pub async fn create_stream(&self, schema: StreamSchema, if_not_exists: bool) -> Result<bool> {
+        let _ddl = self.inner.ddl_lock.lock().await;
+        let name = schema.name().to_owned();
+        if self.stream_schema(&name).is_some() {
+            if if_not_exists {
+                return Ok(false);
+            }
+            let builtin = matches!(name.as_str(), "orders" | "inventory");
+            return Err(Error::AlreadyExists(format!(
+                "stream '{name}' already exists{}",
+                if builtin { " (it is built in)" } else { "" }
+            )));
+        }
+        let table = StreamTable::open_or_create(
+            &self.inner.store,
+            &schema,
+            &self.inner.app_id,
+            self.inner.config.table.clone(),
+        )
+        .await?;
+        let mut declared: Vec<StreamSchema> = self
+            .inner
+            .shared
+            .streams
+            .read()
+            .values()
+            .map(|s| s.schema.clone())
+            .filter(|s| !matches!(s.name(), "orders" | "inventory"))
+            .collect();
+        declared.push(schema.clone());
+        save_stream_definitions(&self.inner.store, &declared).await?;
+        self.inner
+            .shared
+            .streams
+            .write()
+            .insert(name.clone(), StreamState::new(schema, table));
+        info!(stream = %name, "stream created");
+        Ok(true)
+    }
+
     /// Every stream with its state.
     pub async fn streams(&self) -> Vec<StreamInfo> {
         let states: Vec<Arc<StreamState>> =
@@ -336,14 +467,7 @@ impl Engine {
         batch: RecordBatch,
         idempotency: Option<IdempotencyKey>,
     ) -> Result<IngestOutcome> {
-        let state = self
-            .inner
-            .shared
-            .streams
-            .read()
-            .get(stream)
-            .cloned()
-            .ok_or_else(|| Error::UnknownStream(stream.to_owned()))?;
+        let state = self.state(stream)?;
         if !self.inner.accepting.load(Ordering::Acquire) {
             return Err(Error::Unavailable {
                 reason: "the server is shutting down".into(),
@@ -593,6 +717,81 @@ impl Engine {
     pub fn wal_segments(&self) -> usize {
         self.inner.wal.segment_count()
     }
+}
+
+/// Reads the user-declared streams saved in the store.
+async fn load_stream_definitions(store: &Store) -> Result<Vec<StreamSchema>> {
+    use object_store::ObjectStoreExt;
+    let path = store.path(STREAMS_FILE)?;
+    let bytes = match store.object_store().get(&path).await {
+        Ok(got) => got.bytes().await?,
+        Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let saved: Vec<SavedStream> = serde_json::from_slice(&bytes)?;
+    saved
+        .into_iter()
+        .map(|s| {
+            let columns = s
+                .columns
+                .into_iter()
+                .map(|c| {
+                    let ty = crate::query::column_type(&c.ty).ok_or_else(|| {
+                        Error::Config(format!(
+                            "{STREAMS_FILE}: stream '{}' column '{}' has unknown type '{}'",
+                            s.name, c.name, c.ty
+                        ))
+                    })?;
+                    Ok(ColumnDef {
+                        name: c.name,
+                        ty,
+                        required: c.required,
+                        rule: Rule::None,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            StreamSchema::try_new(&s.name, columns)
+        })
+        .collect()
+}
+
+async fn save_stream_definitions(store: &Store, streams: &[StreamSchema]) -> Result<()> {
+    use object_store::ObjectStoreExt;
+    let saved: Vec<SavedStream> = streams
+        .iter()
+        .map(|s| SavedStream {
+            name: s.name().to_owned(),
+            columns: s
+                .columns()
+                .iter()
+                .map(|c| SavedColumn {
+                    name: c.name.clone(),
+                    ty: c.ty.sql_name().to_owned(),
+                    required: c.required,
+                })
+                .collect(),
+        })
+        .collect();
+    let body = serde_json::to_vec_pretty(&saved)?;
+    store
+        .object_store()
+        .put(&store.path(STREAMS_FILE)?, body.into())
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SavedStream {
+    name: String,
+    columns: Vec<SavedColumn>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SavedColumn {
+    name: String,
+    #[serde(rename = "type")]
+    ty: String,
+    required: bool,
 }
 
 /// Returns the WAL's identity, creating it on first use.

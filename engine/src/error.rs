@@ -15,6 +15,10 @@ pub enum Error {
     #[error("unknown stream '{0}'")]
     UnknownStream(String),
 
+    /// Something of that name exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+
     /// A batch does not match the stream's schema.
     #[error("schema mismatch for stream '{stream}': {message}")]
     SchemaMismatch {
@@ -76,7 +80,10 @@ impl Error {
     pub fn is_user_error(&self) -> bool {
         matches!(
             self,
-            Self::UnknownStream(_) | Self::SchemaMismatch { .. } | Self::IdempotencyConflict(_)
+            Self::UnknownStream(_)
+                | Self::SchemaMismatch { .. }
+                | Self::IdempotencyConflict(_)
+                | Self::AlreadyExists(_)
         )
     }
 

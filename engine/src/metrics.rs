@@ -34,6 +34,13 @@ pub struct RouteLabel {
     pub status: u16,
 }
 
+/// Label set for SQL statements, by outcome (`ok` or an error code).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `ok`, or the error code the statement got.
+    pub outcome: String,
+}
+
 fn seconds_histogram() -> Histogram {
     // 50 µs .. ~6.5 s
     Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
@@ -78,6 +85,10 @@ pub struct EngineMetrics {
     pub vacuumed_files_total: Family<StreamLabel, Counter>,
     /// HTTP request durations, by route and status.
     pub http_request_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    /// SQL statements by outcome.
+    pub sql_queries_total: Family<OutcomeLabel, Counter>,
+    /// Time from receiving a query to its last result byte.
+    pub sql_query_seconds: Histogram,
 }
 
 impl EngineMetrics {
@@ -102,6 +113,8 @@ impl EngineMetrics {
             checkpoints_total: Family::default(),
             vacuumed_files_total: Family::default(),
             http_request_seconds: Family::new_with_constructor(seconds_histogram),
+            sql_queries_total: Family::default(),
+            sql_query_seconds: seconds_histogram(),
         };
         let r = registry.sub_registry_with_prefix("quiver");
         r.register(
@@ -193,6 +206,16 @@ impl EngineMetrics {
             "http_request_seconds",
             "HTTP request duration",
             m.http_request_seconds.clone(),
+        );
+        r.register(
+            "sql_queries",
+            "SQL statements by outcome",
+            m.sql_queries_total.clone(),
+        );
+        r.register(
+            "sql_query_seconds",
+            "SQL query duration, result delivery included",
+            m.sql_query_seconds.clone(),
         );
         m
     }

@@ -47,6 +47,18 @@ impl ColumnType {
         }
     }
 
+    /// The SQL name `CREATE STREAM` accepts and stream definitions are saved with.
+    pub fn sql_name(self) -> &'static str {
+        match self {
+            Self::Utf8 => "text",
+            Self::Int64 => "bigint",
+            Self::Float64 => "double",
+            Self::Boolean => "boolean",
+            Self::Timestamp => "timestamp",
+            Self::Money => "decimal(18,2)",
+        }
+    }
+
     /// A short name for error messages.
     pub fn name(self) -> &'static str {
         match self {
@@ -129,6 +141,18 @@ impl StreamSchema {
         if !has_time {
             return Err(crate::Error::Config(format!(
                 "stream '{name}' needs a required '{EVENT_TIME_COLUMN}' timestamp column"
+            )));
+        }
+        if let Some(c) = columns.iter().find(|c| c.name == PARTITION_COLUMN) {
+            return Err(crate::Error::Config(format!(
+                "stream '{name}': '{}' is derived from event_time and cannot be declared",
+                c.name
+            )));
+        }
+        if let Some(c) = columns.iter().find(|c| !is_valid_identifier(&c.name)) {
+            return Err(crate::Error::Config(format!(
+                "stream '{name}': column name '{}' must be lower-case letters, digits and '_', starting with a letter",
+                c.name
             )));
         }
         let fields: Vec<Field> = columns

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
+use chrono::{DateTime, Utc};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{StructType, Transaction};
@@ -13,6 +14,7 @@ use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use parking_lot::RwLock;
 use tokio::sync::Mutex;
 use tracing::{info, instrument, warn};
 use url::Url;
@@ -56,12 +58,27 @@ pub(crate) struct UpkeepReport {
 }
 
 /// One stream's Delta table.
+///
+/// The writer's handle is behind an async lock held for a whole commit. Readers never
+/// wait for it: each commit *publishes* the new table state together with the WAL
+/// position it covers, and a query takes whatever was published last.
 #[derive(Debug)]
 pub(crate) struct StreamTable {
     url: Url,
     app_id: String,
     options: TableOptions,
+    store: Store,
     table: Mutex<DeltaTable>,
+    published: RwLock<Published>,
+}
+
+/// A committed table state and this writer's WAL position in it.
+#[derive(Debug, Clone)]
+pub(crate) struct Published {
+    /// The table as of its last commit seen by this writer.
+    pub(crate) table: DeltaTable,
+    /// Highest WAL position this writer has committed into `table`.
+    pub(crate) committed_seq: u64,
 }
 
 impl StreamTable {
@@ -111,10 +128,16 @@ impl StreamTable {
             }
             Err(e) => return Err(e.into()),
         }
+        let committed_seq = txn_version(&table, app_id).await?;
         Ok(Self {
             url,
             app_id: app_id.to_owned(),
             options,
+            store: store.clone(),
+            published: RwLock::new(Published {
+                table: table.clone(),
+                committed_seq,
+            }),
             table: Mutex::new(table),
         })
     }
@@ -125,14 +148,34 @@ impl StreamTable {
     }
 
     /// Highest WAL position this writer has committed to the table (0 if none).
-    pub(crate) async fn committed_seq(&self) -> Result<u64> {
-        let mut table = self.table.lock().await;
+    pub(crate) fn committed_seq(&self) -> u64 {
+        self.published.read().committed_seq
+    }
+
+    /// The last published table state; never waits for a commit in progress.
+    pub(crate) fn published(&self) -> Published {
+        self.published.read().clone()
+    }
+
+    /// The table as it was at `at` (a version or a point in time), for time travel.
+    pub(crate) async fn historical(&self, at: TableAt) -> Result<DeltaTable> {
+        let builder = builder(&self.store, &self.url)?;
+        let builder = match at {
+            TableAt::Version(v) => builder.with_version(v),
+            TableAt::Time(t) => builder.with_timestamp(t),
+        };
+        Ok(builder.load().await?)
+    }
+
+    /// Reloads the writer's handle to the latest version and publishes it.
+    async fn reload(&self, table: &mut DeltaTable) -> Result<()> {
         table.update_state().await?;
-        let v = table
-            .snapshot()?
-            .transaction_version(table.log_store().as_ref(), &self.app_id)
-            .await?;
-        Ok(v.map(|v| v.max(0) as u64).unwrap_or(0))
+        let committed_seq = txn_version(table, &self.app_id).await?;
+        *self.published.write() = Published {
+            table: table.clone(),
+            committed_seq,
+        };
+        Ok(())
     }
 
     /// Version, stored rows and data files of the table as this writer last saw it.
@@ -171,14 +214,22 @@ impl StreamTable {
             Err(e) => {
                 // Another writer may have changed the table in a way that conflicts with
                 // the state this one holds (e.g. a second metadata action from a create
-                // race); start the next attempt from the latest version.
-                if let Err(reload) = table.update_state().await {
+                // race); start the next attempt from the latest version. The reload also
+                // tells whether a commit reported as failed did land after all.
+                if let Err(reload) = self.reload(&mut table).await {
                     warn!(error = %reload, "could not reload the table after a failed commit");
+                } else if self.committed_seq() >= seq {
+                    warn!(error = %e, seq, "the commit reported a failure but is in the table");
+                    return Ok(table.version().unwrap_or(0));
                 }
                 return Err(e.into());
             }
         };
         *table = written;
+        *self.published.write() = Published {
+            table: table.clone(),
+            committed_seq: seq,
+        };
         Ok(table.version().unwrap_or(0))
     }
 
@@ -195,7 +246,7 @@ impl StreamTable {
         let started = Instant::now();
         let mut report = UpkeepReport::default();
         let mut table = self.table.lock().await;
-        table.update_state().await?;
+        self.reload(&mut table).await?;
         let target = NonZeroU64::new(self.options.compact_target_bytes.max(1 << 20))
             .unwrap_or(NonZeroU64::MIN);
         let (compacted, metrics) = table
@@ -221,6 +272,7 @@ impl StreamTable {
             .await?;
         report.files_vacuumed = vm.files_deleted.len() as u64;
         *table = vacuumed;
+        self.published.write().table = table.clone();
         info!(
             ?report,
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -228,6 +280,24 @@ impl StreamTable {
         );
         Ok(report)
     }
+}
+
+/// A point in a table's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableAt {
+    /// A Delta table version.
+    Version(u64),
+    /// The latest version committed at or before this instant.
+    Time(DateTime<Utc>),
+}
+
+/// The `txn` version recorded by `app_id` in `table`'s current state (0 if none).
+async fn txn_version(table: &DeltaTable, app_id: &str) -> Result<u64> {
+    let v = table
+        .snapshot()?
+        .transaction_version(table.log_store().as_ref(), app_id)
+        .await?;
+    Ok(v.map(|v| v.max(0) as u64).unwrap_or(0))
 }
 
 fn builder(store: &Store, url: &Url) -> Result<DeltaTableBuilder> {

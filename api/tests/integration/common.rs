@@ -157,6 +157,74 @@ impl TestServer {
         self.spawn().await;
     }
 
+    /// Stops with SIGTERM (which flushes everything to Delta) and starts again.
+    pub(crate) async fn restart_clean(&mut self) {
+        assert_eq!(
+            self.terminate(),
+            Some(0),
+            "clean stop; log:\n{}",
+            self.log()
+        );
+        self.spawn().await;
+    }
+
+    /// `POST /v1/sql` with a token, parameters and a format.
+    pub(crate) async fn sql_as(
+        &self,
+        token: &str,
+        sql: &str,
+        params: serde_json::Value,
+        format: &str,
+    ) -> reqwest::Response {
+        self.client
+            .post(format!("{}/v1/sql?format={format}", self.url))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"sql": sql, "params": params}))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// The `GET /v1/streams` entry of one stream.
+    pub(crate) async fn stream_info(&self, stream: &str) -> serde_json::Value {
+        let streams: serde_json::Value = self
+            .client
+            .get(format!("{}/v1/streams", self.url))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("json");
+        streams
+            .as_array()
+            .and_then(|list| list.iter().find(|v| v["name"] == stream))
+            .cloned()
+            .unwrap_or_else(|| panic!("no stream '{stream}' in {streams}"))
+    }
+
+    /// The `/metrics` text.
+    pub(crate) async fn metrics_text(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("request")
+            .text()
+            .await
+            .expect("text")
+    }
+
+    /// Runs a query as admin and returns the `rows` of its JSON answer.
+    pub(crate) async fn sql_rows(&self, sql: &str) -> serde_json::Value {
+        let resp = self.sql_as(ADMIN, sql, serde_json::json!([]), "json").await;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.expect("json body");
+        assert_eq!(status, 200, "{sql}: {body}");
+        body["rows"].clone()
+    }
+
     pub(crate) async fn post(
         &self,
         stream: &str,

@@ -60,23 +60,8 @@ async fn every_format_lands_in_delta_with_types_and_partitions() {
     assert_eq!(r.json::<Value>().await.unwrap()["accepted"], 2);
 
     // Row counts are visible at once (buffer) and after flushes (table).
-    let streams: Value = s
-        .client
-        .get(format!("{}/v1/streams", s.url))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let orders_info = streams
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "orders")
-        .unwrap();
-    assert_eq!(orders_info["rows"], 5, "{streams}");
+    let orders_info = s.stream_info("orders").await;
+    assert_eq!(orders_info["rows"], 5, "{orders_info}");
     assert_eq!(orders_info["partition_by"][0], "event_date");
 
     // A clean shutdown flushes everything and exits 0.

@@ -6,4 +6,5 @@ mod crash;
 mod disk_full;
 mod ingest;
 mod s3;
+mod sql;
 mod tools;

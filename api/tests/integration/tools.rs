@@ -173,15 +173,7 @@ async fn upkeep_compacts_checkpoints_and_vacuums() {
         checkpoint && parquet_files(&part) == 1
     })
     .await;
-    let metrics = s
-        .client
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics_text().await;
     assert!(
         metrics.contains("quiver_table_compactions_total{stream=\"orders\"} 1"),
         "{metrics}"

@@ -1,6 +1,7 @@
 use arrow::array::{Int64Array, StringArray};
 
 use super::*;
+use crate::query::Prepared;
 
 fn inventory_batch(ids: &[&str]) -> RecordBatch {
     let n = ids.len();
@@ -109,4 +110,60 @@ async fn buffer_bound_answers_unavailable() {
             .await
             .is_ok()
     );
+}
+
+#[tokio::test]
+async fn queries_read_table_and_buffer_once_each() {
+    let wal = tempfile::tempdir().unwrap();
+    let mut config = EngineConfig::new("memory://", wal.path());
+    config.upkeep_interval = Duration::ZERO;
+    config.flush_interval = Duration::from_secs(3600);
+    let engine = Engine::open(config, Arc::new(EngineMetrics::unregistered()))
+        .await
+        .unwrap();
+    let count = |engine: Engine| async move {
+        let session = engine.query_session();
+        let sql = "SELECT COUNT(*), COUNT(DISTINCT event_id) FROM inventory";
+        let Prepared::Query(plan) = session.prepare(sql, &[]).await.unwrap() else {
+            panic!("a query")
+        };
+        let batches =
+            datafusion::physical_plan::common::collect(session.execute(*plan).await.unwrap())
+                .await
+                .unwrap();
+        let col = |i: usize| {
+            batches[0]
+                .column(i)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .value(0)
+        };
+        (col(0), col(1))
+    };
+    engine
+        .ingest("inventory", inventory_batch(&["a", "b"]), None)
+        .await
+        .unwrap();
+    assert_eq!(count(engine.clone()).await, (2, 2), "buffer only");
+    engine.flush_all().await.unwrap();
+    engine
+        .ingest("inventory", inventory_batch(&["c"]), None)
+        .await
+        .unwrap();
+    assert_eq!(count(engine.clone()).await, (3, 3), "table and buffer");
+
+    // The scan's schema is the stored schema, so both sides can be united.
+    let snapshot = engine.read_snapshot("inventory").unwrap();
+    let scan = crate::query::delta_scan(&snapshot.table).unwrap();
+    let stored = StreamSchema::inventory();
+    let scan_schema = datafusion::catalog::TableProvider::schema(&scan);
+    let types = |s: &arrow::datatypes::Schema| {
+        s.fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.data_type().clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(types(&scan_schema), types(stored.stored_schema()));
+    assert_eq!(snapshot.buffered.len(), 1);
 }

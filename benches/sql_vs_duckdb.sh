@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Ad-hoc KPI SQL over Delta: Quiver vs DuckDB on the same Parquet files, same run.
+# Generates N events (default 10M) with `quiver generate`, loads them over HTTP into a
+# release server on a scratch store, stops it cleanly (everything flushed to Delta),
+# starts it again and runs benches/sql_vs_duckdb.py.
+#
+#   benches/sql_vs_duckdb.sh [events] [runs]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+events="${1:-10000000}"
+runs="${2:-5}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/quiver-target}"
+python3 -c 'import duckdb, pyarrow' 2>/dev/null || pip install --quiet --break-system-packages duckdb pyarrow
+cargo build --release -p quiver-api
+bin="$CARGO_TARGET_DIR/release/quiver"
+
+scratch="$(mktemp -d)"
+port=18090
+token="bench-admin-token"
+pid=""
+trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$scratch"' EXIT
+
+serve() {
+  QUIVER_ADMIN_TOKEN="$token" QUIVER_LOG=warn "$bin" serve \
+    --store "file://$scratch/store" --http-addr "127.0.0.1:$port" \
+    --upkeep-interval 0s >>"$scratch/server.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 600); do
+    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && return
+    sleep 0.1
+  done
+  echo "server did not become ready" >&2; exit 1
+}
+
+"$bin" generate --events "$events" --format arrow --out "$scratch/gen" --seed 7
+serve
+for stream in orders inventory; do
+  "$bin" load "$scratch/gen/$stream.arrow" --stream "$stream" \
+    --url "http://127.0.0.1:$port" --token "$token"
+done
+kill -TERM "$pid"; wait "$pid" || true
+rm -rf "$scratch/gen"
+serve
+echo "store: $(du -sh "$scratch/store/tables" | cut -f1), files: $(find "$scratch/store/tables" -name '*.parquet' | wc -l)"
+python3 benches/sql_vs_duckdb.py "http://127.0.0.1:$port" "$token" "$scratch/store" "$runs"
+echo "peak server RSS: $(grep VmHWM /proc/$pid/status | awk '{print $2/1024 " MiB"}')"
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"

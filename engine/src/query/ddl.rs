@@ -1,0 +1,188 @@
+//! Quiver's own DDL, recognised before DataFusion sees a statement:
+//! `CREATE STREAM`, `CREATE MATERIALIZED VIEW` and `DROP MATERIALIZED VIEW`.
+
+use datafusion::sql::sqlparser::ast::{ColumnOption, ObjectType, Statement};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::keywords::Keyword;
+use datafusion::sql::sqlparser::parser::Parser;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+
+use super::QueryError;
+use crate::schema::{ColumnDef, ColumnType, Rule, StreamSchema};
+
+/// A parsed Quiver DDL statement.
+#[derive(Debug, Clone)]
+pub enum QuiverDdl {
+    /// `CREATE STREAM [IF NOT EXISTS] name (col type [NOT NULL], ...)`.
+    CreateStream {
+        /// The new stream.
+        schema: StreamSchema,
+        /// Succeed without change when a stream of that name exists.
+        if_not_exists: bool,
+    },
+    /// `CREATE MATERIALIZED VIEW name AS <query>`.
+    CreateMaterializedView {
+        /// View name.
+        name: String,
+        /// The defining query.
+        sql: String,
+    },
+    /// `DROP MATERIALIZED VIEW [IF EXISTS] name`.
+    DropMaterializedView {
+        /// View name.
+        name: String,
+        /// Succeed when the view does not exist.
+        if_exists: bool,
+    },
+}
+
+impl QuiverDdl {
+    /// The statement's kind, for messages and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::CreateStream { .. } => "CREATE STREAM",
+            Self::CreateMaterializedView { .. } => "CREATE MATERIALIZED VIEW",
+            Self::DropMaterializedView { .. } => "DROP MATERIALIZED VIEW",
+        }
+    }
+}
+
+/// Returns the statement if `sql` is Quiver DDL, `None` if it is anything else.
+pub(super) fn parse(sql: &str) -> Result<Option<QuiverDdl>, QueryError> {
+    let invalid = |e: &dyn std::fmt::Display| QueryError::Invalid(e.to_string());
+    let dialect = GenericDialect {};
+    let tokens = Tokenizer::new(&dialect, sql)
+        .tokenize()
+        .map_err(|e| invalid(&e))?;
+    let words: Vec<String> = tokens
+        .iter()
+        .filter(|t| !matches!(t, Token::Whitespace(_)))
+        .take(3)
+        .map(|t| match t {
+            Token::Word(w) => w.value.to_ascii_uppercase(),
+            _ => String::new(),
+        })
+        .collect();
+    let lead: Vec<&str> = words.iter().map(String::as_str).collect();
+    match lead.as_slice() {
+        ["CREATE", "STREAM", ..] => parse_create_stream(sql).map(Some),
+        ["CREATE", "MATERIALIZED", "VIEW"] | ["DROP", "MATERIALIZED", "VIEW"] => {
+            let mut statements = Parser::parse_sql(&dialect, sql).map_err(|e| invalid(&e))?;
+            if statements.len() != 1 {
+                return Err(QueryError::Invalid("send one statement per request".into()));
+            }
+            match statements.remove(0) {
+                Statement::CreateView(view) if view.materialized => {
+                    Ok(Some(QuiverDdl::CreateMaterializedView {
+                        name: view.name.to_string(),
+                        sql: view.query.to_string(),
+                    }))
+                }
+                Statement::Drop {
+                    object_type: ObjectType::MaterializedView,
+                    if_exists,
+                    names,
+                    ..
+                } if names.len() == 1 => Ok(Some(QuiverDdl::DropMaterializedView {
+                    name: names[0].to_string(),
+                    if_exists,
+                })),
+                other => Err(QueryError::Invalid(format!(
+                    "not a supported materialized view statement: {other}"
+                ))),
+            }
+        }
+        _ => Ok(None),
+    }
+}
+
+fn parse_create_stream(sql: &str) -> Result<QuiverDdl, QueryError> {
+    let invalid = |e: &dyn std::fmt::Display| {
+        QueryError::Invalid(format!(
+            "CREATE STREAM: {e}; expected CREATE STREAM [IF NOT EXISTS] name \
+             (event_time TIMESTAMP NOT NULL, column type [NOT NULL], ...)"
+        ))
+    };
+    let dialect = GenericDialect {};
+    let mut parser = Parser::new(&dialect)
+        .try_with_sql(sql)
+        .map_err(|e| invalid(&e))?;
+    parser
+        .expect_keyword(Keyword::CREATE)
+        .map_err(|e| invalid(&e))?;
+    // STREAM is not a keyword of the SQL grammar; the caller has checked it is there.
+    parser.next_token();
+    let if_not_exists = parser.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
+    let name = parser
+        .parse_object_name(false)
+        .map_err(|e| invalid(&e))?
+        .to_string();
+    let (columns, constraints) = parser.parse_columns().map_err(|e| invalid(&e))?;
+    let _ = parser.consume_token(&Token::SemiColon);
+    if parser.peek_token().token != Token::EOF {
+        return Err(invalid(&format!(
+            "unexpected '{}' after the column list",
+            parser.peek_token().token
+        )));
+    }
+    if !constraints.is_empty() {
+        return Err(invalid(
+            &"table constraints (keys, checks) are not supported",
+        ));
+    }
+    let mut defs = Vec::with_capacity(columns.len());
+    for column in columns {
+        let cname = column.name.value.clone();
+        let ty = column_type(&column.data_type.to_string()).ok_or_else(|| {
+            invalid(&format!(
+                "column '{cname}' has type {}, which a stream cannot hold (use TEXT, BIGINT, \
+                 DOUBLE, BOOLEAN, TIMESTAMP or DECIMAL(18,2))",
+                column.data_type
+            ))
+        })?;
+        let mut required = false;
+        for option in &column.options {
+            match option.option {
+                ColumnOption::NotNull => required = true,
+                ColumnOption::Null => required = false,
+                _ => {
+                    return Err(invalid(&format!(
+                        "column '{cname}': only NOT NULL and NULL are supported, not '{}'",
+                        option.option
+                    )));
+                }
+            }
+        }
+        if defs.iter().any(|d: &ColumnDef| d.name == cname) {
+            return Err(invalid(&format!("column '{cname}' is declared twice")));
+        }
+        defs.push(ColumnDef {
+            name: cname,
+            ty,
+            required,
+            rule: Rule::None,
+        });
+    }
+    let schema = StreamSchema::try_new(&name, defs).map_err(|e| invalid(&e))?;
+    Ok(QuiverDdl::CreateStream {
+        schema,
+        if_not_exists,
+    })
+}
+
+/// Maps a SQL type name to a stream column type.
+pub fn column_type(sql_type: &str) -> Option<ColumnType> {
+    let t = sql_type.to_ascii_lowercase().replace(' ', "");
+    let base = t.split('(').next().unwrap_or_default();
+    Some(match base {
+        "text" | "string" | "varchar" | "charactervarying" | "utf8" => ColumnType::Utf8,
+        "bigint" | "int" | "integer" | "int8" | "int64" => ColumnType::Int64,
+        "double" | "doubleprecision" | "float" | "float8" | "float64" | "real" => {
+            ColumnType::Float64
+        }
+        "boolean" | "bool" => ColumnType::Boolean,
+        "timestamp" | "timestamptz" | "timestampwithtimezone" => ColumnType::Timestamp,
+        "decimal" | "numeric" if t.ends_with("(18,2)") => ColumnType::Money,
+        _ => return None,
+    })
+}

@@ -1,0 +1,361 @@
+//! SQL over streams, safe by construction.
+//!
+//! Each query gets its own DataFusion session: the `quiver` catalog (streams resolved to
+//! their Delta snapshot plus live buffer when the query names them), the time-travel
+//! table functions, and a memory pool of its own. Statements are checked twice before
+//! anything runs: the parsed statement must be a read (`SELECT`, `EXPLAIN`, `SHOW`,
+//! `DESCRIBE`), and the logical plan must hold no DDL, DML or session statement
+//! (DataFusion's `SQLOptions`). Nothing a user writes can create tables over server
+//! files, copy data out, or change settings; Quiver's own DDL is recognised first and
+//! handed back to the caller, which decides who may run it.
+//!
+//! Queries run on a runtime of their own, so a heavy query shares the CPU with ingest
+//! through the OS scheduler instead of stalling the server's I/O tasks.
+
+mod ddl;
+mod rewrite;
+mod tables;
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::common::{DataFusionError, ParamValues, ScalarValue};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::{GreedyMemoryPool, TrackConsumersPool};
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::sql::parser::{DFParser, Statement as DfStatement};
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+
+pub use ddl::{QuiverDdl, column_type};
+pub use tables::{CATALOG, SCHEMA};
+
+use crate::engine::Engine;
+#[cfg(test)]
+pub(crate) use tables::delta_scan;
+use tables::{QuiverCatalog, TimeTravel};
+
+/// Limits and parallelism of queries.
+#[derive(Debug, Clone)]
+pub struct QueryOptions {
+    /// Memory one query may hold (DataFusion memory pool); past it the query fails.
+    pub memory_limit: usize,
+    /// Longest a query may run, delivery of its result included.
+    pub timeout: Duration,
+    /// Threads of the query runtime, and partitions a query is split into.
+    pub threads: usize,
+}
+
+impl Default for QueryOptions {
+    fn default() -> Self {
+        Self {
+            memory_limit: 2 << 30,
+            timeout: Duration::from_secs(30),
+            threads: std::thread::available_parallelism()
+                .map(NonZeroUsize::get)
+                .unwrap_or(2),
+        }
+    }
+}
+
+/// Why a statement was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The SQL does not parse or plan, or failed on the data (bad cast, division by zero).
+    #[error("{0}")]
+    Invalid(String),
+    /// The statement is not allowed on this server, for anyone.
+    #[error("{0}")]
+    NotAllowed(String),
+    /// The query needed more memory than its limit.
+    #[error("{0}")]
+    MemoryLimit(String),
+    /// The result grew past the size a client may fetch in one query.
+    #[error("{0}")]
+    ResultTooLarge(String),
+    /// The query ran past its time limit.
+    #[error("the query ran longer than its {} s limit and was cancelled", .0.as_secs_f64())]
+    Timeout(Duration),
+    /// Something failed on the server's side (storage, an internal error).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl QueryError {
+    /// A stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) => "invalid_sql",
+            Self::NotAllowed(_) => "statement_not_allowed",
+            Self::MemoryLimit(_) => "memory_limit_exceeded",
+            Self::ResultTooLarge(_) => "result_too_large",
+            Self::Timeout(_) => "query_timeout",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<DataFusionError> for QueryError {
+    fn from(e: DataFusionError) -> Self {
+        let message = e.to_string();
+        match e.find_root() {
+            DataFusionError::ResourcesExhausted(_) => Self::MemoryLimit(format!(
+                "the query needs more memory than its limit allows: {message}"
+            )),
+            DataFusionError::SQL(..)
+            | DataFusionError::Plan(_)
+            | DataFusionError::SchemaError(..)
+            | DataFusionError::NotImplemented(_)
+            | DataFusionError::Execution(_)
+            | DataFusionError::ArrowError(..) => Self::Invalid(message),
+            _ => Self::Internal(message),
+        }
+    }
+}
+
+/// A statement ready to run.
+#[derive(Debug)]
+pub enum Prepared {
+    /// A read-only query, parameters bound.
+    Query(Box<LogicalPlan>),
+    /// One of Quiver's own DDL statements; the caller checks the right to run it.
+    Ddl(QuiverDdl),
+}
+
+/// The runtime queries execute on, and the parts of DataFusion's runtime they share
+/// (object stores, the Parquet metadata cache).
+#[derive(Debug)]
+pub(crate) struct QueryRuntime {
+    runtime: Option<tokio::runtime::Runtime>,
+    env: Arc<RuntimeEnv>,
+    options: QueryOptions,
+}
+
+impl QueryRuntime {
+    pub(crate) fn new(options: QueryOptions) -> crate::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(options.threads.max(1))
+            .thread_name("quiver-query")
+            .enable_all()
+            .build()?;
+        // Queries never spill: a query over its memory limit fails instead of writing
+        // temporary files on the server.
+        let env = RuntimeEnvBuilder::new()
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            )
+            .build_arc()?;
+        Ok(Self {
+            runtime: Some(runtime),
+            env,
+            options,
+        })
+    }
+
+    pub(crate) fn handle(&self) -> tokio::runtime::Handle {
+        match &self.runtime {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+
+    pub(crate) fn options(&self) -> &QueryOptions {
+        &self.options
+    }
+
+    fn env_for_query(&self) -> Arc<RuntimeEnv> {
+        let pool = TrackConsumersPool::new(
+            GreedyMemoryPool::new(self.options.memory_limit),
+            NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN),
+        );
+        Arc::new(RuntimeEnv {
+            memory_pool: Arc::new(pool),
+            ..(*self.env).clone()
+        })
+    }
+}
+
+impl Drop for QueryRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics inside another runtime; let its
+        // threads wind down on their own.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// One query's session.
+pub struct QuerySession {
+    ctx: SessionContext,
+}
+
+impl std::fmt::Debug for QuerySession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuerySession")
+            .field("session_id", &self.ctx.session_id())
+            .finish()
+    }
+}
+
+impl QuerySession {
+    pub(crate) fn new(engine: &Engine, runtime: &QueryRuntime) -> Self {
+        let mut config = SessionConfig::new()
+            .with_default_catalog_and_schema(CATALOG, SCHEMA)
+            .with_information_schema(true)
+            .with_target_partitions(runtime.options.threads.max(1));
+        // The scan schema is the stored schema (plain Utf8), the type the live buffer holds.
+        config
+            .options_mut()
+            .execution
+            .parquet
+            .schema_force_view_types = false;
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime.env_for_query())
+            .with_default_features()
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        ctx.register_catalog(CATALOG, Arc::new(QuiverCatalog::new(engine.clone())));
+        ctx.register_udtf(
+            TimeTravel::AT_VERSION,
+            Arc::new(TimeTravel::new(engine.clone(), false)),
+        );
+        ctx.register_udtf(
+            TimeTravel::AT_TIME,
+            Arc::new(TimeTravel::new(engine.clone(), true)),
+        );
+        Self { ctx }
+    }
+
+    /// The DataFusion context (for callers that register more tables).
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// Parses and plans one statement, binding `params` to `$1`, `$2`, ….
+    pub async fn prepare(&self, sql: &str, params: &[ScalarValue]) -> Result<Prepared, QueryError> {
+        if let Some(ddl) = ddl::parse(sql)? {
+            return Ok(Prepared::Ddl(ddl));
+        }
+        let sql = rewrite::time_travel(sql)?;
+        let state = self.ctx.state();
+        let mut statements = DFParser::parse_sql_with_dialect(&sql, &GenericDialect {})?;
+        if statements.len() > 1 {
+            return Err(QueryError::Invalid(format!(
+                "send one statement per request; this one has {}",
+                statements.len()
+            )));
+        }
+        let statement = statements
+            .pop_front()
+            .ok_or_else(|| QueryError::Invalid("the request holds no SQL statement".into()))?;
+        check_read_only(&statement)?;
+        let plan = state.statement_to_plan(statement).await?;
+        SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false)
+            .verify_plan(&plan)
+            .map_err(|e| QueryError::NotAllowed(e.strip_backtrace()))?;
+        let plan = bind_params(plan, params)?;
+        Ok(Prepared::Query(Box::new(plan)))
+    }
+
+    /// Plans and starts a prepared query. Call it on the query runtime
+    /// ([`Engine::query_runtime`]); the stream does its work where it is polled.
+    pub async fn execute(
+        &self,
+        plan: LogicalPlan,
+    ) -> Result<SendableRecordBatchStream, QueryError> {
+        let frame = self.ctx.execute_logical_plan(plan).await?;
+        Ok(frame.execute_stream().await?)
+    }
+}
+
+/// Refuses, by its parsed form, every statement that is not a read.
+fn check_read_only(statement: &DfStatement) -> Result<(), QueryError> {
+    let refuse = |what: &str| {
+        Err(QueryError::NotAllowed(format!(
+            "{what} is not allowed: Quiver's SQL endpoints run read-only queries \
+             (SELECT, EXPLAIN, SHOW, DESCRIBE) and Quiver's own DDL"
+        )))
+    };
+    match statement {
+        DfStatement::Statement(s) => match s.as_ref() {
+            SqlStatement::Query(_)
+            | SqlStatement::ExplainTable { .. }
+            | SqlStatement::ShowTables { .. }
+            | SqlStatement::ShowColumns { .. }
+            | SqlStatement::ShowVariable { .. }
+            | SqlStatement::ShowFunctions { .. } => Ok(()),
+            SqlStatement::Explain { statement, .. } => {
+                check_read_only(&DfStatement::Statement(statement.clone()))
+            }
+            other => refuse(&statement_kind(other)),
+        },
+        DfStatement::Explain(explain) => check_read_only(&explain.statement),
+        DfStatement::CreateExternalTable(_) => refuse("CREATE EXTERNAL TABLE"),
+        DfStatement::CopyTo(_) => refuse("COPY"),
+        DfStatement::Reset(_) => refuse("RESET"),
+    }
+}
+
+/// The leading keywords of a statement, for messages (`INSERT`, `CREATE TABLE`, …).
+fn statement_kind(statement: &SqlStatement) -> String {
+    let text = statement.to_string();
+    let words: Vec<&str> = text.split_whitespace().take(3).collect();
+    let n = match words.first().map(|w| w.to_ascii_uppercase()) {
+        Some(w) if w == "CREATE" || w == "DROP" || w == "ALTER" => 2,
+        _ => 1,
+    };
+    words
+        .iter()
+        .take(n)
+        .map(|w| w.to_ascii_uppercase())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Binds positional parameters, converting each value to the type its placeholder needs.
+fn bind_params(plan: LogicalPlan, params: &[ScalarValue]) -> Result<LogicalPlan, QueryError> {
+    let types = plan.get_parameter_types()?;
+    let wanted = types.len();
+    if wanted == 0 && params.is_empty() {
+        return Ok(plan);
+    }
+    if params.len() != wanted {
+        return Err(QueryError::Invalid(format!(
+            "the statement has {wanted} parameter(s) ($1 … ${wanted}) but {} value(s) were given",
+            params.len()
+        )));
+    }
+    let mut values = Vec::with_capacity(params.len());
+    for (i, value) in params.iter().enumerate() {
+        let name = format!("${}", i + 1);
+        let Some(slot) = types.get(&name) else {
+            return Err(QueryError::Invalid(format!(
+                "parameters must be numbered $1 … ${wanted}; {name} is not used"
+            )));
+        };
+        let value = match slot {
+            Some(ty) if value.data_type() != *ty && !value.is_null() => {
+                value.cast_to(ty).map_err(|e| {
+                    QueryError::Invalid(format!(
+                        "parameter {name}: {value} cannot be used as {ty}: {}",
+                        e.strip_backtrace()
+                    ))
+                })?
+            }
+            Some(ty) if value.is_null() => ScalarValue::try_from(ty)?,
+            _ => value.clone(),
+        };
+        values.push(value);
+    }
+    Ok(plan.with_param_values(ParamValues::from(values))?)
+}

@@ -1,0 +1,300 @@
+//! The tables a query sees: each stream as its Delta snapshot united with its live buffer,
+//! and older versions of a stream through the time-travel table functions.
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use datafusion::catalog::{
+    CatalogProvider, SchemaProvider, Session, TableFunctionArgs, TableFunctionImpl, TableProvider,
+};
+use datafusion::common::{DataFusionError, ScalarValue, plan_err};
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::union::UnionExec;
+use deltalake::DeltaTable;
+use deltalake::delta_datafusion::{DeltaScanConfig, DeltaScanNext};
+
+use crate::engine::Engine;
+use crate::table::TableAt;
+
+/// Name of the catalog every surface shows.
+pub const CATALOG: &str = "quiver";
+/// Name of the schema that holds streams, views and job outputs.
+pub const SCHEMA: &str = "public";
+
+/// The `quiver` catalog: one schema, `public`.
+#[derive(Debug)]
+pub(crate) struct QuiverCatalog {
+    schema: Arc<PublicSchema>,
+}
+
+impl QuiverCatalog {
+    pub(crate) fn new(engine: Engine) -> Self {
+        Self {
+            schema: Arc::new(PublicSchema { engine }),
+        }
+    }
+}
+
+impl CatalogProvider for QuiverCatalog {
+    fn schema_names(&self) -> Vec<String> {
+        vec![SCHEMA.to_owned()]
+    }
+
+    fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
+        (name == SCHEMA).then(|| Arc::clone(&self.schema) as Arc<dyn SchemaProvider>)
+    }
+}
+
+/// The `public` schema: every stream, resolved when a query names it.
+#[derive(Debug)]
+struct PublicSchema {
+    engine: Engine,
+}
+
+#[async_trait]
+impl SchemaProvider for PublicSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.engine.stream_names()
+    }
+
+    async fn table(&self, name: &str) -> datafusion::error::Result<Option<Arc<dyn TableProvider>>> {
+        let Some(snapshot) = self.engine.read_snapshot(name) else {
+            return Ok(None);
+        };
+        Ok(Some(Arc::new(LiveTable::try_new(
+            snapshot.table,
+            snapshot.buffered,
+        )?)))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.engine.stream_schema(name).is_some()
+    }
+}
+
+/// A stream as one query sees it: the published Delta snapshot plus the buffered events
+/// the snapshot does not hold yet. Both are fixed when the query resolves the table, so
+/// every event acknowledged before that moment is read exactly once.
+#[derive(Debug)]
+pub(crate) struct LiveTable {
+    table: DeltaTable,
+    delta: DeltaScanNext,
+    buffered: Vec<RecordBatch>,
+}
+
+impl LiveTable {
+    pub(crate) fn try_new(
+        table: DeltaTable,
+        buffered: Vec<RecordBatch>,
+    ) -> Result<Self, DataFusionError> {
+        let delta = delta_scan(&table)?;
+        // The buffer holds the stored schema; give its batches the scan's exact schema
+        // (same types, perhaps other metadata) so the two sides can be united.
+        let schema = delta.schema();
+        let buffered = buffered
+            .into_iter()
+            .map(|b| RecordBatch::try_new(Arc::clone(&schema), b.columns().to_vec()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            table,
+            delta,
+            buffered,
+        })
+    }
+}
+
+/// A Delta scan whose schema is exactly the stream's stored schema: plain Utf8 strings and
+/// a plain Date32 partition column, the same types the live buffer holds.
+pub(crate) fn delta_scan(table: &DeltaTable) -> Result<DeltaScanNext, DataFusionError> {
+    let snapshot = table
+        .snapshot()
+        .map_err(|e| DataFusionError::External(Box::new(e)))?
+        .snapshot()
+        .clone();
+    let mut config = DeltaScanConfig::new().with_wrap_partition_values(false);
+    config.schema_force_view_types = false;
+    DeltaScanNext::new(Arc::new(snapshot), config)
+}
+
+#[async_trait]
+impl TableProvider for LiveTable {
+    fn schema(&self) -> SchemaRef {
+        self.delta.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        // The Delta side prunes files and row groups with them; the buffer side is
+        // filtered by DataFusion above the scan.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        self.table
+            .update_datafusion_session(state)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let stored = self.delta.scan(state, projection, filters, limit).await?;
+        if self.buffered.is_empty() {
+            return Ok(stored);
+        }
+        let live = MemorySourceConfig::try_new_exec(
+            std::slice::from_ref(&self.buffered),
+            self.schema(),
+            projection.cloned(),
+        )?;
+        UnionExec::try_new(vec![stored, live])
+    }
+}
+
+/// A stream at an earlier point of its history; loaded when the query is planned.
+#[derive(Debug)]
+struct HistoricalTable {
+    engine: Engine,
+    stream: String,
+    at: TableAt,
+    schema: SchemaRef,
+}
+
+#[async_trait]
+impl TableProvider for HistoricalTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let table = self
+            .engine
+            .historical_table(&self.stream, self.at)
+            .await
+            .map_err(|e| {
+                DataFusionError::Execution(format!(
+                    "cannot read '{}' at {}: {e}",
+                    self.stream,
+                    describe(self.at)
+                ))
+            })?;
+        table
+            .update_datafusion_session(state)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        delta_scan(&table)?
+            .scan(state, projection, filters, limit)
+            .await
+    }
+}
+
+fn describe(at: TableAt) -> String {
+    match at {
+        TableAt::Version(v) => format!("version {v}"),
+        TableAt::Time(t) => format!("time {}", t.to_rfc3339()),
+    }
+}
+
+/// `table_at_version('stream', n)` and `table_at_time('stream', '2026-11-25T10:00:00Z')`:
+/// a stream as its Delta table was at a version or an instant (stored events only).
+#[derive(Debug)]
+pub(crate) struct TimeTravel {
+    engine: Engine,
+    by_time: bool,
+}
+
+impl TimeTravel {
+    pub(crate) const AT_VERSION: &'static str = "table_at_version";
+    pub(crate) const AT_TIME: &'static str = "table_at_time";
+
+    pub(crate) fn new(engine: Engine, by_time: bool) -> Self {
+        Self { engine, by_time }
+    }
+
+    fn name(&self) -> &'static str {
+        if self.by_time {
+            Self::AT_TIME
+        } else {
+            Self::AT_VERSION
+        }
+    }
+}
+
+impl TableFunctionImpl for TimeTravel {
+    fn call_with_args(
+        &self,
+        args: TableFunctionArgs,
+    ) -> datafusion::error::Result<Arc<dyn TableProvider>> {
+        let name = self.name();
+        let usage = if self.by_time {
+            "table_at_time('stream', '2026-11-25T10:00:00Z')"
+        } else {
+            "table_at_version('stream', 3)"
+        };
+        let [stream, at] = args.exprs() else {
+            return plan_err!("{name} takes two arguments: {usage}");
+        };
+        let Expr::Literal(ScalarValue::Utf8(Some(stream)), _) = stream else {
+            return plan_err!(
+                "{name}: the first argument must be a stream name in quotes: {usage}"
+            );
+        };
+        let Some(schema) = self.engine.stream_schema(stream) else {
+            return plan_err!("{name}: unknown stream '{stream}'");
+        };
+        let at = match (self.by_time, at) {
+            (false, Expr::Literal(ScalarValue::Int64(Some(v)), _)) if *v >= 0 => {
+                TableAt::Version(*v as u64)
+            }
+            (true, Expr::Literal(ScalarValue::Utf8(Some(text)), _)) => {
+                let t = DateTime::parse_from_rfc3339(text).map_err(|e| {
+                    DataFusionError::Plan(format!(
+                        "{name}: '{text}' is not an RFC 3339 time ({e}): {usage}"
+                    ))
+                })?;
+                TableAt::Time(t.with_timezone(&Utc))
+            }
+            (true, Expr::Literal(ScalarValue::TimestampMicrosecond(Some(us), _), _)) => {
+                TableAt::Time(DateTime::from_timestamp_micros(*us).unwrap_or_default())
+            }
+            (true, Expr::Literal(ScalarValue::TimestampNanosecond(Some(ns), _), _)) => {
+                TableAt::Time(DateTime::from_timestamp_nanos(*ns))
+            }
+            _ => return plan_err!("{name}: the second argument is not valid: {usage}"),
+        };
+        Ok(Arc::new(HistoricalTable {
+            engine: self.engine.clone(),
+            stream: stream.clone(),
+            at,
+            schema: Arc::clone(schema.stored_schema()),
+        }))
+    }
+}
