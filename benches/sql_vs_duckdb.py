@@ -6,6 +6,7 @@ import json
 import statistics
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import duckdb
@@ -50,8 +51,11 @@ def quiver(sql):
         data=json.dumps({"sql": sql}).encode(),
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(req, timeout=600) as resp:
-        body = resp.read()
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"quiver refused {sql!r}: {e.code} {e.read().decode()}") from e
     return ipc.open_stream(body).read_all().num_rows
 
 
@@ -75,14 +79,14 @@ for stream in ("orders", "inventory"):
 
 
 def duck(sql):
-    return con.execute(sql).arrow().num_rows
+    return con.sql(sql).to_arrow_table().num_rows
 
 
 counts_q = "SELECT (SELECT COUNT(*) FROM orders) + (SELECT COUNT(*) FROM inventory)"
 req = urllib.request.Request(f"{url}/v1/sql", data=json.dumps({"sql": counts_q}).encode(),
                              headers={"Authorization": f"Bearer {token}"})
 q_events = json.load(urllib.request.urlopen(req))["rows"][0][0]
-d_events = con.execute(counts_q).fetchone()[0]
+d_events = con.sql(counts_q).fetchall()[0][0]
 print(f"events: quiver {q_events}, duckdb {d_events}")
 assert q_events == d_events, "both must read the same events"
 

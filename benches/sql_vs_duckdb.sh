@@ -23,7 +23,7 @@ trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$scratch"' EXIT
 serve() {
   QUIVER_ADMIN_TOKEN="$token" QUIVER_LOG=warn "$bin" serve \
     --store "file://$scratch/store" --http-addr "127.0.0.1:$port" \
-    --upkeep-interval 0s >>"$scratch/server.log" 2>&1 &
+    --upkeep-interval 0s --query-timeout 10m >>"$scratch/server.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 600); do
     curl -sf "http://127.0.0.1:$port/ready" >/dev/null && return
@@ -42,6 +42,6 @@ kill -TERM "$pid"; wait "$pid" || true
 rm -rf "$scratch/gen"
 serve
 echo "store: $(du -sh "$scratch/store/tables" | cut -f1), files: $(find "$scratch/store/tables" -name '*.parquet' | wc -l)"
-python3 benches/sql_vs_duckdb.py "http://127.0.0.1:$port" "$token" "$scratch/store" "$runs"
+python3 -u benches/sql_vs_duckdb.py "http://127.0.0.1:$port" "$token" "$scratch/store" "$runs"
 echo "peak server RSS: $(grep VmHWM /proc/$pid/status | awk '{print $2/1024 " MiB"}')"
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"

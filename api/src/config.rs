@@ -74,6 +74,15 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_QUERY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub query_timeout: Duration,
 
+    /// Folder for query spill files (default: the OS temporary folder).
+    #[arg(long, env = "QUIVER_QUERY_SPILL_DIR")]
+    pub query_spill_dir: Option<PathBuf>,
+
+    /// Most bytes of spill files all queries together may hold (0: queries never spill
+    /// and fail at their memory limit).
+    #[arg(long, env = "QUIVER_QUERY_SPILL_BYTES", default_value_t = 16 << 30)]
+    pub query_spill_bytes: u64,
+
     /// Largest result one query may return, in encoded bytes.
     #[arg(long, env = "QUIVER_MAX_RESULT_BYTES", default_value_t = 1 << 30)]
     pub max_result_bytes: usize,
@@ -120,6 +129,8 @@ impl ServeConfig {
         c.idempotency_ttl = self.idempotency_ttl;
         c.query.memory_limit = self.query_memory_limit;
         c.query.timeout = self.query_timeout;
+        c.query.spill_dir = self.query_spill_dir.clone();
+        c.query.spill_bytes = self.query_spill_bytes;
         if let Some(n) = self.query_threads {
             c.query.threads = n.max(1);
         }

@@ -665,6 +665,8 @@ async fn limits_end_runaway_queries_and_the_server_stays_healthy() {
     let dir = tempfile::tempdir().unwrap();
     // A result cap below the megabyte held back before the status line: every limit
     // here is hit before the answer starts.
+    std::fs::create_dir_all(dir.path().join("spill")).unwrap();
+    let spill_dir = dir.path().join("spill").display().to_string();
     let server = fixture_server(
         dir.path(),
         &[
@@ -674,6 +676,8 @@ async fn limits_end_runaway_queries_and_the_server_stays_healthy() {
             "20000000",
             "--max-result-bytes",
             "1000000",
+            "--query-spill-dir",
+            spill_dir.as_str(),
         ],
     )
     .await;
@@ -694,10 +698,24 @@ async fn limits_end_runaway_queries_and_the_server_stays_healthy() {
         started.elapsed()
     );
 
+    // Over the memory limit, an aggregation spills to disk and completes…
     let resp = server
         .sql_as(
             ADMIN,
-            "SELECT value % 3000000 AS k, COUNT(*) FROM generate_series(1, 6000000) GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1",
+            "SELECT value % 3000000 AS k, COUNT(*) AS n FROM generate_series(1, 6000000) GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1",
+            json!([]),
+            "json",
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["rows"], json!([[0, 2]]));
+    // …leaving no spill file behind; what cannot spill fails with a clear error.
+    let leftovers = walk_files(&dir.path().join("spill"));
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let resp = server
+        .sql_as(
+            ADMIN,
+            "SELECT array_length(array_agg(value)) FROM generate_series(1, 5000000)",
             json!([]),
             "json",
         )
@@ -759,6 +777,19 @@ async fn a_result_cut_short_after_the_status_line_is_never_taken_for_whole() {
         assert_eq!(resp.status(), 200, "{format}");
         assert!(resp.bytes().await.is_err(), "{format}");
     }
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk_files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }
 
 async fn error_of(resp: reqwest::Response) -> (u16, String) {

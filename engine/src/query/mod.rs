@@ -49,6 +49,11 @@ pub struct QueryOptions {
     pub timeout: Duration,
     /// Threads of the query runtime, and partitions a query is split into.
     pub threads: usize,
+    /// Folder for spill files of sorts, joins and aggregations over the memory limit
+    /// (default: the OS temporary folder); `None` with `spill_bytes` 0 disables spilling.
+    pub spill_dir: Option<std::path::PathBuf>,
+    /// Most bytes of spill files all queries together may hold (0: never spill).
+    pub spill_bytes: u64,
 }
 
 impl Default for QueryOptions {
@@ -59,6 +64,8 @@ impl Default for QueryOptions {
             threads: std::thread::available_parallelism()
                 .map(NonZeroUsize::get)
                 .unwrap_or(2),
+            spill_dir: None,
+            spill_bytes: 16 << 30,
         }
     }
 }
@@ -143,11 +150,19 @@ impl QueryRuntime {
             .thread_name("quiver-query")
             .enable_all()
             .build()?;
-        // Queries never spill: a query over its memory limit fails instead of writing
-        // temporary files on the server.
+        // Operators that can spill (sorts, aggregations, repartitions) write temporary
+        // files in one folder, under a total size cap, when a query reaches its memory
+        // limit; a query that cannot spill its way under the limit fails.
+        let mode = match (&options.spill_dir, options.spill_bytes) {
+            (_, 0) => DiskManagerMode::Disabled,
+            (Some(dir), _) => DiskManagerMode::Directories(vec![dir.clone()]),
+            (None, _) => DiskManagerMode::OsTmpDirectory,
+        };
         let env = RuntimeEnvBuilder::new()
             .with_disk_manager_builder(
-                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+                DiskManagerBuilder::default()
+                    .with_mode(mode)
+                    .with_max_temp_directory_size(options.spill_bytes),
             )
             .build_arc()?;
         Ok(Self {
