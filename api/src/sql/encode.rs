@@ -116,6 +116,12 @@ impl ResultEncoder {
         format: ResultFormat,
         schema: SchemaRef,
     ) -> Result<(Self, Bytes), ArrowError> {
+        // Binary formats carry text as plain Utf8: string views are an engine detail
+        // that older Arrow and Parquet readers do not know.
+        let schema = match format {
+            ResultFormat::Arrow | ResultFormat::Parquet => plain_string_schema(&schema),
+            _ => schema,
+        };
         let json_options = EncoderOptions::default()
             .with_explicit_nulls(true)
             .with_timestamp_tz_format(UTC_FORMAT.to_owned())
@@ -195,7 +201,7 @@ impl ResultEncoder {
                 *header_written = true;
             }
             State::Arrow(w) => {
-                w.write(batch)?;
+                w.write(&plain_strings(batch, &self.schema)?)?;
                 out = std::mem::take(w.get_mut());
             }
             State::Parquet(w) => {
@@ -255,6 +261,33 @@ impl ResultEncoder {
 enum RowShape {
     Array,
     Object,
+}
+
+fn plain_string_schema(schema: &Schema) -> SchemaRef {
+    Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                DataType::Utf8View => f.as_ref().clone().with_data_type(DataType::Utf8),
+                _ => f.as_ref().clone(),
+            })
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// `batch` with its columns cast to `schema` (string views to plain strings).
+fn plain_strings(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+    if batch.schema().fields() == schema.fields() {
+        return Ok(batch.clone());
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(Arc::clone(schema), columns)
 }
 
 /// Writes rows as JSON: `[v, …]` separated by commas, or `{"col": v, …}` lines.

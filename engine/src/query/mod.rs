@@ -13,6 +13,7 @@
 //! through the OS scheduler instead of stalling the server's I/O tasks.
 
 mod ddl;
+mod distinct_on;
 mod rewrite;
 mod tables;
 
@@ -36,9 +37,9 @@ pub use ddl::{QuiverDdl, column_type};
 pub use tables::{CATALOG, SCHEMA};
 
 use crate::engine::Engine;
-#[cfg(test)]
-pub(crate) use tables::delta_scan;
 use tables::{QuiverCatalog, TimeTravel};
+#[cfg(test)]
+pub(crate) use tables::{delta_scan, query_schema};
 
 /// Limits and parallelism of queries.
 #[derive(Debug, Clone)]
@@ -220,21 +221,16 @@ impl std::fmt::Debug for QuerySession {
 
 impl QuerySession {
     pub(crate) fn new(engine: &Engine, runtime: &QueryRuntime) -> Self {
-        let mut config = SessionConfig::new()
+        let config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
             .with_information_schema(true)
             .with_target_partitions(runtime.options.threads.max(1));
-        // The scan schema is the stored schema (plain Utf8), the type the live buffer holds.
-        config
-            .options_mut()
-            .execution
-            .parquet
-            .schema_force_view_types = false;
-        let state = SessionStateBuilder::new()
+        let mut state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime.env_for_query())
             .with_default_features()
             .build();
+        state.add_analyzer_rule(Arc::new(distinct_on::DistinctOnAsWindow));
         let ctx = SessionContext::new_with_state(state);
         ctx.register_catalog(CATALOG, Arc::new(QuiverCatalog::new(engine.clone())));
         ctx.register_udtf(
