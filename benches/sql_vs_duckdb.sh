@@ -18,7 +18,8 @@ scratch="$(mktemp -d)"
 port=18090
 token="bench-admin-token"
 pid=""
-trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$scratch"' EXIT
+# QUIVER_BENCH_KEEP=1 keeps the scratch store for more runs of the .py by hand.
+trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; [ -n "${QUIVER_BENCH_KEEP:-}" ] && echo "kept $scratch" || rm -rf "$scratch"' EXIT
 
 serve() {
   QUIVER_ADMIN_TOKEN="$token" QUIVER_LOG=warn "$bin" serve \

@@ -24,7 +24,7 @@ use std::time::Duration;
 use datafusion::common::{DataFusionError, ParamValues, ScalarValue};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::{GreedyMemoryPool, TrackConsumersPool};
+use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::LogicalPlan;
@@ -185,8 +185,10 @@ impl QueryRuntime {
     }
 
     fn env_for_query(&self) -> Arc<RuntimeEnv> {
+        // Fair to spilling operators: each partition's sort or aggregation gets an equal
+        // share, so one cannot starve another's merge phase.
         let pool = TrackConsumersPool::new(
-            GreedyMemoryPool::new(self.options.memory_limit),
+            FairSpillPool::new(self.options.memory_limit),
             NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN),
         );
         Arc::new(RuntimeEnv {
