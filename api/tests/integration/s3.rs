@@ -148,6 +148,13 @@ async fn s3_store_with_two_concurrent_writers() {
             .intersection(&committed_versions(&b.log()))
             .collect::<Vec<_>>(),
     );
+    // SQL over the s3:// table, through the server, sees both writers' events once.
+    a.restart().await;
+    assert_eq!(
+        a.sql_rows("SELECT COUNT(*), COUNT(DISTINCT event_id) FROM orders")
+            .await,
+        serde_json::json!([[na + nb, na + nb]])
+    );
     // Many commits from both writers interleaved in one log.
     let log = quiver_engine::Store::open(store).unwrap();
     let list: Vec<_> = futures::StreamExt::collect::<Vec<_>>(
