@@ -87,6 +87,14 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_MAX_RESULT_BYTES", default_value_t = 1 << 30)]
     pub max_result_bytes: usize,
 
+    /// Queries that may run at once; more wait for a slot.
+    #[arg(long, env = "QUIVER_MAX_CONCURRENT_QUERIES", default_value_t = 8)]
+    pub max_concurrent_queries: usize,
+
+    /// How long a query waits for a slot before it is refused with 503.
+    #[arg(long, env = "QUIVER_QUERY_QUEUE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub query_queue_timeout: Duration,
+
     /// Threads that run queries (default: one per core).
     #[arg(long, env = "QUIVER_QUERY_THREADS")]
     pub query_threads: Option<usize>,

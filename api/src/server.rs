@@ -30,6 +30,8 @@ pub(crate) struct AppState {
     pub(crate) registry: Registry,
     pub(crate) metrics: Arc<EngineMetrics>,
     pub(crate) rate_limiter: Option<DefaultKeyedRateLimiter<String>>,
+    /// One permit per query allowed to run at once.
+    pub(crate) query_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// A running server.
@@ -62,6 +64,9 @@ impl RunningServer {
             registry,
             metrics: Arc::clone(&metrics),
             rate_limiter,
+            query_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.max_concurrent_queries.max(1),
+            )),
         });
 
         let listener = TcpListener::bind(config.http_addr)

@@ -89,6 +89,8 @@ pub struct EngineMetrics {
     pub sql_queries_total: Family<OutcomeLabel, Counter>,
     /// Time from receiving a query to its last result byte.
     pub sql_query_seconds: Histogram,
+    /// Queries running now (holding a slot).
+    pub sql_active_queries: Gauge,
 }
 
 impl EngineMetrics {
@@ -115,6 +117,7 @@ impl EngineMetrics {
             http_request_seconds: Family::new_with_constructor(seconds_histogram),
             sql_queries_total: Family::default(),
             sql_query_seconds: seconds_histogram(),
+            sql_active_queries: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("quiver");
         r.register(
@@ -216,6 +219,11 @@ impl EngineMetrics {
             "sql_query_seconds",
             "SQL query duration, result delivery included",
             m.sql_query_seconds.clone(),
+        );
+        r.register(
+            "sql_active_queries",
+            "Queries running now",
+            m.sql_active_queries.clone(),
         );
         m
     }

@@ -85,12 +85,13 @@ pub(crate) async fn sql(
         .get()
         .ok_or_else(|| ApiError::unavailable("recovering the write-ahead log", 1))?;
     let started = Instant::now();
+    let slot = take_slot(&state).await?;
     let session = engine.query_session();
     let result = match session.prepare(&request.sql, &params).await {
         Err(e) => Err(query_error(e)),
         Ok(Prepared::Ddl(ddl)) => run_ddl(engine, &principal, ddl).await,
         Ok(Prepared::Query(plan)) => {
-            run_query(&state, engine, session, *plan, format, started).await
+            run_query(&state, engine, session, *plan, format, started, slot).await
         }
     };
     let outcome = match &result {
@@ -105,6 +106,45 @@ pub(crate) async fn sql(
         })
         .inc();
     result
+}
+
+/// A running query's slot; the active-queries gauge follows it.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Waits up to `--query-queue-timeout` for one of `--max-concurrent-queries` slots.
+async fn take_slot(state: &AppState) -> ApiResult<Slot> {
+    let wait = state.config.query_queue_timeout;
+    let permit = tokio::time::timeout(wait, Arc::clone(&state.query_slots).acquire_owned())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_queries",
+                format!(
+                    "{} queries are running and none finished within {} s; retry later",
+                    state.config.max_concurrent_queries,
+                    wait.as_secs_f64()
+                ),
+            )
+            .retry_after(1)
+        })?;
+    let gauge = state.metrics.sql_active_queries.clone();
+    gauge.inc();
+    Ok(Slot {
+        _permit: permit,
+        gauge,
+    })
 }
 
 /// The body is `{"sql": "...", "params": [...]}`, or plain SQL text with a
@@ -224,6 +264,7 @@ async fn run_query(
     plan: LogicalPlan,
     format: ResultFormat,
     started: Instant,
+    slot: Slot,
 ) -> ApiResult<Response> {
     let timeout = engine.query_options().timeout;
     let deadline = tokio::time::Instant::from_std(started) + timeout;
@@ -233,14 +274,17 @@ async fn run_query(
     let task = engine.query_runtime().spawn(async move {
         let mut encoder: Option<ResultEncoder> = None;
         let work = produce(&session, plan, format, max_bytes, &tx, &mut encoder);
-        let failure = match tokio::time::timeout_at(deadline, work).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e),
-            Err(_) => Some(QueryError::Timeout(timeout)),
+        let last = match tokio::time::timeout_at(deadline, work).await {
+            Ok(Ok(true)) => Some(Chunk::End),
+            // The reader has gone.
+            Ok(Ok(false)) => None,
+            Ok(Err(error)) => Some(failed(error, encoder.as_ref())),
+            Err(_) => Some(failed(QueryError::Timeout(timeout), encoder.as_ref())),
         };
-        if let Some(error) = failure {
-            let trailer = encoder.as_ref().and_then(|enc| enc.fail(&error));
-            let _ = tx.send(Chunk::Failed { error, trailer }).await;
+        // The slot is free before the client can see the end of its result.
+        drop(slot);
+        if let Some(last) = last {
+            let _ = tx.send(last).await;
         }
     });
     // A query that never yields cannot see its own deadline; the response side keeps one
@@ -338,7 +382,13 @@ fn ok_response(format: ResultFormat, columns: usize, body: Body) -> Response {
     resp
 }
 
-/// Runs the query and sends its encoded result; stops when the reader has gone.
+fn failed(error: QueryError, encoder: Option<&ResultEncoder>) -> Chunk {
+    let trailer = encoder.and_then(|enc| enc.fail(&error));
+    Chunk::Failed { error, trailer }
+}
+
+/// Runs the query and sends its encoded result, all but the end marker. False when the
+/// reader has gone.
 async fn produce(
     session: &QuerySession,
     plan: LogicalPlan,
@@ -346,7 +396,7 @@ async fn produce(
     max_bytes: usize,
     tx: &mpsc::Sender<Chunk>,
     encoder: &mut Option<ResultEncoder>,
-) -> Result<(), QueryError> {
+) -> Result<bool, QueryError> {
     let arrow_err =
         |e: arrow::error::ArrowError| QueryError::Internal(format!("encoding the result: {e}"));
     let mut stream = session.execute(plan).await?;
@@ -354,7 +404,7 @@ async fn produce(
     let enc = encoder.insert(enc);
     let mut sent = head.len();
     if !head.is_empty() && tx.send(Chunk::Data(head)).await.is_err() {
-        return Ok(());
+        return Ok(false);
     }
     while let Some(batch) = stream.next().await {
         let batch = batch?;
@@ -366,13 +416,12 @@ async fn produce(
             )));
         }
         if !bytes.is_empty() && tx.send(Chunk::Data(bytes)).await.is_err() {
-            return Ok(());
+            return Ok(false);
         }
     }
     let tail = enc.finish().map_err(arrow_err)?;
     if !tail.is_empty() && tx.send(Chunk::Data(tail)).await.is_err() {
-        return Ok(());
+        return Ok(false);
     }
-    let _ = tx.send(Chunk::End).await;
-    Ok(())
+    Ok(true)
 }
