@@ -54,6 +54,11 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_VACUUM_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     pub vacuum_retention: Duration,
 
+    /// How stale a table may get before it is reloaded to see other writers' commits
+    /// (0s: never).
+    #[arg(long, env = "QUIVER_TABLE_REFRESH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub table_refresh_interval: Duration,
+
     /// How long idempotency keys are remembered.
     #[arg(long, env = "QUIVER_IDEMPOTENCY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub idempotency_ttl: Duration,
@@ -135,6 +140,7 @@ impl ServeConfig {
         c.table.compact_target_bytes = self.compact_target_bytes;
         c.table.vacuum_retention = self.vacuum_retention;
         c.idempotency_ttl = self.idempotency_ttl;
+        c.table_refresh_interval = self.table_refresh_interval;
         c.query.memory_limit = self.query_memory_limit;
         c.query.timeout = self.query_timeout;
         c.query.spill_dir = self.query_spill_dir.clone();

@@ -51,6 +51,9 @@ pub struct EngineConfig {
     pub idempotency_ttl: Duration,
     /// Query limits and parallelism.
     pub query: QueryOptions,
+    /// How stale a table's published state may get before it is reloaded to pick up
+    /// other writers' commits (zero: never).
+    pub table_refresh_interval: Duration,
 }
 
 impl EngineConfig {
@@ -67,6 +70,7 @@ impl EngineConfig {
             table: TableOptions::default(),
             idempotency_ttl: Duration::from_secs(24 * 3600),
             query: QueryOptions::default(),
+            table_refresh_interval: Duration::from_secs(2),
         }
     }
 }
@@ -292,7 +296,10 @@ impl Engine {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => engine.flush_due().await,
+                        _ = tick.tick() => {
+                            engine.flush_due().await;
+                            engine.refresh_tables().await;
+                        }
                         _ = stop.changed() => break,
                     }
                 }
@@ -566,6 +573,22 @@ impl Engine {
             }
             if !flushed_any {
                 return;
+            }
+        }
+    }
+
+    /// Reloads tables whose published state has grown stale, so queries see commits
+    /// made by other writers.
+    async fn refresh_tables(&self) {
+        let every = self.inner.config.table_refresh_interval;
+        if every.is_zero() {
+            return;
+        }
+        let states: Vec<Arc<StreamState>> =
+            self.inner.shared.streams.read().values().cloned().collect();
+        for state in states {
+            if let Err(e) = state.table.refresh_if_older(every).await {
+                warn!(stream = state.schema.name(), error = %e, "could not reload the table");
             }
         }
     }

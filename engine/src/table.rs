@@ -70,6 +70,8 @@ pub(crate) struct StreamTable {
     store: Store,
     table: Mutex<DeltaTable>,
     published: RwLock<Published>,
+    /// When the published state was last brought up to date.
+    published_at: parking_lot::Mutex<Instant>,
 }
 
 /// A committed table state and this writer's WAL position in it.
@@ -139,6 +141,7 @@ impl StreamTable {
                 committed_seq,
             }),
             table: Mutex::new(table),
+            published_at: parking_lot::Mutex::new(Instant::now()),
         })
     }
 
@@ -171,11 +174,30 @@ impl StreamTable {
     async fn reload(&self, table: &mut DeltaTable) -> Result<()> {
         table.update_state().await?;
         let committed_seq = txn_version(table, &self.app_id).await?;
+        self.publish(table.clone(), committed_seq);
+        Ok(())
+    }
+
+    fn publish(&self, table: DeltaTable, committed_seq: u64) {
         *self.published.write() = Published {
-            table: table.clone(),
+            table,
             committed_seq,
         };
-        Ok(())
+        *self.published_at.lock() = Instant::now();
+    }
+
+    /// Picks up commits of other writers (another Quiver, a batch job) once the published
+    /// state is older than `max_age`. Skipped while this writer is committing.
+    pub(crate) async fn refresh_if_older(&self, max_age: Duration) -> Result<bool> {
+        if self.published_at.lock().elapsed() < max_age {
+            return Ok(false);
+        }
+        let Ok(mut table) = self.table.try_lock() else {
+            return Ok(false);
+        };
+        let before = table.version();
+        self.reload(&mut table).await?;
+        Ok(table.version() != before)
     }
 
     /// Version, stored rows and data files of the table as this writer last saw it.
@@ -226,10 +248,7 @@ impl StreamTable {
             }
         };
         *table = written;
-        *self.published.write() = Published {
-            table: table.clone(),
-            committed_seq: seq,
-        };
+        self.publish(table.clone(), seq);
         Ok(table.version().unwrap_or(0))
     }
 
@@ -272,7 +291,8 @@ impl StreamTable {
             .await?;
         report.files_vacuumed = vm.files_deleted.len() as u64;
         *table = vacuumed;
-        self.published.write().table = table.clone();
+        let committed_seq = self.committed_seq();
+        self.publish(table.clone(), committed_seq);
         info!(
             ?report,
             elapsed_ms = started.elapsed().as_millis() as u64,

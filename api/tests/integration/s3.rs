@@ -120,6 +120,22 @@ async fn s3_store_with_two_concurrent_writers() {
         }
     };
     let (na, nb) = tokio::join!(send(&a, "a"), send(&b, "b"));
+    // Each server picks up the other's commits and queries see all of them.
+    for server in [&a, &b] {
+        wait_for_count(server, na + nb).await;
+    }
+    // A server that writes nothing still sees new commits of the other.
+    let more: String = (0..5)
+        .map(|i| order_line(&format!("late-{i}"), "2026-11-25T11:00:00Z", "paid") + "\n")
+        .collect();
+    assert_eq!(
+        b.post("orders", "application/x-ndjson", more)
+            .await
+            .status(),
+        200
+    );
+    wait_for_count(&a, na + nb + 5).await;
+    let (na, nb) = (na, nb + 5);
     assert_eq!(a.terminate(), Some(0), "log a:\n{}", a.log());
     assert_eq!(b.terminate(), Some(0), "log b:\n{}", b.log());
 
@@ -168,6 +184,20 @@ async fn s3_store_with_two_concurrent_writers() {
         .filter(|m| m.location.as_ref().ends_with(".json"))
         .count();
     assert!(commits > 4, "expected many commits, got {commits}");
+}
+
+/// Waits until `SELECT COUNT(*) FROM orders` on `server` is `want`.
+async fn wait_for_count(server: &TestServer, want: u64) {
+    let want = serde_json::json!([[want]]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let seen = server.sql_rows("SELECT COUNT(*) FROM orders").await;
+        if seen == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "still {seen}, want {want}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The Delta versions a server logged as its own flush commits.
