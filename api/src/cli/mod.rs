@@ -243,6 +243,10 @@ async fn demo(serve: ServeConfig, data: DataArgs, rate: f64) -> anyhow::Result<(
         .await?;
     let base = format!("http://{}", server.http_addr);
     println!("Demo feed: about {rate} events/s into 'orders' and 'inventory'. Ctrl-C stops.");
+    println!(
+        "Try: curl -s {base}/v1/sql -H \"Authorization: Bearer $QUIVER_TOKEN\" \
+         -d '{{\"sql\": \"SELECT status, COUNT(*) FROM orders GROUP BY 1\"}}'"
+    );
     let client = reqwest::Client::new();
     // About 1.4 events per order line over its life (status changes and stock moves).
     let mut generator = data.generator((rate / 5.0).max(0.1));
