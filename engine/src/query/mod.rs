@@ -246,11 +246,6 @@ impl QuerySession {
         Self { ctx }
     }
 
-    /// The DataFusion context (for callers that register more tables).
-    pub fn context(&self) -> &SessionContext {
-        &self.ctx
-    }
-
     /// Parses and plans one statement, binding `params` to `$1`, `$2`, ….
     pub async fn prepare(&self, sql: &str, params: &[ScalarValue]) -> Result<Prepared, QueryError> {
         if let Some(ddl) = ddl::parse(sql)? {

@@ -19,6 +19,7 @@ use deltalake::DeltaTable;
 use deltalake::delta_datafusion::{DeltaScanConfig, DeltaScanNext};
 
 use crate::engine::Engine;
+use crate::schema::StreamSchema;
 use crate::table::TableAt;
 
 /// Name of the catalog every surface shows.
@@ -66,7 +67,7 @@ impl SchemaProvider for PublicSchema {
         let Some(snapshot) = self.engine.read_snapshot(name) else {
             return Ok(None);
         };
-        Ok(Some(Arc::new(LiveTable::try_new(
+        Ok(Some(Arc::new(StreamProvider::live(
             snapshot.table,
             snapshot.buffered,
         )?)))
@@ -77,18 +78,35 @@ impl SchemaProvider for PublicSchema {
     }
 }
 
-/// A stream as one query sees it: the published Delta snapshot plus the buffered events
-/// the snapshot does not hold yet. Both are fixed when the query resolves the table, so
-/// every event acknowledged before that moment is read exactly once.
+/// A stream as one query sees it.
+///
+/// `Live`: the published Delta snapshot plus the buffered events the snapshot does not
+/// hold yet. Both are fixed when the query resolves the table, so every event
+/// acknowledged before that moment is read exactly once.
+/// `History`: the stream's Delta table at an earlier version or instant, loaded when the
+/// query is planned (stored events only).
 #[derive(Debug)]
-pub(crate) struct LiveTable {
-    table: DeltaTable,
-    delta: DeltaScanNext,
-    buffered: Vec<RecordBatch>,
+pub(crate) struct StreamProvider {
+    schema: SchemaRef,
+    source: Source,
 }
 
-impl LiveTable {
-    pub(crate) fn try_new(
+#[derive(Debug)]
+enum Source {
+    Live {
+        table: DeltaTable,
+        delta: DeltaScanNext,
+        buffered: Vec<RecordBatch>,
+    },
+    History {
+        engine: Engine,
+        stream: String,
+        at: TableAt,
+    },
+}
+
+impl StreamProvider {
+    pub(crate) fn live(
         table: DeltaTable,
         buffered: Vec<RecordBatch>,
     ) -> Result<Self, DataFusionError> {
@@ -109,10 +127,24 @@ impl LiveTable {
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {
-            table,
-            delta,
-            buffered,
+            schema,
+            source: Source::Live {
+                table,
+                delta,
+                buffered,
+            },
         })
+    }
+
+    fn history(engine: Engine, stream: &StreamSchema, at: TableAt) -> Self {
+        Self {
+            schema: query_schema(stream.stored_schema()),
+            source: Source::History {
+                engine,
+                stream: stream.name().to_owned(),
+                at,
+            },
+        }
     }
 }
 
@@ -149,58 +181,7 @@ pub(crate) fn query_schema(stored: &Schema) -> SchemaRef {
 }
 
 #[async_trait]
-impl TableProvider for LiveTable {
-    fn schema(&self) -> SchemaRef {
-        self.delta.schema()
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    fn supports_filters_pushdown(
-        &self,
-        filters: &[&Expr],
-    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
-        // The Delta side prunes files and row groups with them; the buffer side is
-        // filtered by DataFusion above the scan.
-        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        self.table
-            .update_datafusion_session(state)
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        let stored = self.delta.scan(state, projection, filters, limit).await?;
-        if self.buffered.is_empty() {
-            return Ok(stored);
-        }
-        let live = MemorySourceConfig::try_new_exec(
-            std::slice::from_ref(&self.buffered),
-            self.schema(),
-            projection.cloned(),
-        )?;
-        UnionExec::try_new(vec![stored, live])
-    }
-}
-
-/// A stream at an earlier point of its history; loaded when the query is planned.
-#[derive(Debug)]
-struct HistoricalTable {
-    engine: Engine,
-    stream: String,
-    at: TableAt,
-    schema: SchemaRef,
-}
-
-#[async_trait]
-impl TableProvider for HistoricalTable {
+impl TableProvider for StreamProvider {
     fn schema(&self) -> SchemaRef {
         Arc::clone(&self.schema)
     }
@@ -213,6 +194,8 @@ impl TableProvider for HistoricalTable {
         &self,
         filters: &[&Expr],
     ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        // The Delta side prunes files, row groups and pages with them; the buffer side is
+        // filtered by DataFusion above the scan.
         Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
     }
 
@@ -223,23 +206,38 @@ impl TableProvider for HistoricalTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        let table = self
-            .engine
-            .historical_table(&self.stream, self.at)
-            .await
-            .map_err(|e| {
-                DataFusionError::Execution(format!(
-                    "cannot read '{}' at {}: {e}",
-                    self.stream,
-                    describe(self.at)
-                ))
-            })?;
+        let loaded;
+        let (table, delta, buffered) = match &self.source {
+            Source::Live {
+                table,
+                delta,
+                buffered,
+            } => (table, delta, buffered.as_slice()),
+            Source::History { engine, stream, at } => {
+                let table = engine.historical_table(stream, *at).await.map_err(|e| {
+                    DataFusionError::Execution(format!(
+                        "cannot read '{stream}' at {}: {e}",
+                        describe(*at)
+                    ))
+                })?;
+                let delta = delta_scan(&table)?;
+                loaded = (table, delta);
+                (&loaded.0, &loaded.1, &[][..])
+            }
+        };
         table
             .update_datafusion_session(state)
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        delta_scan(&table)?
-            .scan(state, projection, filters, limit)
-            .await
+        let stored = delta.scan(state, projection, filters, limit).await?;
+        if buffered.is_empty() {
+            return Ok(stored);
+        }
+        let live = MemorySourceConfig::try_new_exec(
+            &[buffered.to_vec()],
+            Arc::clone(&self.schema),
+            projection.cloned(),
+        )?;
+        UnionExec::try_new(vec![stored, live])
     }
 }
 
@@ -317,11 +315,10 @@ impl TableFunctionImpl for TimeTravel {
             }
             _ => return plan_err!("{name}: the second argument is not valid: {usage}"),
         };
-        Ok(Arc::new(HistoricalTable {
-            engine: self.engine.clone(),
-            stream: stream.clone(),
+        Ok(Arc::new(StreamProvider::history(
+            self.engine.clone(),
+            &schema,
             at,
-            schema: query_schema(schema.stored_schema()),
-        }))
+        )))
     }
 }
