@@ -87,11 +87,19 @@ pub(crate) async fn sql(
     let started = Instant::now();
     let slot = take_slot(&state).await?;
     let session = engine.query_session();
-    let result = match session.prepare(&request.sql, &params).await {
+    // The query's deadline covers planning too (a statement can be slow to plan).
+    let deadline = tokio::time::Instant::from_std(started) + engine.query_options().timeout;
+    let planned = tokio::time::timeout_at(
+        deadline,
+        session.prepare_holding(&request.sql, &params, slot),
+    )
+    .await
+    .unwrap_or_else(|_| Err(QueryError::Timeout(engine.query_options().timeout)));
+    let result = match planned {
         Err(e) => Err(query_error(e)),
-        Ok(Prepared::Ddl(ddl)) => run_ddl(engine, &principal, ddl).await,
-        Ok(Prepared::Query(plan)) => {
-            run_query(&state, engine, session, *plan, format, started, slot).await
+        Ok((Prepared::Ddl(ddl), _slot)) => run_ddl(engine, &principal, ddl).await,
+        Ok((Prepared::Query(plan), slot)) => {
+            run_query(&state, engine, session, *plan, format, deadline, slot).await
         }
     };
     let outcome = match &result {
@@ -263,11 +271,11 @@ async fn run_query(
     session: QuerySession,
     plan: LogicalPlan,
     format: ResultFormat,
-    started: Instant,
+    deadline: tokio::time::Instant,
     slot: Slot,
 ) -> ApiResult<Response> {
     let timeout = engine.query_options().timeout;
-    let deadline = tokio::time::Instant::from_std(started) + timeout;
+    let started = (deadline - timeout).into_std();
     let max_bytes = state.config.max_result_bytes;
     let (tx, mut rx) = mpsc::channel::<Chunk>(4);
     let schema = Arc::clone(plan.schema().inner());

@@ -853,3 +853,42 @@ async fn queries_past_the_concurrency_limit_wait_then_are_refused() {
             .contains("quiver_sql_active_queries 0")
     );
 }
+
+#[tokio::test]
+async fn huge_expressions_neither_crash_nor_stall_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), &["--query-timeout", "2s"]).await;
+    let sum = |n: usize| format!("SELECT {}", vec!["1"; n].join(" + "));
+
+    // Longer than the token limit: refused before planning.
+    let resp = server.sql_as(ADMIN, &sum(10_001), json!([]), "json").await;
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the limit is 20000"),
+        "{body}"
+    );
+
+    // Under it but slow to plan (deep recursion on the query threads' large stacks):
+    // the deadline answers, and the server lives on.
+    let started = Instant::now();
+    let resp = server.sql_as(ADMIN, &sum(9_000), json!([]), "json").await;
+    assert_eq!(error_of(resp).await, (400, "query_timeout".to_owned()));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    let health = server
+        .client
+        .get(format!("{}/health", server.url))
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(server.sql_rows("SELECT 1 + 1").await, json!([[2]]));
+}

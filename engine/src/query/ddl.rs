@@ -47,13 +47,29 @@ impl QuiverDdl {
     }
 }
 
+/// Longest statement accepted, in tokens. Planning recurses over expression trees, and a
+/// statement's nesting can be as deep as it is long; this bound (with the query
+/// runtime's large stacks) keeps a hostile `1 + 1 + … + 1` from exhausting a stack.
+pub(super) const MAX_TOKENS: usize = 20_000;
+
 /// Returns the statement if `sql` is Quiver DDL, `None` if it is anything else.
+///
+/// Also refuses statements longer than [`MAX_TOKENS`].
 pub(super) fn parse(sql: &str) -> Result<Option<QuiverDdl>, QueryError> {
     let invalid = |e: &dyn std::fmt::Display| QueryError::Invalid(e.to_string());
     let dialect = GenericDialect {};
     let tokens = Tokenizer::new(&dialect, sql)
         .tokenize()
         .map_err(|e| invalid(&e))?;
+    let significant = tokens
+        .iter()
+        .filter(|t| !matches!(t, Token::Whitespace(_)))
+        .count();
+    if significant > MAX_TOKENS {
+        return Err(QueryError::Invalid(format!(
+            "the statement has {significant} tokens; the limit is {MAX_TOKENS}"
+        )));
+    }
     let words: Vec<String> = tokens
         .iter()
         .filter(|t| !matches!(t, Token::Whitespace(_)))

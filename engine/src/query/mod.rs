@@ -71,6 +71,9 @@ impl Default for QueryOptions {
     }
 }
 
+/// Stack of each query thread.
+const QUERY_STACK_BYTES: usize = 256 << 20;
+
 /// Why a statement was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -149,6 +152,9 @@ impl QueryRuntime {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(options.threads.max(1))
             .thread_name("quiver-query")
+            // Planning, optimizing and evaluating recurse over expression trees as deep
+            // as a statement is long; stacks are reserved, not committed, until used.
+            .thread_stack_size(QUERY_STACK_BYTES)
             .enable_all()
             .build()?;
         // Operators that can spill (sorts, aggregations, repartitions) write temporary
@@ -211,6 +217,7 @@ impl Drop for QueryRuntime {
 /// One query's session.
 pub struct QuerySession {
     ctx: SessionContext,
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for QuerySession {
@@ -243,36 +250,35 @@ impl QuerySession {
             TimeTravel::AT_TIME,
             Arc::new(TimeTravel::new(engine.clone(), true)),
         );
-        Self { ctx }
+        Self {
+            ctx,
+            runtime: runtime.handle(),
+        }
     }
 
-    /// Parses and plans one statement, binding `params` to `$1`, `$2`, ….
+    /// Parses and plans one statement, binding `params` to `$1`, `$2`, …. The work runs
+    /// on the query runtime, whose threads have the deep stacks planning may need.
     pub async fn prepare(&self, sql: &str, params: &[ScalarValue]) -> Result<Prepared, QueryError> {
-        if let Some(ddl) = ddl::parse(sql)? {
-            return Ok(Prepared::Ddl(ddl));
-        }
-        let sql = rewrite::time_travel(sql)?;
-        let state = self.ctx.state();
-        let mut statements = DFParser::parse_sql_with_dialect(&sql, &GenericDialect {})?;
-        if statements.len() > 1 {
-            return Err(QueryError::Invalid(format!(
-                "send one statement per request; this one has {}",
-                statements.len()
-            )));
-        }
-        let statement = statements
-            .pop_front()
-            .ok_or_else(|| QueryError::Invalid("the request holds no SQL statement".into()))?;
-        check_read_only(&statement)?;
-        let plan = state.statement_to_plan(statement).await?;
-        SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false)
-            .verify_plan(&plan)
-            .map_err(|e| QueryError::NotAllowed(e.strip_backtrace()))?;
-        let plan = bind_params(plan, params)?;
-        Ok(Prepared::Query(Box::new(plan)))
+        self.prepare_holding(sql, params, ())
+            .await
+            .map(|(prepared, ())| prepared)
+    }
+
+    /// [`Self::prepare`], holding `guard` until planning has really finished. Planning
+    /// cannot be interrupted: a caller that stops waiting (a deadline) leaves the guard
+    /// (e.g. a concurrency slot) with the work still running, and gets it back otherwise.
+    pub async fn prepare_holding<G: Send + 'static>(
+        &self,
+        sql: &str,
+        params: &[ScalarValue],
+        guard: G,
+    ) -> Result<(Prepared, G), QueryError> {
+        let ctx = self.ctx.clone();
+        let (sql, params) = (sql.to_owned(), params.to_vec());
+        self.runtime
+            .spawn(async move { prepare(&ctx, &sql, &params).await.map(|p| (p, guard)) })
+            .await
+            .map_err(|e| QueryError::Internal(format!("planning failed: {e}")))?
     }
 
     /// Plans and starts a prepared query. Call it on the query runtime
@@ -284,6 +290,39 @@ impl QuerySession {
         let frame = self.ctx.execute_logical_plan(plan).await?;
         Ok(frame.execute_stream().await?)
     }
+}
+
+/// Parses, checks, plans and binds one statement.
+async fn prepare(
+    ctx: &SessionContext,
+    sql: &str,
+    params: &[ScalarValue],
+) -> Result<Prepared, QueryError> {
+    if let Some(ddl) = ddl::parse(sql)? {
+        return Ok(Prepared::Ddl(ddl));
+    }
+    let sql = rewrite::time_travel(sql)?;
+    let state = ctx.state();
+    let mut statements = DFParser::parse_sql_with_dialect(&sql, &GenericDialect {})?;
+    if statements.len() > 1 {
+        return Err(QueryError::Invalid(format!(
+            "send one statement per request; this one has {}",
+            statements.len()
+        )));
+    }
+    let statement = statements
+        .pop_front()
+        .ok_or_else(|| QueryError::Invalid("the request holds no SQL statement".into()))?;
+    check_read_only(&statement)?;
+    let plan = state.statement_to_plan(statement).await?;
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+        .verify_plan(&plan)
+        .map_err(|e| QueryError::NotAllowed(e.strip_backtrace()))?;
+    let plan = bind_params(plan, params)?;
+    Ok(Prepared::Query(Box::new(plan)))
 }
 
 /// Refuses, by its parsed form, every statement that is not a read.
