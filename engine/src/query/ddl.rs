@@ -50,7 +50,7 @@ impl QuiverDdl {
 /// Longest statement accepted, in tokens. Planning recurses over expression trees, and a
 /// statement's nesting can be as deep as it is long; this bound (with the query
 /// runtime's large stacks) keeps a hostile `1 + 1 + … + 1` from exhausting a stack.
-pub(super) const MAX_TOKENS: usize = 20_000;
+pub(super) const MAX_TOKENS: usize = 10_000;
 
 /// Returns the statement if `sql` is Quiver DDL, `None` if it is anything else.
 ///
