@@ -17,6 +17,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use quiver_engine::QueryError;
+use quiver_engine::query::{cast_batch, retype_text};
 use serde_json::json;
 
 /// chrono format of UTC instants in text results.
@@ -119,7 +120,9 @@ impl ResultEncoder {
         // Binary formats carry text as plain Utf8: string views are an engine detail
         // that older Arrow and Parquet readers do not know.
         let schema = match format {
-            ResultFormat::Arrow | ResultFormat::Parquet => plain_string_schema(&schema),
+            ResultFormat::Arrow | ResultFormat::Parquet => {
+                retype_text(&schema, &DataType::Utf8View, DataType::Utf8)
+            }
             _ => schema,
         };
         let json_options = EncoderOptions::default()
@@ -201,7 +204,7 @@ impl ResultEncoder {
                 *header_written = true;
             }
             State::Arrow(w) => {
-                w.write(&plain_strings(batch, &self.schema)?)?;
+                w.write(&cast_batch(batch, &self.schema)?)?;
                 out = std::mem::take(w.get_mut());
             }
             State::Parquet(w) => {
@@ -261,33 +264,6 @@ impl ResultEncoder {
 enum RowShape {
     Array,
     Object,
-}
-
-fn plain_string_schema(schema: &Schema) -> SchemaRef {
-    Arc::new(Schema::new(
-        schema
-            .fields()
-            .iter()
-            .map(|f| match f.data_type() {
-                DataType::Utf8View => f.as_ref().clone().with_data_type(DataType::Utf8),
-                _ => f.as_ref().clone(),
-            })
-            .collect::<Vec<_>>(),
-    ))
-}
-
-/// `batch` with its columns cast to `schema` (string views to plain strings).
-fn plain_strings(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
-    if batch.schema().fields() == schema.fields() {
-        return Ok(batch.clone());
-    }
-    let columns = batch
-        .columns()
-        .iter()
-        .zip(schema.fields())
-        .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
-        .collect::<Result<Vec<_>, _>>()?;
-    RecordBatch::try_new(Arc::clone(schema), columns)
 }
 
 /// Writes rows as JSON: `[v, …]` separated by commas, or `{"col": v, …}` lines.

@@ -34,7 +34,7 @@ use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 
 pub use ddl::{QuiverDdl, column_type};
-pub use tables::{CATALOG, SCHEMA};
+pub use tables::{CATALOG, SCHEMA, cast_batch, retype_text};
 
 use crate::engine::Engine;
 use tables::{QuiverCatalog, TimeTravel};

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -115,16 +116,8 @@ impl StreamProvider {
         // (text as views) so the two sides can be united.
         let schema = delta.schema();
         let buffered = buffered
-            .into_iter()
-            .map(|b| {
-                let columns = b
-                    .columns()
-                    .iter()
-                    .zip(schema.fields())
-                    .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
-                    .collect::<Result<Vec<_>, _>>()?;
-                RecordBatch::try_new(Arc::clone(&schema), columns)
-            })
+            .iter()
+            .map(|b| cast_batch(b, &schema))
             .collect::<Result<_, _>>()?;
         Ok(Self {
             schema,
@@ -169,15 +162,38 @@ pub(crate) fn delta_scan(table: &DeltaTable) -> Result<DeltaScanNext, DataFusion
 
 /// The schema queries see for a stream stored as `stored`: every `Utf8` as `Utf8View`.
 pub(crate) fn query_schema(stored: &Schema) -> SchemaRef {
-    let fields: Vec<Field> = stored
+    retype_text(stored, &DataType::Utf8, DataType::Utf8View)
+}
+
+/// `schema` with every field of type `from` given type `to`.
+pub fn retype_text(schema: &Schema, from: &DataType, to: DataType) -> SchemaRef {
+    let fields: Vec<Field> = schema
         .fields()
         .iter()
-        .map(|f| match f.data_type() {
-            DataType::Utf8 => f.as_ref().clone().with_data_type(DataType::Utf8View),
-            _ => f.as_ref().clone(),
+        .map(|f| {
+            let field = f.as_ref().clone();
+            if f.data_type() == from {
+                field.with_data_type(to.clone())
+            } else {
+                field
+            }
         })
         .collect();
     Arc::new(Schema::new(fields))
+}
+
+/// `batch` with its columns cast to the types of `schema` (same columns, in order).
+pub fn cast_batch(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+    if batch.schema().fields() == schema.fields() {
+        return Ok(batch.clone());
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(Arc::clone(schema), columns)
 }
 
 #[async_trait]
