@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, Date32Array, TimestampMicrosecondArray};
@@ -115,18 +115,15 @@ struct StreamState {
     schema: StreamSchema,
     table: StreamTable,
     buffer: Mutex<LiveBuffer>,
-    committed_seq: AtomicU64,
     flush_lock: tokio::sync::Mutex<()>,
 }
 
 impl StreamState {
     fn new(schema: StreamSchema, table: StreamTable) -> Arc<Self> {
-        let committed = table.committed_seq();
         Arc::new(Self {
             schema,
             table,
             buffer: Mutex::new(LiveBuffer::default()),
-            committed_seq: AtomicU64::new(committed),
             flush_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -150,7 +147,7 @@ impl Shared {
             );
             return;
         };
-        if seq <= state.committed_seq.load(Ordering::Acquire) {
+        if seq <= state.table.committed_seq() {
             return;
         }
         let (total, rows) = {
@@ -633,7 +630,6 @@ impl Engine {
                 m.flush_seconds
                     .get_or_create(&label)
                     .observe(elapsed.as_secs_f64());
-                state.committed_seq.store(last_seq, Ordering::Release);
                 let (freed, remaining_bytes, remaining_rows) = {
                     let mut buf = state.buffer.lock();
                     let (bytes, _) = buf.release_through(last_seq);
@@ -673,7 +669,7 @@ impl Engine {
             .streams
             .read()
             .iter()
-            .map(|(k, s)| (k.clone(), s.committed_seq.load(Ordering::Acquire)))
+            .map(|(k, s)| (k.clone(), s.table.committed_seq()))
             .collect();
         // Keys must outlive the segments that carry them.
         let idempotency = &self.inner.shared.idempotency;
