@@ -104,6 +104,20 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_QUERY_THREADS")]
     pub query_threads: Option<usize>,
 
+    /// Folder of KPI view definitions (`*.sql`, each a CREATE MATERIALIZED VIEW, loaded
+    /// in name order). Default: `./sql/kpis` when it exists, else the catalog built into
+    /// the binary. `none` loads no KPI views.
+    #[arg(long, env = "QUIVER_KPI_DIR")]
+    pub kpi_dir: Option<String>,
+
+    /// How often views that cannot be maintained incrementally are recomputed.
+    #[arg(long, env = "QUIVER_VIEW_RECOMPUTE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub view_recompute_interval: Duration,
+
+    /// How often view state is checkpointed to the store (and always at shutdown).
+    #[arg(long, env = "QUIVER_VIEW_CHECKPOINT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub view_checkpoint_interval: Duration,
+
     /// Admin token; when unset one is generated on first start and printed once.
     #[arg(long, env = "QUIVER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -129,6 +143,29 @@ impl ServeConfig {
         }
     }
 
+    /// The KPI view definitions to load at start.
+    pub fn view_definitions(&self) -> anyhow::Result<Vec<String>> {
+        let dir = match self.kpi_dir.as_deref() {
+            Some("none") => return Ok(Vec::new()),
+            Some(d) => PathBuf::from(d),
+            None if std::path::Path::new("sql/kpis").is_dir() => PathBuf::from("sql/kpis"),
+            None => return Ok(BUILT_IN_KPIS.iter().map(|s| (*s).to_owned()).collect()),
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| anyhow::anyhow!("cannot read the KPI folder {}: {e}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|f| {
+                std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))
+            })
+            .collect()
+    }
+
     /// The engine settings these flags describe.
     pub fn engine_config(&self) -> quiver_engine::EngineConfig {
         let mut c = quiver_engine::EngineConfig::new(self.store.clone(), self.wal_dir());
@@ -148,6 +185,20 @@ impl ServeConfig {
         if let Some(n) = self.query_threads {
             c.query.threads = n.max(1);
         }
+        c.views.recompute_interval = self.view_recompute_interval;
+        c.views.checkpoint_interval = self.view_checkpoint_interval;
         c
     }
 }
+
+/// The KPI catalog (`sql/kpis`), built in for when the folder is not at hand.
+const BUILT_IN_KPIS: &[&str] = &[
+    include_str!("../../sql/kpis/01_revenue_per_minute.sql"),
+    include_str!("../../sql/kpis/02_hourly_sales_by_sku.sql"),
+    include_str!("../../sql/kpis/03_stock_on_hand.sql"),
+    include_str!("../../sql/kpis/04_low_stock.sql"),
+    include_str!("../../sql/kpis/05_orders_current.sql"),
+    include_str!("../../sql/kpis/06_orders_by_status.sql"),
+    include_str!("../../sql/kpis/07_units_sold.sql"),
+    include_str!("../../sql/kpis/08_sell_through.sql"),
+];

@@ -14,6 +14,7 @@ mod error;
 mod routes;
 mod server;
 mod sql;
+mod views;
 
 pub use config::ServeConfig;
 pub use server::RunningServer;

@@ -87,14 +87,11 @@ impl RunningServer {
         });
         info!(%http_addr, store = %config.store, wal = %config.wal_dir().display(), "HTTP listening; recovering");
 
+        let mut engine_config = config.engine_config();
+        engine_config.views.definitions = config.view_definitions()?;
         let recovering = Arc::clone(&state);
         tokio::spawn(async move {
-            match Engine::open(
-                recovering.config.engine_config(),
-                Arc::clone(&recovering.metrics),
-            )
-            .await
-            {
+            match Engine::open(engine_config, Arc::clone(&recovering.metrics)).await {
                 Ok(engine) => {
                     let _ = recovering.engine.set(engine);
                     info!("ready");
@@ -154,6 +151,14 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/streams", get(routes::list_streams))
         .route("/v1/streams/{stream}/events", post(routes::ingest))
         .route("/v1/sql", post(crate::sql::sql))
+        .route(
+            "/v1/views",
+            get(crate::views::list).post(crate::views::create),
+        )
+        .route(
+            "/v1/views/{name}",
+            get(crate::views::get_one).delete(crate::views::delete),
+        )
         .route(
             "/v1/tokens",
             post(routes::create_token).get(routes::list_tokens),

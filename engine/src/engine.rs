@@ -23,10 +23,13 @@ use crate::query::{QueryOptions, QueryRuntime, QuerySession};
 use crate::schema::{ColumnDef, EVENT_TIME_COLUMN, Rule, StreamSchema};
 use crate::store::Store;
 use crate::table::{StreamTable, TableAt, TableOptions};
+use crate::views::{ViewFeed, ViewOptions, Views};
 use crate::wal::{DurableSink, Wal, WalAppend, WalOptions, WalRecord};
 use crate::{Error, Result};
 
 const MICROS_PER_DAY: i64 = 86_400_000_000;
+
+type ProviderRef = Arc<dyn datafusion::catalog::TableProvider>;
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -54,6 +57,8 @@ pub struct EngineConfig {
     /// How stale a table's published state may get before it is reloaded to pick up
     /// other writers' commits (zero: never).
     pub table_refresh_interval: Duration,
+    /// Materialized views: definitions loaded at start, maintenance intervals.
+    pub views: ViewOptions,
 }
 
 impl EngineConfig {
@@ -71,6 +76,7 @@ impl EngineConfig {
             idempotency_ttl: Duration::from_secs(24 * 3600),
             query: QueryOptions::default(),
             table_refresh_interval: Duration::from_secs(2),
+            views: ViewOptions::default(),
         }
     }
 }
@@ -135,6 +141,7 @@ struct Shared {
     metrics: Arc<EngineMetrics>,
     idempotency: Idempotency,
     buffered_bytes: AtomicUsize,
+    feed: ViewFeed,
 }
 
 impl Shared {
@@ -172,7 +179,10 @@ impl DurableSink for Shared {
     fn on_durable(&self, records: &[WalRecord], batches: Vec<RecordBatch>) {
         for (record, batch) in records.iter().zip(batches) {
             let rows = batch.num_rows() as u64;
-            self.buffer_batch(&record.stream, record.seq, batch, record.data.len());
+            self.buffer_batch(&record.stream, record.seq, batch.clone(), record.data.len());
+            // After the buffer: a view filled from a snapshot never misses a record the
+            // maintainer has not seen yet.
+            self.feed.push(record.seq, &record.stream, batch);
             if let Some(key) = &record.idempotency_key {
                 self.idempotency
                     .complete(&record.stream, key, &record.fingerprint, rows);
@@ -185,6 +195,16 @@ impl DurableSink for Shared {
 #[derive(Debug, Clone)]
 pub struct Engine {
     inner: Arc<Inner>,
+}
+
+/// An engine handle that does not keep the engine alive (for its own threads).
+#[derive(Debug, Clone)]
+pub(crate) struct WeakEngine(std::sync::Weak<Inner>);
+
+impl WeakEngine {
+    pub(crate) fn upgrade(&self) -> Option<Engine> {
+        self.0.upgrade().map(|inner| Engine { inner })
+    }
 }
 
 #[derive(Debug)]
@@ -200,6 +220,7 @@ struct Inner {
     app_id: String,
     /// Serialises stream creation, so the saved definitions never lose one.
     ddl_lock: tokio::sync::Mutex<()>,
+    views: Views,
 }
 
 /// What a query reads of one stream: a published table state and the buffered batches
@@ -242,6 +263,7 @@ impl Engine {
             metrics: Arc::clone(&metrics),
             idempotency,
             buffered_bytes: AtomicUsize::new(0),
+            feed: ViewFeed::new(),
         });
 
         let (wal, replay) = Wal::open(
@@ -266,6 +288,7 @@ impl Engine {
         );
 
         let (stop, _) = watch::channel(false);
+        let view_options = config.views.clone();
         let engine = Self {
             inner: Arc::new(Inner {
                 config,
@@ -278,9 +301,11 @@ impl Engine {
                 query,
                 app_id: app_id_kept,
                 ddl_lock: tokio::sync::Mutex::new(()),
+                views: Views::new(view_options),
             }),
         };
         engine.spawn_background();
+        Views::start(&engine).await?;
         Ok(engine)
     }
 
@@ -318,6 +343,53 @@ impl Engine {
             }));
         }
         self.inner.tasks.lock().extend(tasks);
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakEngine {
+        WeakEngine(Arc::downgrade(&self.inner))
+    }
+
+    pub(crate) fn views(&self) -> &Views {
+        &self.inner.views
+    }
+
+    pub(crate) fn view_feed(&self) -> &ViewFeed {
+        &self.inner.shared.feed
+    }
+
+    /// A session for planning and filling views.
+    pub(crate) fn view_planner(&self) -> QuerySession {
+        QuerySession::for_views(self, &self.inner.query)
+    }
+
+    /// A stream as a table now, and the WAL position that table reflects: every event
+    /// of the stream at or below it is in the table, none above it.
+    pub(crate) fn stream_provider_at_position(
+        &self,
+        stream: &str,
+    ) -> Option<std::result::Result<(ProviderRef, u64), crate::QueryError>> {
+        let state = self.inner.shared.streams.read().get(stream).cloned()?;
+        let buffered = state.buffer.lock().batches();
+        let published = state.table.published();
+        let mut position = published.committed_seq;
+        let buffered: Vec<RecordBatch> = buffered
+            .into_iter()
+            .filter(|(seq, _)| *seq > published.committed_seq)
+            .map(|(seq, b)| {
+                position = position.max(seq);
+                b
+            })
+            .collect();
+        Some(
+            crate::query::StreamProvider::live(published.table, buffered)
+                .map(|p| {
+                    (
+                        Arc::new(p) as Arc<dyn datafusion::catalog::TableProvider>,
+                        position,
+                    )
+                })
+                .map_err(crate::QueryError::from),
+        )
     }
 
     /// The engine's metrics.
@@ -662,14 +734,23 @@ impl Engine {
         }
     }
 
-    fn truncate_wal(&self) -> Result<()> {
+    /// Deletes WAL segments every table has committed and every checkpointed view has
+    /// applied.
+    pub(crate) fn truncate_wal(&self) -> Result<()> {
+        // Until the views have come up, what they still need is unknown.
+        let Some(floor) = self.inner.views.wal_floor() else {
+            return Ok(());
+        };
         let committed: HashMap<String, u64> = self
             .inner
             .shared
             .streams
             .read()
             .iter()
-            .map(|(k, s)| (k.clone(), s.table.committed_seq()))
+            .map(|(k, s)| {
+                let c = s.table.committed_seq();
+                (k.clone(), floor.get(k).map_or(c, |f| c.min(*f)))
+            })
             .collect();
         // Keys must outlive the segments that carry them.
         let idempotency = &self.inner.shared.idempotency;
@@ -718,8 +799,21 @@ impl Engine {
             let _ = t.await;
         }
         self.flush_all().await?;
-        info!("engine stopped; all buffered events are in Delta");
+        Views::stop(self).await;
+        info!("engine stopped; all buffered events are in Delta, views checkpointed");
         Ok(())
+    }
+
+    /// Stops every background task and the views without flushing or checkpointing,
+    /// as a killed process would; the WAL is all that survives.
+    #[cfg(test)]
+    pub(crate) fn crash_for_tests(&self) {
+        self.inner.accepting.store(false, Ordering::Release);
+        let _ = self.inner.stop.send(true);
+        for t in self.inner.tasks.lock().drain(..) {
+            t.abort();
+        }
+        Views::abandon(self);
     }
 
     /// Refuses new writes from now on (they get 503); what is in flight completes.

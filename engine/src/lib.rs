@@ -19,6 +19,7 @@ pub mod query;
 pub mod schema;
 mod store;
 mod table;
+mod views;
 pub mod wal;
 
 pub use engine::{Engine, EngineConfig, IdempotencyKey, IngestOutcome, StreamInfo};
@@ -28,4 +29,5 @@ pub use query::{Prepared, QueryError, QueryOptions, QuerySession, QuiverDdl};
 pub use schema::{ColumnDef, ColumnType, Rule, StreamSchema};
 pub use store::Store;
 pub use table::{TableAt, TableOptions};
+pub use views::{ChangeSet, Maintenance, ViewInfo, ViewOptions, ViewSnapshot};
 pub use wal::WalOptions;

@@ -41,6 +41,13 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+/// Label set naming one materialized view.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ViewLabel {
+    /// View name.
+    pub view: String,
+}
+
 fn seconds_histogram() -> Histogram {
     // 50 µs .. ~6.5 s
     Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
@@ -91,6 +98,22 @@ pub struct EngineMetrics {
     pub sql_query_seconds: Histogram,
     /// Queries running now (holding a slot).
     pub sql_active_queries: Gauge,
+    /// Time to apply one micro-batch of events to every view.
+    pub view_batch_seconds: Histogram,
+    /// Time from the acknowledgement of an event to the view change it causes.
+    pub view_freshness_seconds: Histogram,
+    /// Change sets published, by view.
+    pub view_changes_total: Family<ViewLabel, Counter>,
+    /// Rows read to fill new views from existing data, by view.
+    pub view_backfill_rows_total: Family<ViewLabel, Counter>,
+    /// Rows held, by view.
+    pub view_rows: Family<ViewLabel, Gauge>,
+    /// Approximate bytes of state, by view.
+    pub view_state_bytes: Family<ViewLabel, Gauge>,
+    /// Duration of a view checkpoint.
+    pub view_checkpoint_seconds: Histogram,
+    /// Size of the last view checkpoint.
+    pub view_checkpoint_bytes: Gauge,
 }
 
 impl EngineMetrics {
@@ -118,6 +141,14 @@ impl EngineMetrics {
             sql_queries_total: Family::default(),
             sql_query_seconds: seconds_histogram(),
             sql_active_queries: Gauge::default(),
+            view_batch_seconds: seconds_histogram(),
+            view_freshness_seconds: seconds_histogram(),
+            view_changes_total: Family::default(),
+            view_backfill_rows_total: Family::default(),
+            view_rows: Family::default(),
+            view_state_bytes: Family::default(),
+            view_checkpoint_seconds: seconds_histogram(),
+            view_checkpoint_bytes: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("quiver");
         r.register(
@@ -224,6 +255,42 @@ impl EngineMetrics {
             "sql_active_queries",
             "Queries running now",
             m.sql_active_queries.clone(),
+        );
+        r.register(
+            "view_batch_seconds",
+            "Time to apply one micro-batch of events to every view",
+            m.view_batch_seconds.clone(),
+        );
+        r.register(
+            "view_freshness_seconds",
+            "Event acknowledgement to the view change it causes",
+            m.view_freshness_seconds.clone(),
+        );
+        r.register(
+            "view_changes",
+            "Change sets published",
+            m.view_changes_total.clone(),
+        );
+        r.register(
+            "view_backfill_rows",
+            "Rows read to fill new views from existing data",
+            m.view_backfill_rows_total.clone(),
+        );
+        r.register("view_rows", "Rows held by a view", m.view_rows.clone());
+        r.register(
+            "view_state_bytes",
+            "Approximate bytes of view state",
+            m.view_state_bytes.clone(),
+        );
+        r.register(
+            "view_checkpoint_seconds",
+            "Duration of a view checkpoint",
+            m.view_checkpoint_seconds.clone(),
+        );
+        r.register(
+            "view_checkpoint_bytes",
+            "Size of the last view checkpoint",
+            m.view_checkpoint_bytes.clone(),
         );
         m
     }

@@ -260,6 +260,15 @@ impl ResultEncoder {
     }
 }
 
+/// A batch as the JSON result shape: `{"columns": [{"name", "type"}], "rows": [[…]]}`.
+pub(crate) fn json_result(batch: &RecordBatch) -> Result<serde_json::Value, ArrowError> {
+    let (mut encoder, head) = ResultEncoder::start(ResultFormat::Json, batch.schema())?;
+    let mut out = head.to_vec();
+    out.extend_from_slice(&encoder.batch(batch)?);
+    out.extend_from_slice(&encoder.finish()?);
+    serde_json::from_slice(&out).map_err(|e| ArrowError::ExternalError(Box::new(e)))
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RowShape {
     Array,

@@ -209,6 +209,8 @@ fn json_param(index: usize, value: &Value) -> ApiResult<ScalarValue> {
 pub(crate) fn query_error(e: QueryError) -> ApiError {
     let status = match e {
         QueryError::NotAllowed(_) => StatusCode::FORBIDDEN,
+        QueryError::Conflict(_) => StatusCode::CONFLICT,
+        QueryError::NotFound(_) => StatusCode::NOT_FOUND,
         QueryError::Internal(_) => {
             return ApiError::internal("running a query", &e);
         }
@@ -221,7 +223,7 @@ pub(crate) fn query_error(e: QueryError) -> ApiError {
 }
 
 async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiResult<Response> {
-    if !principal.has(Scope::Admin) {
+    if ddl.is_write() && !principal.has(Scope::Admin) {
         return Err(ApiError::forbidden(format!(
             "{} needs a token with the admin scope",
             ddl.kind()
@@ -255,12 +257,53 @@ async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiR
             )
                 .into_response())
         }
-        QuiverDdl::CreateMaterializedView { .. } | QuiverDdl::DropMaterializedView { .. } => {
-            Err(ApiError::new(
-                StatusCode::NOT_IMPLEMENTED,
-                "not_supported",
-                format!("{} is not available in this version of Quiver", ddl.kind()),
-            ))
+        QuiverDdl::CreateMaterializedView {
+            name,
+            sql,
+            if_not_exists,
+        } => {
+            let existed = engine.view_info(&name).is_some();
+            let view = engine
+                .create_view(&name, &sql, if_not_exists)
+                .await
+                .map_err(query_error)?;
+            info!(view = %name, principal = %principal.token_id, "CREATE MATERIALIZED VIEW");
+            let status = if existed {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            Ok((
+                status,
+                Json(json!({
+                    "statement": "CREATE MATERIALIZED VIEW",
+                    "view": crate::views::view_json(&view),
+                    "created": !existed,
+                })),
+            )
+                .into_response())
+        }
+        QuiverDdl::DropMaterializedView { name, if_exists } => {
+            let dropped = engine
+                .drop_view(&name, if_exists)
+                .await
+                .map_err(query_error)?;
+            info!(view = %name, principal = %principal.token_id, "DROP MATERIALIZED VIEW");
+            Ok(Json(json!({
+                "statement": "DROP MATERIALIZED VIEW",
+                "view": name,
+                "dropped": dropped,
+            }))
+            .into_response())
+        }
+        QuiverDdl::ExplainMaterializedView { name } => {
+            let lines = engine.explain_view(&name).await.map_err(query_error)?;
+            let rows: Vec<Value> = lines.into_iter().map(|l| json!([l])).collect();
+            Ok(Json(json!({
+                "columns": [{"name": "plan", "type": "TEXT"}],
+                "rows": rows,
+            }))
+            .into_response())
         }
     }
 }

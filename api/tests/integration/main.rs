@@ -8,3 +8,4 @@ mod ingest;
 mod s3;
 mod sql;
 mod tools;
+mod views;

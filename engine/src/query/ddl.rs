@@ -20,12 +20,19 @@ pub enum QuiverDdl {
         /// Succeed without change when a stream of that name exists.
         if_not_exists: bool,
     },
-    /// `CREATE MATERIALIZED VIEW name AS <query>`.
+    /// `CREATE MATERIALIZED VIEW [IF NOT EXISTS] name AS <query>`.
     CreateMaterializedView {
         /// View name.
         name: String,
         /// The defining query.
         sql: String,
+        /// Succeed without change when a view of that name exists.
+        if_not_exists: bool,
+    },
+    /// `EXPLAIN MATERIALIZED VIEW name`: how the view is maintained.
+    ExplainMaterializedView {
+        /// View name.
+        name: String,
     },
     /// `DROP MATERIALIZED VIEW [IF EXISTS] name`.
     DropMaterializedView {
@@ -43,7 +50,13 @@ impl QuiverDdl {
             Self::CreateStream { .. } => "CREATE STREAM",
             Self::CreateMaterializedView { .. } => "CREATE MATERIALIZED VIEW",
             Self::DropMaterializedView { .. } => "DROP MATERIALIZED VIEW",
+            Self::ExplainMaterializedView { .. } => "EXPLAIN MATERIALIZED VIEW",
         }
+    }
+
+    /// Whether the statement changes anything (and so needs the admin scope).
+    pub fn is_write(&self) -> bool {
+        !matches!(self, Self::ExplainMaterializedView { .. })
     }
 }
 
@@ -73,7 +86,7 @@ pub(super) fn parse(sql: &str) -> Result<Option<QuiverDdl>, QueryError> {
     let words: Vec<String> = tokens
         .iter()
         .filter(|t| !matches!(t, Token::Whitespace(_)))
-        .take(3)
+        .take(4)
         .map(|t| match t {
             Token::Word(w) => w.value.to_ascii_uppercase(),
             _ => String::new(),
@@ -82,7 +95,22 @@ pub(super) fn parse(sql: &str) -> Result<Option<QuiverDdl>, QueryError> {
     let lead: Vec<&str> = words.iter().map(String::as_str).collect();
     match lead.as_slice() {
         ["CREATE", "STREAM", ..] => parse_create_stream(sql).map(Some),
-        ["CREATE", "MATERIALIZED", "VIEW"] | ["DROP", "MATERIALIZED", "VIEW"] => {
+        ["EXPLAIN", "MATERIALIZED", "VIEW", ..] => {
+            let rest: Vec<&Token> = tokens
+                .iter()
+                .filter(|t| !matches!(t, Token::Whitespace(_) | Token::SemiColon))
+                .skip(3)
+                .collect();
+            match rest.as_slice() {
+                [Token::Word(w)] => Ok(Some(QuiverDdl::ExplainMaterializedView {
+                    name: w.value.clone(),
+                })),
+                _ => Err(QueryError::Invalid(
+                    "expected EXPLAIN MATERIALIZED VIEW name".into(),
+                )),
+            }
+        }
+        ["CREATE", "MATERIALIZED", "VIEW", ..] | ["DROP", "MATERIALIZED", "VIEW", ..] => {
             let mut statements = Parser::parse_sql(&dialect, sql).map_err(|e| invalid(&e))?;
             if statements.len() != 1 {
                 return Err(QueryError::Invalid("send one statement per request".into()));
@@ -92,6 +120,7 @@ pub(super) fn parse(sql: &str) -> Result<Option<QuiverDdl>, QueryError> {
                     Ok(Some(QuiverDdl::CreateMaterializedView {
                         name: view.name.to_string(),
                         sql: view.query.to_string(),
+                        if_not_exists: view.if_not_exists,
                     }))
                 }
                 Statement::Drop {
@@ -184,6 +213,16 @@ fn parse_create_stream(sql: &str) -> Result<QuiverDdl, QueryError> {
         schema,
         if_not_exists,
     })
+}
+
+/// The name and query of a `CREATE MATERIALIZED VIEW` statement.
+pub fn parse_view_definition(sql: &str) -> Result<(String, String), QueryError> {
+    match parse(sql)? {
+        Some(QuiverDdl::CreateMaterializedView { name, sql, .. }) => Ok((name, sql)),
+        _ => Err(QueryError::Invalid(
+            "expected CREATE MATERIALIZED VIEW name AS <query>".into(),
+        )),
+    }
 }
 
 /// Maps a SQL type name to a stream column type.

@@ -33,13 +33,14 @@ use datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 
-pub use ddl::{QuiverDdl, column_type};
+pub use ddl::{QuiverDdl, column_type, parse_view_definition};
 pub use tables::{CATALOG, SCHEMA, cast_batch, retype_text};
+pub(crate) use tables::{StreamProvider, query_schema};
 
 use crate::engine::Engine;
-use tables::{QuiverCatalog, TimeTravel};
 #[cfg(test)]
-pub(crate) use tables::{delta_scan, query_schema};
+pub(crate) use tables::delta_scan;
+use tables::{QuiverCatalog, TimeTravel};
 
 /// Limits and parallelism of queries.
 #[derive(Debug, Clone)]
@@ -92,6 +93,12 @@ pub enum QueryError {
     /// The query ran past its time limit.
     #[error("the query ran longer than its {} s limit and was cancelled", .0.as_secs_f64())]
     Timeout(Duration),
+    /// The object exists already, or others depend on it.
+    #[error("{0}")]
+    Conflict(String),
+    /// No such object.
+    #[error("{0}")]
+    NotFound(String),
     /// Something failed on the server's side (storage, an internal error).
     #[error("{0}")]
     Internal(String),
@@ -106,6 +113,8 @@ impl QueryError {
             Self::MemoryLimit(_) => "memory_limit_exceeded",
             Self::ResultTooLarge(_) => "result_too_large",
             Self::Timeout(_) => "query_timeout",
+            Self::Conflict(_) => "conflict",
+            Self::NotFound(_) => "not_found",
             Self::Internal(_) => "internal",
         }
     }
@@ -230,6 +239,16 @@ impl std::fmt::Debug for QuerySession {
 
 impl QuerySession {
     pub(crate) fn new(engine: &Engine, runtime: &QueryRuntime) -> Self {
+        Self::build(engine, runtime, true)
+    }
+
+    /// A session for planning views: `DISTINCT ON` stays as it is written, since views
+    /// maintain it as its own operator.
+    pub(crate) fn for_views(engine: &Engine, runtime: &QueryRuntime) -> Self {
+        Self::build(engine, runtime, false)
+    }
+
+    fn build(engine: &Engine, runtime: &QueryRuntime, rewrite_distinct_on: bool) -> Self {
         let config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
             .with_information_schema(true)
@@ -239,7 +258,9 @@ impl QuerySession {
             .with_runtime_env(runtime.env_for_query())
             .with_default_features()
             .build();
-        state.add_analyzer_rule(Arc::new(distinct_on::DistinctOnAsWindow));
+        if rewrite_distinct_on {
+            state.add_analyzer_rule(Arc::new(distinct_on::DistinctOnAsWindow));
+        }
         let ctx = SessionContext::new_with_state(state);
         ctx.register_catalog(CATALOG, Arc::new(QuiverCatalog::new(engine.clone())));
         ctx.register_udtf(
@@ -289,6 +310,47 @@ impl QuerySession {
     ) -> Result<SendableRecordBatchStream, QueryError> {
         let frame = self.ctx.execute_logical_plan(plan).await?;
         Ok(frame.execute_stream().await?)
+    }
+}
+
+impl QuerySession {
+    /// The session's planner state.
+    pub(crate) fn state(&self) -> datafusion::execution::session_state::SessionState {
+        self.ctx.state()
+    }
+
+    /// Plans a view's query: read-only checks, then the analyzer (type coercion), but
+    /// not the optimizer, whose rewrites would hide the shapes views maintain.
+    pub(crate) async fn plan_view(&self, sql: &str) -> Result<LogicalPlan, QueryError> {
+        let plan = match prepare(&self.ctx, sql, &[]).await? {
+            Prepared::Query(plan) => *plan,
+            Prepared::Ddl(d) => {
+                return Err(QueryError::Invalid(format!(
+                    "a view is defined by a query, not by {}",
+                    d.kind()
+                )));
+            }
+        };
+        if matches!(
+            plan,
+            LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) | LogicalPlan::DescribeTable(_)
+        ) {
+            return Err(QueryError::Invalid(
+                "a view is defined by a SELECT query".into(),
+            ));
+        }
+        let state = self.ctx.state();
+        Ok(state
+            .analyzer()
+            .execute_and_check(plan, state.config_options(), |_, _| {})?)
+    }
+
+    /// Streams every row of a table provider.
+    pub(crate) async fn scan(
+        &self,
+        provider: Arc<dyn datafusion::catalog::TableProvider>,
+    ) -> Result<SendableRecordBatchStream, QueryError> {
+        Ok(self.ctx.read_table(provider)?.execute_stream().await?)
     }
 }
 

@@ -12,6 +12,7 @@ use datafusion::catalog::{
     CatalogProvider, SchemaProvider, Session, TableFunctionArgs, TableFunctionImpl, TableProvider,
 };
 use datafusion::common::{DataFusionError, ScalarValue, plan_err};
+use datafusion::datasource::MemTable;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_plan::ExecutionPlan;
@@ -61,21 +62,54 @@ struct PublicSchema {
 #[async_trait]
 impl SchemaProvider for PublicSchema {
     fn table_names(&self) -> Vec<String> {
-        self.engine.stream_names()
+        let mut names = self.engine.stream_names();
+        names.extend(self.engine.views().names());
+        names
     }
 
     async fn table(&self, name: &str) -> datafusion::error::Result<Option<Arc<dyn TableProvider>>> {
-        let Some(snapshot) = self.engine.read_snapshot(name) else {
+        if let Some(snapshot) = self.engine.read_snapshot(name) {
+            return Ok(Some(Arc::new(StreamProvider::live(
+                snapshot.table,
+                snapshot.buffered,
+            )?)));
+        }
+        let Some(view) = self.engine.views().get(name) else {
             return Ok(None);
         };
-        Ok(Some(Arc::new(StreamProvider::live(
-            snapshot.table,
-            snapshot.buffered,
-        )?)))
+        // A view is read at its latest published version.
+        let (_, rows) = view.snapshot()?;
+        let table = MemTable::try_new(view.schema(), vec![vec![rows]])?;
+        Ok(Some(Arc::new(ViewRows(table))))
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.engine.stream_schema(name).is_some()
+        self.engine.stream_schema(name).is_some() || self.engine.views().get(name).is_some()
+    }
+}
+
+/// A materialized view's rows at one version; listed as a view in the catalog.
+#[derive(Debug)]
+struct ViewRows(MemTable);
+
+#[async_trait]
+impl TableProvider for ViewRows {
+    fn schema(&self) -> SchemaRef {
+        self.0.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        self.0.scan(state, projection, filters, limit).await
     }
 }
 

@@ -1,0 +1,357 @@
+//! The stateful operators besides GROUP BY: latest row per key, and equi-joins.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, RecordBatch};
+use arrow::datatypes::SchemaRef;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::physical_expr::PhysicalExpr;
+
+use super::codec::{Reader, Writer};
+use super::zset::{Codec, ZBatch, decode_batch, evaluate, take_optional};
+
+/// Encoded bytes: a key, a sort position or a row.
+type Bytes = Box<[u8]>;
+/// A join output row: the left row and the right one (none: no match, left join).
+type Pair = (Bytes, Option<Bytes>);
+
+/// `SELECT DISTINCT ON (key) … ORDER BY key, order…`: per key, the row that sorts
+/// first; among rows that sort equal, the one that arrived last.
+#[derive(Debug)]
+pub(crate) struct DistinctOn {
+    pub(crate) on: Vec<Arc<dyn PhysicalExpr>>,
+    key_codec: Codec,
+    pub(crate) order: Vec<Arc<dyn PhysicalExpr>>,
+    order_codec: Codec,
+    pub(crate) select: Vec<Arc<dyn PhysicalExpr>>,
+    row_codec: Codec,
+    schema: SchemaRef,
+    /// Key → (sort position, output row).
+    latest: HashMap<Bytes, (Bytes, Bytes)>,
+}
+
+impl DistinctOn {
+    pub(crate) fn new(
+        on: Vec<Arc<dyn PhysicalExpr>>,
+        key_codec: Codec,
+        order: Vec<Arc<dyn PhysicalExpr>>,
+        order_codec: Codec,
+        select: Vec<Arc<dyn PhysicalExpr>>,
+        schema: SchemaRef,
+    ) -> Result<Self> {
+        Ok(Self {
+            row_codec: super::zset::row_codec(&schema)?,
+            on,
+            key_codec,
+            order,
+            order_codec,
+            select,
+            schema,
+            latest: HashMap::new(),
+        })
+    }
+
+    pub(crate) fn keys(&self) -> usize {
+        self.latest.len()
+    }
+
+    pub(crate) fn apply(&mut self, input: &ZBatch) -> Result<ZBatch> {
+        if input.weights.iter().any(|w| *w != 1) {
+            return Err(DataFusionError::Internal(
+                "DISTINCT ON is maintained over insert-only inputs".into(),
+            ));
+        }
+        let batch = &input.batch;
+        let keys = self.key_codec.encode(&evaluate(&self.on, batch)?)?;
+        let orders = if self.order.is_empty() {
+            None
+        } else {
+            Some(self.order_codec.encode(&evaluate(&self.order, batch)?)?)
+        };
+        let rows = self.row_codec.encode(&evaluate(&self.select, batch)?)?;
+        // Key → the row it had before this batch (None: it had none).
+        let mut before: HashMap<Box<[u8]>, Option<Box<[u8]>>> = HashMap::new();
+        for i in 0..batch.num_rows() {
+            let key = keys.row(i);
+            let key = key.data();
+            let order: &[u8] = orders.as_ref().map_or(&[], |o| o.row(i).data());
+            let row = rows.row(i);
+            match self.latest.get_mut(key) {
+                Some((cur_order, cur_row)) => {
+                    // Equal sort positions: the later arrival wins.
+                    if order <= &**cur_order {
+                        if !before.contains_key(key) {
+                            before.insert(key.into(), Some(cur_row.clone()));
+                        }
+                        *cur_order = order.into();
+                        *cur_row = row.data().into();
+                    }
+                }
+                None => {
+                    before.insert(key.into(), None);
+                    self.latest
+                        .insert(key.into(), (order.into(), row.data().into()));
+                }
+            }
+        }
+        let mut out: Vec<&[u8]> = Vec::new();
+        let mut weights = Vec::new();
+        for (key, old) in &before {
+            let new = self.latest.get(key).map(|(_, r)| &**r);
+            if old.as_deref() == new {
+                continue;
+            }
+            if let Some(o) = old {
+                out.push(o);
+                weights.push(-1);
+            }
+            if let Some(n) = new {
+                out.push(n);
+                weights.push(1);
+            }
+        }
+        let batch = decode_batch(&self.row_codec, &self.schema, out)?;
+        Ok(ZBatch { batch, weights })
+    }
+
+    pub(crate) fn save(&self, w: &mut Writer) {
+        w.u64(self.latest.len() as u64);
+        for (k, (o, r)) in &self.latest {
+            w.bytes(k);
+            w.bytes(o);
+            w.bytes(r);
+        }
+    }
+
+    pub(crate) fn load(&mut self, r: &mut Reader<'_>) -> Result<()> {
+        self.latest.clear();
+        for _ in 0..r.u64()? {
+            let k = r.boxed()?;
+            let o = r.boxed()?;
+            let row = r.boxed()?;
+            self.latest.insert(k, (o, row));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn state_bytes(&self) -> usize {
+        self.latest
+            .iter()
+            .map(|(k, (o, r))| k.len() + o.len() + r.len() + 80)
+            .sum()
+    }
+}
+
+/// Which rows an equi-join keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JoinKind {
+    Inner,
+    Left,
+}
+
+/// One side of a join: rows (with their counts) by join key.
+#[derive(Debug)]
+struct Side {
+    keys: Vec<Arc<dyn PhysicalExpr>>,
+    codec: Codec,
+    rows: HashMap<Bytes, HashMap<Bytes, i64>>,
+}
+
+impl Side {
+    fn save(&self, w: &mut Writer) {
+        w.u64(self.rows.len() as u64);
+        for (k, rows) in &self.rows {
+            w.bytes(k);
+            w.u64(rows.len() as u64);
+            for (r, c) in rows {
+                w.bytes(r);
+                w.i64(*c);
+            }
+        }
+    }
+
+    fn load(&mut self, r: &mut Reader<'_>) -> Result<()> {
+        self.rows.clear();
+        for _ in 0..r.u64()? {
+            let k = r.boxed()?;
+            let mut rows = HashMap::new();
+            for _ in 0..r.u64()? {
+                let row = r.boxed()?;
+                rows.insert(row, r.i64()?);
+            }
+            self.rows.insert(k, rows);
+        }
+        Ok(())
+    }
+
+    fn state_bytes(&self) -> usize {
+        self.rows
+            .iter()
+            .map(|(k, rows)| k.len() + 64 + rows.keys().map(|r| r.len() + 40).sum::<usize>())
+            .sum()
+    }
+}
+
+/// An inner or left equi-join. For each join key a batch touches, the output pairs it
+/// had are retracted and the pairs it has now inserted (equal ones cancel).
+#[derive(Debug)]
+pub(crate) struct Join {
+    pub(crate) kind: JoinKind,
+    key_codec: Codec,
+    left: Side,
+    right: Side,
+    schema: SchemaRef,
+}
+
+impl Join {
+    pub(crate) fn new(
+        kind: JoinKind,
+        key_types: Vec<arrow::datatypes::DataType>,
+        left_keys: Vec<Arc<dyn PhysicalExpr>>,
+        right_keys: Vec<Arc<dyn PhysicalExpr>>,
+        left_schema: &SchemaRef,
+        right_schema: &SchemaRef,
+        schema: SchemaRef,
+    ) -> Result<Self> {
+        Ok(Self {
+            kind,
+            key_codec: Codec::new(key_types)?,
+            left: Side {
+                keys: left_keys,
+                codec: super::zset::row_codec(left_schema)?,
+                rows: HashMap::new(),
+            },
+            right: Side {
+                keys: right_keys,
+                codec: super::zset::row_codec(right_schema)?,
+                rows: HashMap::new(),
+            },
+            schema,
+        })
+    }
+
+    pub(crate) fn pairs(&self) -> usize {
+        self.left.rows.values().map(HashMap::len).sum::<usize>()
+            + self.right.rows.values().map(HashMap::len).sum::<usize>()
+    }
+
+    /// The output of one join key: (left row, right row or none, count).
+    fn output(&self, key: &[u8]) -> HashMap<Pair, i64> {
+        let mut out = HashMap::new();
+        let Some(left) = self.left.rows.get(key) else {
+            return out;
+        };
+        let right = self.right.rows.get(key).filter(|r| !r.is_empty());
+        for (l, lc) in left {
+            match right {
+                Some(right) => {
+                    for (r, rc) in right {
+                        *out.entry((l.clone(), Some(r.clone()))).or_insert(0) += lc * rc;
+                    }
+                }
+                None if self.kind == JoinKind::Left => {
+                    *out.entry((l.clone(), None)).or_insert(0) += lc;
+                }
+                None => {}
+            }
+        }
+        out
+    }
+
+    /// Applies changes to one side; `left` tells which.
+    pub(crate) fn apply(&mut self, delta: &ZBatch, left: bool) -> Result<ZBatch> {
+        let side = if left { &self.left } else { &self.right };
+        let key_cols = evaluate(&side.keys, &delta.batch)?;
+        let keys = self.key_codec.encode(&key_cols)?;
+        let rows = side.codec.encode(delta.batch.columns())?;
+        let null_key = |i: usize| key_cols.iter().any(|c| c.is_null(i));
+        // Pairs with a NULL join key never match; a left row still appears, alone.
+        let mut direct: Vec<(Bytes, Option<Bytes>, i64)> = Vec::new();
+        let mut by_key: HashMap<Box<[u8]>, Vec<usize>> = HashMap::new();
+        for i in 0..delta.len() {
+            if null_key(i) {
+                if left && self.kind == JoinKind::Left {
+                    direct.push((rows.row(i).data().into(), None, delta.weights[i]));
+                }
+                continue;
+            }
+            by_key.entry(keys.row(i).data().into()).or_default().push(i);
+        }
+        let mut changes: HashMap<Pair, i64> = HashMap::new();
+        for (key, idx) in &by_key {
+            for (pair, c) in self.output(key) {
+                *changes.entry(pair).or_insert(0) -= c;
+            }
+            let side = if left {
+                &mut self.left
+            } else {
+                &mut self.right
+            };
+            let entry = side.rows.entry(key.clone()).or_default();
+            for &i in idx {
+                let row = rows.row(i);
+                let row = row.data();
+                match entry.get_mut(row) {
+                    Some(c) => {
+                        *c += delta.weights[i];
+                        if *c == 0 {
+                            entry.remove(row);
+                        }
+                    }
+                    None => {
+                        entry.insert(row.into(), delta.weights[i]);
+                    }
+                }
+            }
+            if entry.is_empty() {
+                side.rows.remove(key);
+            }
+            for (pair, c) in self.output(key) {
+                *changes.entry(pair).or_insert(0) += c;
+            }
+        }
+        for (l, r, w) in direct {
+            *changes.entry((l, r)).or_insert(0) += w;
+        }
+        changes.retain(|_, w| *w != 0);
+        self.build(changes)
+    }
+
+    fn build(&self, changes: HashMap<Pair, i64>) -> Result<ZBatch> {
+        let mut lefts: Vec<&[u8]> = Vec::with_capacity(changes.len());
+        let mut rights: Vec<&[u8]> = Vec::new();
+        let mut right_idx: Vec<Option<u32>> = Vec::with_capacity(changes.len());
+        let mut weights = Vec::with_capacity(changes.len());
+        for ((l, r), w) in &changes {
+            lefts.push(l);
+            right_idx.push(r.as_ref().map(|r| {
+                rights.push(r);
+                (rights.len() - 1) as u32
+            }));
+            weights.push(*w);
+        }
+        let mut columns: Vec<ArrayRef> = self.left.codec.decode(lefts)?;
+        let right_cols = self.right.codec.decode(rights)?;
+        columns.extend(take_optional(&right_cols, &right_idx)?);
+        debug_assert_eq!(columns.len(), self.schema.fields().len());
+        Ok(ZBatch {
+            batch: RecordBatch::try_new(Arc::clone(&self.schema), columns)?,
+            weights,
+        })
+    }
+
+    pub(crate) fn save(&self, w: &mut Writer) {
+        self.left.save(w);
+        self.right.save(w);
+    }
+
+    pub(crate) fn load(&mut self, r: &mut Reader<'_>) -> Result<()> {
+        self.left.load(r)?;
+        self.right.load(r)
+    }
+
+    pub(crate) fn state_bytes(&self) -> usize {
+        self.left.state_bytes() + self.right.state_bytes()
+    }
+}

@@ -1,0 +1,227 @@
+//! A view's current rows, by key, and the change sets that move them forward.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::common::Result;
+use tracing::warn;
+
+use super::codec::{Reader, Writer};
+use super::zset::{Codec, ZBatch, decode_batch, row_codec};
+
+#[derive(Debug)]
+struct Slot {
+    row: Box<[u8]>,
+    count: i64,
+}
+
+/// What one batch of changes did to a view.
+#[derive(Debug)]
+pub(crate) struct Applied {
+    /// Rows whose key is new or whose values changed (full rows).
+    pub(crate) upserts: RecordBatch,
+    /// Keys that left the view (key columns).
+    pub(crate) deletes: RecordBatch,
+    /// The same change as weighted rows, for views that read this one.
+    pub(crate) diff: ZBatch,
+}
+
+impl Applied {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.upserts.num_rows() == 0 && self.deletes.num_rows() == 0
+    }
+}
+
+/// The rows of a view. With a key, one row per key; without one, the key is the whole
+/// row and the count says how many times it occurs.
+#[derive(Debug)]
+pub(crate) struct Output {
+    schema: SchemaRef,
+    key_schema: SchemaRef,
+    key_cols: Vec<usize>,
+    keyed: bool,
+    row_codec: Codec,
+    key_codec: Codec,
+    rows: HashMap<Box<[u8]>, Slot>,
+}
+
+impl Output {
+    pub(crate) fn new(schema: SchemaRef, key: Option<Vec<usize>>) -> Result<Self> {
+        let keyed = key.is_some();
+        let key_cols = key.unwrap_or_else(|| (0..schema.fields().len()).collect());
+        let key_schema = Arc::new(schema.project(&key_cols)?);
+        Ok(Self {
+            row_codec: row_codec(&schema)?,
+            key_codec: row_codec(&key_schema)?,
+            schema,
+            key_schema,
+            key_cols,
+            keyed,
+            rows: HashMap::new(),
+        })
+    }
+
+    pub(crate) fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    pub(crate) fn key_columns(&self) -> &[usize] {
+        &self.key_cols
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.rows.values().map(|s| s.count.max(0) as usize).sum()
+    }
+
+    pub(crate) fn state_bytes(&self) -> usize {
+        self.rows
+            .iter()
+            .map(|(k, s)| k.len() + s.row.len() + 64)
+            .sum()
+    }
+
+    fn key_of<'a>(&self, key: &'a [u8], row: &'a [u8]) -> &'a [u8] {
+        // (`key` is empty for an aggregate without GROUP BY.)
+        if self.keyed { key } else { row }
+    }
+
+    /// Applies weighted changes; returns what changed.
+    pub(crate) fn apply(&mut self, diff: &ZBatch) -> Result<Applied> {
+        let rows = self.row_codec.encode(diff.batch.columns())?;
+        // An empty key (an aggregate without GROUP BY) is the same for every row.
+        let keys = if self.keyed && !self.key_cols.is_empty() {
+            Some(
+                self.key_codec
+                    .encode(diff.batch.project(&self.key_cols)?.columns())?,
+            )
+        } else {
+            None
+        };
+        // Consolidate: the same row added and taken away in one batch is no change.
+        let mut net: HashMap<&[u8], (usize, i64)> = HashMap::new();
+        for (i, w) in diff.weights.iter().enumerate() {
+            net.entry(rows.row(i).data()).or_insert((i, 0)).1 += w;
+        }
+        net.retain(|_, (_, w)| *w != 0);
+        let mut before: HashMap<Box<[u8]>, Option<Box<[u8]>>> = HashMap::new();
+        let (minus, plus): (Vec<_>, Vec<_>) = net.iter().partition(|(_, (_, w))| *w < 0);
+        for (row, (i, w)) in minus {
+            let key = self.key_of(keys.as_ref().map_or(&[][..], |k| k.row(*i).data()), row);
+            let Some(slot) = self.rows.get_mut(key) else {
+                warn!("a view change removed a row the view does not hold; ignored");
+                continue;
+            };
+            before
+                .entry(key.into())
+                .or_insert_with(|| Some(slot.row.clone()));
+            if &*slot.row != *row {
+                warn!("a view change removed a row the view holds with other values; ignored");
+                continue;
+            }
+            slot.count += w;
+            if slot.count <= 0 {
+                self.rows.remove(key);
+            }
+        }
+        for (row, (i, w)) in plus {
+            let key = self.key_of(keys.as_ref().map_or(&[][..], |k| k.row(*i).data()), row);
+            match self.rows.get_mut(key) {
+                Some(slot) => {
+                    before
+                        .entry(key.into())
+                        .or_insert_with(|| Some(slot.row.clone()));
+                    if &*slot.row == *row {
+                        slot.count += w;
+                    } else {
+                        warn!("two rows of a view share one key; the later one is kept");
+                        slot.row = (*row).into();
+                        slot.count = *w;
+                    }
+                }
+                None => {
+                    before.entry(key.into()).or_insert(None);
+                    self.rows.insert(
+                        key.into(),
+                        Slot {
+                            row: (*row).into(),
+                            count: *w,
+                        },
+                    );
+                }
+            }
+        }
+        let mut upserts: Vec<&[u8]> = Vec::new();
+        let mut deletes: Vec<&[u8]> = Vec::new();
+        for (key, old) in &before {
+            let new = self.rows.get(key);
+            match new {
+                Some(slot) if old.as_deref() != Some(&*slot.row) || !self.keyed => {
+                    upserts.push(&slot.row)
+                }
+                Some(_) => {}
+                None if old.is_some() => deletes.push(key),
+                None => {}
+            }
+        }
+        let upserts = decode_batch(&self.row_codec, &self.schema, upserts)?;
+        let deletes = decode_batch(&self.key_codec, &self.key_schema, deletes)?;
+        let mut changed: Vec<&[u8]> = Vec::with_capacity(net.len());
+        let mut weights = Vec::with_capacity(net.len());
+        for (row, (_, w)) in &net {
+            changed.push(row);
+            weights.push(*w);
+        }
+        let diff = ZBatch {
+            batch: decode_batch(&self.row_codec, &self.schema, changed)?,
+            weights,
+        };
+        Ok(Applied {
+            upserts,
+            deletes,
+            diff,
+        })
+    }
+
+    /// Every row (repeated by its count).
+    pub(crate) fn snapshot(&self) -> Result<RecordBatch> {
+        let rows = self
+            .rows
+            .values()
+            .flat_map(|s| std::iter::repeat_n(&*s.row, s.count.max(0) as usize));
+        decode_batch(&self.row_codec, &self.schema, rows)
+    }
+
+    /// Replaces every row by `batch`'s (for recomputed views); returns the change.
+    pub(crate) fn replace(&mut self, batch: &RecordBatch) -> Result<Applied> {
+        let current = self.snapshot()?;
+        let mut weights = vec![-1; current.num_rows()];
+        weights.extend(std::iter::repeat_n(1, batch.num_rows()));
+        let both = arrow::compute::concat_batches(&self.schema, [&current, batch])?;
+        self.apply(&ZBatch {
+            batch: both,
+            weights,
+        })
+    }
+
+    pub(crate) fn save(&self, w: &mut Writer) {
+        w.u64(self.rows.len() as u64);
+        for (k, s) in &self.rows {
+            w.bytes(k);
+            w.bytes(&s.row);
+            w.i64(s.count);
+        }
+    }
+
+    pub(crate) fn load(&mut self, r: &mut Reader<'_>) -> Result<()> {
+        self.rows.clear();
+        for _ in 0..r.u64()? {
+            let k = r.boxed()?;
+            let row = r.boxed()?;
+            let count = r.i64()?;
+            self.rows.insert(k, Slot { row, count });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,543 @@
+//! Views against the truth: after every batch of random events, each view must hold
+//! exactly what a from-scratch DataFusion run of its SQL over the same events gives.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{
+    Array, Decimal128Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
+use arrow::datatypes::DataType;
+use arrow::util::display::array_value_to_string;
+use futures::StreamExt;
+use proptest::prelude::*;
+
+use crate::query::Prepared;
+use crate::schema::StreamSchema;
+use crate::{Engine, EngineConfig, EngineMetrics};
+
+const KPIS: [&str; 8] = [
+    include_str!("../../../sql/kpis/01_revenue_per_minute.sql"),
+    include_str!("../../../sql/kpis/02_hourly_sales_by_sku.sql"),
+    include_str!("../../../sql/kpis/03_stock_on_hand.sql"),
+    include_str!("../../../sql/kpis/04_low_stock.sql"),
+    include_str!("../../../sql/kpis/05_orders_current.sql"),
+    include_str!("../../../sql/kpis/06_orders_by_status.sql"),
+    include_str!("../../../sql/kpis/07_units_sold.sql"),
+    include_str!("../../../sql/kpis/08_sell_through.sql"),
+];
+
+/// More shapes, created after the first batch so they are filled from existing data.
+const EXTRA: [(&str, &str); 8] = [
+    (
+        "wh_prices",
+        "SELECT warehouse_id, MIN(unit_price) AS lo, MAX(unit_price) AS hi, AVG(quantity) AS avg_qty, \
+         AVG(unit_price) AS avg_price, COUNT(DISTINCT customer_id) AS customers, COUNT(*) AS n \
+         FROM orders_current WHERE status <> 'cancelled' GROUP BY warehouse_id",
+    ),
+    (
+        "lines_with_stock",
+        "SELECT o.order_id, o.sku, o.status, s.on_hand FROM orders_current o \
+         JOIN stock_on_hand s ON o.sku = s.sku AND o.warehouse_id = s.warehouse_id",
+    ),
+    (
+        "totals",
+        "SELECT COUNT(*) AS movements, SUM(quantity) AS units, MIN(event_time) AS first_at, \
+         MAX(unit_cost) AS top_cost FROM inventory",
+    ),
+    (
+        "outflows",
+        "SELECT event_id, sku, quantity * -1 AS units FROM inventory WHERE quantity < 0",
+    ),
+    ("sku_channels", "SELECT DISTINCT sku, channel FROM orders"),
+    (
+        "low_after_sales",
+        "SELECT l.sku, l.warehouse_id, l.on_hand, u.units_sold FROM low_stock l \
+         JOIN units_sold u ON l.sku = u.sku AND l.warehouse_id = u.warehouse_id",
+    ),
+    (
+        "stock_moves",
+        "SELECT i.event_id, i.sku, s.movements FROM inventory i \
+         LEFT JOIN stock_on_hand s ON i.sku = s.sku AND i.warehouse_id = s.warehouse_id",
+    ),
+    (
+        "busy_minutes",
+        "SELECT minute, SUM(paid_lines) AS lines, MAX(revenue) AS best FROM revenue_per_minute \
+         WHERE paid_lines > 1 GROUP BY minute",
+    ),
+];
+
+/// `orders_current` as DESIGN.md defines ties: among equal times the later arrival
+/// wins; event ids grow with arrival here, so they order ties.
+const ORDERS_CURRENT_EXACT: &str = "SELECT DISTINCT ON (order_id, sku) order_id, sku, \
+    customer_id, warehouse_id, status, quantity, unit_price, event_time FROM orders \
+    ORDER BY order_id, sku, event_time DESC, event_id DESC";
+
+const BASE_MICROS: i64 = 1_764_064_800_000_000; // 2025-11-25T10:00:00Z
+
+#[derive(Debug, Clone)]
+enum Ev {
+    Order {
+        order: u8,
+        sku: u8,
+        customer: u8,
+        warehouse: u8,
+        status: u8,
+        quantity: i64,
+        price: u8,
+        second: i64,
+    },
+    Stock {
+        sku: u8,
+        warehouse: u8,
+        kind: u8,
+        quantity: i64,
+        cost: Option<u8>,
+        second: i64,
+    },
+}
+
+fn event() -> impl Strategy<Value = Ev> {
+    // Times fall on whole minutes half the time, so ties are common; their order across
+    // batches is random, so events arrive late and out of order.
+    let second = prop_oneof![(0i64..180).prop_map(|m| m * 60), 0i64..10_800];
+    prop_oneof![
+        (
+            0u8..6,
+            0u8..3,
+            0u8..4,
+            0u8..2,
+            0u8..6,
+            1i64..5,
+            0u8..4,
+            second.clone()
+        )
+            .prop_map(
+                |(order, sku, customer, warehouse, status, quantity, price, second)| Ev::Order {
+                    order,
+                    sku,
+                    customer,
+                    warehouse,
+                    status,
+                    quantity,
+                    price,
+                    second,
+                }
+            ),
+        (
+            0u8..3,
+            0u8..2,
+            0u8..6,
+            prop_oneof![-30i64..-1, 1i64..30],
+            proptest::option::of(0u8..3),
+            second
+        )
+            .prop_map(|(sku, warehouse, kind, quantity, cost, second)| Ev::Stock {
+                sku,
+                warehouse,
+                kind,
+                quantity,
+                cost,
+                second,
+            }),
+    ]
+}
+
+/// Builds the two streams' batches; event ids number events in arrival order.
+fn batches(events: &[Ev], next_id: &mut u64) -> (Option<RecordBatch>, Option<RecordBatch>) {
+    let prices = [50i128, 125, 999, 1000];
+    let statuses = crate::schema::ORDER_STATUSES;
+    let kinds = [
+        "receipt",
+        "sale",
+        "return",
+        "adjustment",
+        "transfer_in",
+        "transfer_out",
+    ];
+    let (mut o_id, mut o_t, mut o_ord, mut o_cust, mut o_wh, mut o_sku) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut o_q, mut o_p, mut o_st, mut o_ch) = (vec![], vec![], vec![], vec![]);
+    let (mut i_id, mut i_t, mut i_sku, mut i_wh, mut i_kind, mut i_q, mut i_c) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for e in events {
+        *next_id += 1;
+        let id = format!("e{next_id:08}");
+        match e {
+            Ev::Order {
+                order,
+                sku,
+                customer,
+                warehouse,
+                status,
+                quantity,
+                price,
+                second,
+            } => {
+                o_id.push(id);
+                o_t.push(BASE_MICROS + second * 1_000_000);
+                o_ord.push(format!("o{order}"));
+                o_cust.push(format!("c{customer}"));
+                o_wh.push(format!("W{warehouse}"));
+                o_sku.push(format!("S{sku}"));
+                o_q.push(*quantity);
+                o_p.push(prices[*price as usize]);
+                o_st.push(statuses[*status as usize]);
+                o_ch.push(if order % 3 == 0 { None } else { Some("web") });
+            }
+            Ev::Stock {
+                sku,
+                warehouse,
+                kind,
+                quantity,
+                cost,
+                second,
+            } => {
+                i_id.push(id);
+                i_t.push(BASE_MICROS + second * 1_000_000);
+                i_sku.push(format!("S{sku}"));
+                i_wh.push(format!("W{warehouse}"));
+                i_kind.push(kinds[*kind as usize]);
+                i_q.push(*quantity);
+                i_c.push(cost.map(|c| i128::from(c) * 111));
+            }
+        }
+    }
+    let ts = |v: Vec<i64>| Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"));
+    let money = |v: Vec<Option<i128>>| {
+        Arc::new(
+            Decimal128Array::from(v)
+                .with_precision_and_scale(18, 2)
+                .unwrap(),
+        )
+    };
+    let orders = (!o_id.is_empty()).then(|| {
+        RecordBatch::try_new(
+            Arc::clone(StreamSchema::orders().input_schema()),
+            vec![
+                Arc::new(StringArray::from(o_id)),
+                ts(o_t),
+                Arc::new(StringArray::from(o_ord)),
+                Arc::new(StringArray::from(o_cust)),
+                Arc::new(StringArray::from(o_wh)),
+                Arc::new(StringArray::from(o_sku)),
+                Arc::new(Int64Array::from(o_q)),
+                money(o_p.into_iter().map(Some).collect()),
+                Arc::new(StringArray::from(o_st)),
+                Arc::new(StringArray::from(o_ch)),
+            ],
+        )
+        .unwrap()
+    });
+    let inventory = (!i_id.is_empty()).then(|| {
+        RecordBatch::try_new(
+            Arc::clone(StreamSchema::inventory().input_schema()),
+            vec![
+                Arc::new(StringArray::from(i_id)),
+                ts(i_t),
+                Arc::new(StringArray::from(i_sku)),
+                Arc::new(StringArray::from(i_wh)),
+                Arc::new(StringArray::from(i_kind)),
+                Arc::new(Int64Array::from(i_q)),
+                money(i_c),
+            ],
+        )
+        .unwrap()
+    });
+    (orders, inventory)
+}
+
+/// Rows as sorted strings; floats to 9 significant digits (sums of floats depend on
+/// the order they are added in).
+fn rows(batches: &[RecordBatch]) -> Vec<String> {
+    let mut out = Vec::new();
+    for b in batches {
+        for i in 0..b.num_rows() {
+            let cells: Vec<String> = b
+                .columns()
+                .iter()
+                .map(|c| {
+                    if c.is_null(i) {
+                        return "NULL".into();
+                    }
+                    match c.data_type() {
+                        DataType::Float64 => {
+                            let v = c
+                                .as_any()
+                                .downcast_ref::<arrow::array::Float64Array>()
+                                .unwrap()
+                                .value(i);
+                            format!("{v:.9e}")
+                        }
+                        _ => array_value_to_string(c, i).unwrap(),
+                    }
+                })
+                .collect();
+            out.push(cells.join(" | "));
+        }
+    }
+    out.sort();
+    out
+}
+
+async fn query(engine: &Engine, sql: &str) -> (arrow::datatypes::SchemaRef, Vec<RecordBatch>) {
+    let session = engine.query_session();
+    let Prepared::Query(plan) = session.prepare(sql, &[]).await.unwrap() else {
+        panic!("not a query: {sql}");
+    };
+    let schema = Arc::clone(plan.schema().inner());
+    let mut stream = session.execute(*plan).await.unwrap();
+    let mut out = Vec::new();
+    while let Some(b) = stream.next().await {
+        out.push(b.unwrap());
+    }
+    (schema, out)
+}
+
+/// The view's SQL evaluated from the streams alone: every view it may read is inlined
+/// as a common table expression.
+fn from_scratch(engine: &Engine, name: &str) -> String {
+    let views = engine.views().names_in_order();
+    let mut ctes = Vec::new();
+    for v in &views {
+        if v == name {
+            break;
+        }
+        let sql = if v == "orders_current" {
+            ORDERS_CURRENT_EXACT.to_owned()
+        } else {
+            engine.view_info(v).unwrap().sql
+        };
+        ctes.push(format!("{v} AS ({sql})"));
+    }
+    let sql = if name == "orders_current" {
+        ORDERS_CURRENT_EXACT.to_owned()
+    } else {
+        engine.view_info(name).unwrap().sql
+    };
+    if ctes.is_empty() {
+        sql
+    } else {
+        format!("WITH {} {sql}", ctes.join(", "))
+    }
+}
+
+async fn check_all(engine: &Engine, when: &str) -> Result<(), TestCaseError> {
+    engine.views_settled().await;
+    for name in engine.views().names_in_order() {
+        let snap = engine.view_snapshot(&name).unwrap().unwrap();
+        let (schema, expected) = query(engine, &from_scratch(engine, &name)).await;
+        let got_types: Vec<_> = snap
+            .rows
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.data_type().clone()))
+            .collect();
+        let want_types: Vec<_> = schema
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.data_type().clone()))
+            .collect();
+        prop_assert_eq!(got_types, want_types, "columns of {} {}", name, when);
+        let got = rows(&[snap.rows]);
+        let want = rows(&expected);
+        prop_assert_eq!(got, want, "rows of view {} {}", name, when);
+    }
+    Ok(())
+}
+
+fn config(store: &str, wal: &std::path::Path) -> EngineConfig {
+    let mut config = EngineConfig::new(store, wal);
+    config.upkeep_interval = Duration::ZERO;
+    config.views.definitions = KPIS.iter().map(|s| (*s).to_owned()).collect();
+    config.views.checkpoint_interval = Duration::from_secs(3600);
+    config
+}
+
+async fn run_case(plan: Vec<(Vec<Ev>, bool)>) -> Result<(), TestCaseError> {
+    let wal = tempfile::tempdir().unwrap();
+    let engine = Engine::open(
+        config("memory://", wal.path()),
+        Arc::new(EngineMetrics::unregistered()),
+    )
+    .await
+    .unwrap();
+    let mut next_id = 0;
+    for (step, (events, flush)) in plan.into_iter().enumerate() {
+        let (orders, inventory) = batches(&events, &mut next_id);
+        if let Some(b) = orders {
+            engine.ingest("orders", b, None).await.unwrap();
+        }
+        if let Some(b) = inventory {
+            engine.ingest("inventory", b, None).await.unwrap();
+        }
+        if flush {
+            engine.flush_all().await.unwrap();
+        }
+        if step == 0 {
+            for (name, sql) in EXTRA {
+                engine.create_view(name, sql, false).await.unwrap();
+            }
+        }
+        check_all(&engine, &format!("after batch {step}")).await?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 10, ..ProptestConfig::default() })]
+
+    #[test]
+    fn views_equal_a_recompute_after_every_batch(
+        plan in proptest::collection::vec(
+            (proptest::collection::vec(event(), 0..30), any::<bool>()),
+            1..5,
+        )
+    ) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(run_case(plan))?;
+    }
+}
+
+fn fixed_events(n: usize, seed: u64) -> Vec<Ev> {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
+    );
+    proptest::collection::vec(event(), n)
+        .new_tree(&mut runner)
+        .unwrap()
+        .current()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_come_back_after_a_clean_restart_and_after_a_crash() {
+    let store = tempfile::tempdir().unwrap();
+    let wal = tempfile::tempdir().unwrap();
+    let store_url = store.path().to_str().unwrap().to_owned();
+    let metrics = Arc::new(EngineMetrics::unregistered());
+    let engine = Engine::open(config(&store_url, wal.path()), Arc::clone(&metrics))
+        .await
+        .unwrap();
+    let mut next_id = 0;
+    for (name, sql) in EXTRA {
+        engine.create_view(name, sql, false).await.unwrap();
+    }
+    for round in 0..3 {
+        let (o, i) = batches(&fixed_events(60, round), &mut next_id);
+        engine.ingest("orders", o.unwrap(), None).await.unwrap();
+        engine.ingest("inventory", i.unwrap(), None).await.unwrap();
+        if round == 1 {
+            engine.flush_all().await.unwrap();
+        }
+    }
+    check_all(&engine, "before the restart").await.unwrap();
+    let versions: Vec<u64> = engine.views_info().iter().map(|v| v.version).collect();
+    engine.shutdown().await.unwrap();
+    drop(engine);
+
+    // A clean restart restores every view from its checkpoint, at the same version.
+    let engine = Engine::open(config(&store_url, wal.path()), Arc::clone(&metrics))
+        .await
+        .unwrap();
+    let again: Vec<u64> = engine.views_info().iter().map(|v| v.version).collect();
+    assert_eq!(
+        again, versions,
+        "views restored at their checkpointed versions"
+    );
+    check_all(&engine, "after a clean restart").await.unwrap();
+
+    // Events after the checkpoint, then a crash (no shutdown, no new checkpoint): the
+    // WAL still holds them, and each view replays what its checkpoint lacks.
+    let (o, i) = batches(&fixed_events(80, 7), &mut next_id);
+    engine.ingest("orders", o.unwrap(), None).await.unwrap();
+    engine.flush_all().await.unwrap();
+    engine.ingest("inventory", i.unwrap(), None).await.unwrap();
+    engine.views_settled().await;
+    let before_crash: Vec<(String, Vec<String>)> = engine
+        .views()
+        .names_in_order()
+        .into_iter()
+        .map(|n| {
+            let snap = engine.view_snapshot(&n).unwrap().unwrap();
+            (n, rows(&[snap.rows]))
+        })
+        .collect();
+    engine.crash_for_tests();
+    drop(engine);
+    let engine = Engine::open(config(&store_url, wal.path()), Arc::clone(&metrics))
+        .await
+        .unwrap();
+    engine.views_settled().await;
+    for (name, want) in before_crash {
+        let snap = engine.view_snapshot(&name).unwrap().unwrap();
+        assert_eq!(rows(&[snap.rows]), want, "view {name} after the crash");
+    }
+    check_all(&engine, "after a crash").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_shapes_are_recomputed_and_say_why() {
+    let wal = tempfile::tempdir().unwrap();
+    let mut cfg = config("memory://", wal.path());
+    cfg.views.recompute_interval = Duration::from_millis(50);
+    let engine = Engine::open(cfg, Arc::new(EngineMetrics::unregistered()))
+        .await
+        .unwrap();
+    let info = engine
+        .create_view(
+            "top_skus",
+            "SELECT sku, SUM(quantity) AS units FROM orders GROUP BY sku ORDER BY units DESC LIMIT 2",
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(info.maintenance, crate::Maintenance::Recompute);
+    assert!(
+        info.reason.as_deref().unwrap_or("").contains("Limit"),
+        "{:?}",
+        info.reason
+    );
+    let explained = engine.explain_view("top_skus").await.unwrap().join("\n");
+    assert!(explained.contains("maintenance=recompute"), "{explained}");
+    let explained = engine
+        .explain_view("stock_on_hand")
+        .await
+        .unwrap()
+        .join("\n");
+    assert!(explained.contains("maintenance=incremental"), "{explained}");
+    assert!(explained.contains("Aggregate"), "{explained}");
+
+    let mut next_id = 0;
+    let (o, _) = batches(&fixed_events(50, 3), &mut next_id);
+    engine.ingest("orders", o.unwrap(), None).await.unwrap();
+    let mut changes = engine.subscribe_changes();
+    // The recompute view catches up within a few intervals.
+    let want = rows(&query(&engine, "SELECT sku, SUM(quantity) AS units FROM orders GROUP BY sku ORDER BY units DESC LIMIT 2").await.1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let snap = engine.view_snapshot("top_skus").unwrap().unwrap();
+        if rows(&[snap.rows]) == want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "recompute view never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut saw = false;
+    while let Ok(c) = changes.try_recv() {
+        saw |= c.view == "top_skus";
+    }
+    assert!(saw, "the recompute published a change set");
+}
