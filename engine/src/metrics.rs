@@ -100,6 +100,8 @@ pub struct EngineMetrics {
     pub sql_active_queries: Gauge,
     /// Time to apply one micro-batch of events to every view.
     pub view_batch_seconds: Histogram,
+    /// Time to apply one micro-batch to one view, by view.
+    pub view_apply_seconds: Family<ViewLabel, Histogram, fn() -> Histogram>,
     /// Time from the acknowledgement of an event to the view change it causes.
     pub view_freshness_seconds: Histogram,
     /// Change sets published, by view.
@@ -142,6 +144,7 @@ impl EngineMetrics {
             sql_query_seconds: seconds_histogram(),
             sql_active_queries: Gauge::default(),
             view_batch_seconds: seconds_histogram(),
+            view_apply_seconds: Family::new_with_constructor(seconds_histogram),
             view_freshness_seconds: seconds_histogram(),
             view_changes_total: Family::default(),
             view_backfill_rows_total: Family::default(),
@@ -260,6 +263,11 @@ impl EngineMetrics {
             "view_batch_seconds",
             "Time to apply one micro-batch of events to every view",
             m.view_batch_seconds.clone(),
+        );
+        r.register(
+            "view_apply_seconds",
+            "Time to apply one micro-batch to one view",
+            m.view_apply_seconds.clone(),
         );
         r.register(
             "view_freshness_seconds",

@@ -88,6 +88,10 @@ struct DataArgs {
     /// Random seed (default: random).
     #[arg(long)]
     seed: Option<u64>,
+    /// Time of the first event, RFC 3339 (default: now). With a seed, the same
+    /// events every run.
+    #[arg(long)]
+    start: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl DataArgs {
@@ -98,6 +102,7 @@ impl DataArgs {
             order_lines_per_sec: lines_per_sec,
             late_fraction: self.late_fraction.clamp(0.0, 1.0),
             seed: self.seed.unwrap_or_else(rand::random),
+            start: self.start.unwrap_or_else(chrono::Utc::now),
             ..GeneratorConfig::default()
         })
     }

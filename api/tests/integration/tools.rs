@@ -45,6 +45,8 @@ async fn generate_then_load_every_format() {
                 out.to_str().unwrap(),
                 "--seed",
                 "11",
+                "--start",
+                "2026-11-25T10:00:00Z",
             ],
             &[],
         );

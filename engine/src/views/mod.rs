@@ -115,6 +115,8 @@ pub struct ViewInfo {
     pub state_bytes: usize,
     /// Streams and views it reads.
     pub reads: Vec<String>,
+    /// Time spent applying changes to it since start, in total.
+    pub apply_time: Duration,
 }
 
 /// One view's change between two versions.
@@ -158,6 +160,8 @@ pub(crate) struct ViewShared {
     cache: Mutex<Option<(u64, RecordBatch)>>,
     history: Mutex<VecDeque<Arc<ChangeSet>>>,
     state_bytes: AtomicUsize,
+    /// Time spent applying changes to this view, in total.
+    apply_nanos: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -200,6 +204,7 @@ impl ViewShared {
             cache: Mutex::new(None),
             history: Mutex::new(VecDeque::new()),
             state_bytes: AtomicUsize::new(0),
+            apply_nanos: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -526,6 +531,7 @@ impl Engine {
             rows: state.output.len(),
             state_bytes: v.state_bytes.load(Ordering::Relaxed),
             reads: v.reads.clone(),
+            apply_time: Duration::from_nanos(v.apply_nanos.load(Ordering::Relaxed)),
         }
     }
 
@@ -735,6 +741,7 @@ impl Maintainer {
             let Some(node) = run.node.as_mut() else {
                 continue;
             };
+            let view_started = Instant::now();
             let mut outs = Vec::new();
             let mut failed = None;
             for src in run.shared.reads.clone() {
@@ -765,19 +772,29 @@ impl Maintainer {
                 broken.push(i);
                 continue;
             }
-            if outs.is_empty() {
-                continue;
-            }
-            match publish(&engine, run, &outs, acked) {
-                Ok(Some(diff)) => {
-                    diffs.insert(run.shared.name.clone(), diff);
+            if !outs.is_empty() {
+                match publish(&engine, run, &outs, acked) {
+                    Ok(Some(diff)) => {
+                        diffs.insert(run.shared.name.clone(), diff);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        error!(view = run.name(), error = %e, "view update failed; rebuilding it from its sources");
+                        broken.push(i);
+                    }
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    error!(view = run.name(), error = %e, "view update failed; rebuilding it from its sources");
-                    broken.push(i);
-                }
             }
+            let spent = view_started.elapsed();
+            run.shared
+                .apply_nanos
+                .fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
+            engine
+                .metrics()
+                .view_apply_seconds
+                .get_or_create(&ViewLabel {
+                    view: run.shared.name.clone(),
+                })
+                .observe(spent.as_secs_f64());
         }
         {
             let mut pending = engine.view_feed().pending.lock();
