@@ -6,7 +6,7 @@
 //! A micro-batch touches some groups; for each, the output row it had before the batch
 //! is retracted and the row it has after is inserted, or nothing when they are equal.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -18,7 +18,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::zset::{Codec, ZBatch, evaluate};
+use super::zset::{Codec, Map, ZBatch, evaluate};
 
 /// What an aggregate computes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -121,7 +121,7 @@ enum Acc {
     /// MIN or MAX over an input with retractions: every value with its count.
     Values(BTreeMap<Box<[u8]>, i64>),
     /// COUNT(DISTINCT): every value with its count.
-    Distinct(HashMap<Box<[u8]>, i64>),
+    Distinct(Map<Box<[u8]>, i64>),
 }
 
 /// One output value, comparable between before and after a batch.
@@ -180,7 +180,7 @@ pub(crate) struct Aggregate {
     pub(crate) group_exprs: Vec<Arc<dyn PhysicalExpr>>,
     group_codec: Codec,
     pub(crate) specs: Vec<AggSpec>,
-    groups: HashMap<Box<[u8]>, Group>,
+    groups: Map<Box<[u8]>, Group>,
     /// No GROUP BY: one row, always present.
     scalar: bool,
     /// The input never retracts, so MIN and MAX keep one value.
@@ -202,7 +202,7 @@ impl Aggregate {
             group_codec: Codec::new(group_types)?,
             group_exprs,
             specs,
-            groups: HashMap::new(),
+            groups: Map::default(),
             append_only,
             epoch: 0,
             schema,
@@ -218,7 +218,7 @@ impl Aggregate {
             .iter()
             .map(|s| match s.kind {
                 AggKind::Count => Acc::Count(0),
-                AggKind::CountDistinct => Acc::Distinct(HashMap::new()),
+                AggKind::CountDistinct => Acc::Distinct(Map::default()),
                 AggKind::Sum(Num::Int) | AggKind::Avg(Num::Int) => Acc::SumInt { sum: 0, n: 0 },
                 AggKind::Sum(Num::Float) | AggKind::Avg(Num::Float) => {
                     Acc::SumFloat { sum: 0.0, n: 0 }

@@ -972,7 +972,7 @@ impl Maintainer {
                             .get_or_create(&label)
                             .inc_by(batch.num_rows() as u64);
                         if let Some(out) = node.apply(src, &ZBatch::inserts(batch))? {
-                            output.apply(&out)?;
+                            output.apply(&out, false)?;
                         }
                         if last_log.elapsed() >= Duration::from_secs(5) {
                             info!(view = name, rows, "backfilling view");
@@ -1003,7 +1003,7 @@ impl Maintainer {
                             .ok_or_else(|| QueryError::Internal(format!("{src} vanished")))?,
                     };
                     if let Some(out) = node.apply(src, &ZBatch::empty(empty))? {
-                        output.apply(&out)?;
+                        output.apply(&out, false)?;
                     }
                 }
                 info!(
@@ -1371,7 +1371,18 @@ fn publish(
     acked: Option<Instant>,
 ) -> datafusion::common::Result<Option<ZBatch>> {
     let diff = ZBatch::concat(&outs[0].batch.schema(), outs)?;
-    let applied = run.shared.state.write().output.apply(&diff)?;
+    let read_by_others = engine
+        .views()
+        .registry
+        .read()
+        .values()
+        .any(|v| v.reads.contains(&run.shared.name));
+    let applied = run
+        .shared
+        .state
+        .write()
+        .output
+        .apply(&diff, read_by_others)?;
     if applied.is_empty() {
         return Ok(None);
     }

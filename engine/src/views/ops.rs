@@ -9,7 +9,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::zset::{Codec, ZBatch, decode_batch, evaluate, take_optional};
+use super::zset::{Codec, Map, ZBatch, decode_batch, evaluate, take_optional};
 
 /// Encoded bytes: a key, a sort position or a row.
 type Bytes = Box<[u8]>;
@@ -28,7 +28,7 @@ pub(crate) struct DistinctOn {
     row_codec: Codec,
     schema: SchemaRef,
     /// Key → (sort position, output row).
-    latest: HashMap<Bytes, (Bytes, Bytes)>,
+    latest: Map<Bytes, (Bytes, Bytes)>,
 }
 
 impl DistinctOn {
@@ -48,7 +48,7 @@ impl DistinctOn {
             order_codec,
             select,
             schema,
-            latest: HashMap::new(),
+            latest: Map::default(),
         })
     }
 
@@ -71,7 +71,7 @@ impl DistinctOn {
         };
         let rows = self.row_codec.encode(&evaluate(&self.select, batch)?)?;
         // Key → the row it had before this batch (None: it had none).
-        let mut before: HashMap<Box<[u8]>, Option<Box<[u8]>>> = HashMap::new();
+        let mut before: Map<Box<[u8]>, Option<Box<[u8]>>> = Map::default();
         for i in 0..batch.num_rows() {
             let key = keys.row(i);
             let key = key.data();
@@ -155,7 +155,7 @@ pub(crate) enum JoinKind {
 struct Side {
     keys: Vec<Arc<dyn PhysicalExpr>>,
     codec: Codec,
-    rows: HashMap<Bytes, HashMap<Bytes, i64>>,
+    rows: Map<Bytes, Map<Bytes, i64>>,
 }
 
 impl Side {
@@ -175,7 +175,7 @@ impl Side {
         self.rows.clear();
         for _ in 0..r.u64()? {
             let k = r.boxed()?;
-            let mut rows = HashMap::new();
+            let mut rows = Map::default();
             for _ in 0..r.u64()? {
                 let row = r.boxed()?;
                 rows.insert(row, r.i64()?);
@@ -220,12 +220,12 @@ impl Join {
             left: Side {
                 keys: left_keys,
                 codec: super::zset::row_codec(left_schema)?,
-                rows: HashMap::new(),
+                rows: Map::default(),
             },
             right: Side {
                 keys: right_keys,
                 codec: super::zset::row_codec(right_schema)?,
-                rows: HashMap::new(),
+                rows: Map::default(),
             },
             schema,
         })
@@ -237,8 +237,8 @@ impl Join {
     }
 
     /// The output of one join key: (left row, right row or none, count).
-    fn output(&self, key: &[u8]) -> HashMap<Pair, i64> {
-        let mut out = HashMap::new();
+    fn output(&self, key: &[u8]) -> Map<Pair, i64> {
+        let mut out = Map::default();
         let Some(left) = self.left.rows.get(key) else {
             return out;
         };
@@ -268,7 +268,7 @@ impl Join {
         let null_key = |i: usize| key_cols.iter().any(|c| c.is_null(i));
         // Pairs with a NULL join key never match; a left row still appears, alone.
         let mut direct: Vec<(Bytes, Option<Bytes>, i64)> = Vec::new();
-        let mut by_key: HashMap<Box<[u8]>, Vec<usize>> = HashMap::new();
+        let mut by_key: Map<Box<[u8]>, Vec<usize>> = Map::default();
         for i in 0..delta.len() {
             if null_key(i) {
                 if left && self.kind == JoinKind::Left {
@@ -278,7 +278,7 @@ impl Join {
             }
             by_key.entry(keys.row(i).data().into()).or_default().push(i);
         }
-        let mut changes: HashMap<Pair, i64> = HashMap::new();
+        let mut changes: Map<Pair, i64> = Map::default();
         for (key, idx) in &by_key {
             for (pair, c) in self.output(key) {
                 *changes.entry(pair).or_insert(0) -= c;
@@ -318,7 +318,7 @@ impl Join {
         self.build(changes)
     }
 
-    fn build(&self, changes: HashMap<Pair, i64>) -> Result<ZBatch> {
+    fn build(&self, changes: Map<Pair, i64>) -> Result<ZBatch> {
         let mut lefts: Vec<&[u8]> = Vec::with_capacity(changes.len());
         let mut rights: Vec<&[u8]> = Vec::new();
         let mut right_idx: Vec<Option<u32>> = Vec::with_capacity(changes.len());

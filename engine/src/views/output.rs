@@ -1,6 +1,5 @@
 //! A view's current rows, by key, and the change sets that move them forward.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -9,7 +8,7 @@ use datafusion::common::Result;
 use tracing::warn;
 
 use super::codec::{Reader, Writer};
-use super::zset::{Codec, ZBatch, decode_batch, row_codec};
+use super::zset::{Codec, Map, ZBatch, decode_batch, row_codec};
 
 #[derive(Debug)]
 struct Slot {
@@ -44,7 +43,7 @@ pub(crate) struct Output {
     keyed: bool,
     row_codec: Codec,
     key_codec: Codec,
-    rows: HashMap<Box<[u8]>, Slot>,
+    rows: Map<Box<[u8]>, Slot>,
 }
 
 impl Output {
@@ -59,7 +58,7 @@ impl Output {
             key_schema,
             key_cols,
             keyed,
-            rows: HashMap::new(),
+            rows: Map::default(),
         })
     }
 
@@ -87,8 +86,9 @@ impl Output {
         if self.keyed { key } else { row }
     }
 
-    /// Applies weighted changes; returns what changed.
-    pub(crate) fn apply(&mut self, diff: &ZBatch) -> Result<Applied> {
+    /// Applies weighted changes; returns what changed. The weighted diff is built only
+    /// with `with_diff` (when other views read this one).
+    pub(crate) fn apply(&mut self, diff: &ZBatch, with_diff: bool) -> Result<Applied> {
         let rows = self.row_codec.encode(diff.batch.columns())?;
         // An empty key (an aggregate without GROUP BY) is the same for every row.
         let keys = if self.keyed && !self.key_cols.is_empty() {
@@ -100,12 +100,12 @@ impl Output {
             None
         };
         // Consolidate: the same row added and taken away in one batch is no change.
-        let mut net: HashMap<&[u8], (usize, i64)> = HashMap::new();
+        let mut net: Map<&[u8], (usize, i64)> = Map::default();
         for (i, w) in diff.weights.iter().enumerate() {
             net.entry(rows.row(i).data()).or_insert((i, 0)).1 += w;
         }
         net.retain(|_, (_, w)| *w != 0);
-        let mut before: HashMap<Box<[u8]>, Option<Box<[u8]>>> = HashMap::new();
+        let mut before: Map<Box<[u8]>, Option<Box<[u8]>>> = Map::default();
         let (minus, plus): (Vec<_>, Vec<_>) = net.iter().partition(|(_, (_, w))| *w < 0);
         for (row, (i, w)) in minus {
             let key = self.key_of(keys.as_ref().map_or(&[][..], |k| k.row(*i).data()), row);
@@ -167,11 +167,13 @@ impl Output {
         }
         let upserts = decode_batch(&self.row_codec, &self.schema, upserts)?;
         let deletes = decode_batch(&self.key_codec, &self.key_schema, deletes)?;
-        let mut changed: Vec<&[u8]> = Vec::with_capacity(net.len());
-        let mut weights = Vec::with_capacity(net.len());
-        for (row, (_, w)) in &net {
-            changed.push(row);
-            weights.push(*w);
+        let mut changed: Vec<&[u8]> = Vec::new();
+        let mut weights = Vec::new();
+        if with_diff {
+            for (row, (_, w)) in &net {
+                changed.push(row);
+                weights.push(*w);
+            }
         }
         let diff = ZBatch {
             batch: decode_batch(&self.row_codec, &self.schema, changed)?,
@@ -199,10 +201,13 @@ impl Output {
         let mut weights = vec![-1; current.num_rows()];
         weights.extend(std::iter::repeat_n(1, batch.num_rows()));
         let both = arrow::compute::concat_batches(&self.schema, [&current, batch])?;
-        self.apply(&ZBatch {
-            batch: both,
-            weights,
-        })
+        self.apply(
+            &ZBatch {
+                batch: both,
+                weights,
+            },
+            true,
+        )
     }
 
     pub(crate) fn save(&self, w: &mut Writer) {

@@ -18,6 +18,10 @@ use arrow::row::{RowConverter, Rows, SortField};
 use datafusion::common::Result;
 use datafusion::physical_expr::PhysicalExpr;
 
+/// The hash map of view state: keys are encoded rows, hashed with foldhash (several
+/// times faster than SipHash on short byte strings, and still seeded per process).
+pub(crate) type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Rows with weights.
 #[derive(Debug, Clone)]
 pub(crate) struct ZBatch {
