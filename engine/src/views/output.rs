@@ -113,9 +113,9 @@ impl Output {
                 warn!("a view change removed a row the view does not hold; ignored");
                 continue;
             };
-            before
-                .entry(key.into())
-                .or_insert_with(|| Some(slot.row.clone()));
+            if !before.contains_key(key) {
+                before.insert(key.into(), Some(slot.row.clone()));
+            }
             if &*slot.row != *row {
                 warn!("a view change removed a row the view holds with other values; ignored");
                 continue;
@@ -129,9 +129,9 @@ impl Output {
             let key = self.key_of(keys.as_ref().map_or(&[][..], |k| k.row(*i).data()), row);
             match self.rows.get_mut(key) {
                 Some(slot) => {
-                    before
-                        .entry(key.into())
-                        .or_insert_with(|| Some(slot.row.clone()));
+                    if !before.contains_key(key) {
+                        before.insert(key.into(), Some(slot.row.clone()));
+                    }
                     if &*slot.row == *row {
                         slot.count += w;
                     } else {
@@ -141,7 +141,9 @@ impl Output {
                     }
                 }
                 None => {
-                    before.entry(key.into()).or_insert(None);
+                    if !before.contains_key(key) {
+                        before.insert(key.into(), None);
+                    }
                     self.rows.insert(
                         key.into(),
                         Slot {
