@@ -560,18 +560,7 @@ fn update(kind: AggKind, acc: &mut Acc, arg: &Arg, i: usize, w: i64) -> Result<(
         }
         (Acc::Distinct(m), Arg::Encoded(rows, _)) => {
             let v = rows.row(i);
-            let v = v.data();
-            match m.get_mut(v) {
-                Some(c) => {
-                    *c += w;
-                    if *c == 0 {
-                        m.remove(v);
-                    }
-                }
-                None => {
-                    m.insert(v.into(), w);
-                }
-            }
+            bump(m, v.data(), w);
         }
         _ => {
             return Err(DataFusionError::Internal(format!(
@@ -582,7 +571,39 @@ fn update(kind: AggKind, acc: &mut Acc, arg: &Arg, i: usize, w: i64) -> Result<(
     Ok(())
 }
 
-fn bump(m: &mut BTreeMap<Box<[u8]>, i64>, v: &[u8], w: i64) {
+/// A counted set of values, ordered (MIN/MAX) or hashed (COUNT DISTINCT).
+trait Counts {
+    fn get_mut(&mut self, v: &[u8]) -> Option<&mut i64>;
+    fn insert(&mut self, v: Box<[u8]>, w: i64);
+    fn remove(&mut self, v: &[u8]);
+}
+
+impl Counts for BTreeMap<Box<[u8]>, i64> {
+    fn get_mut(&mut self, v: &[u8]) -> Option<&mut i64> {
+        BTreeMap::get_mut(self, v)
+    }
+    fn insert(&mut self, v: Box<[u8]>, w: i64) {
+        BTreeMap::insert(self, v, w);
+    }
+    fn remove(&mut self, v: &[u8]) {
+        BTreeMap::remove(self, v);
+    }
+}
+
+impl Counts for Map<Box<[u8]>, i64> {
+    fn get_mut(&mut self, v: &[u8]) -> Option<&mut i64> {
+        std::collections::HashMap::get_mut(self, v)
+    }
+    fn insert(&mut self, v: Box<[u8]>, w: i64) {
+        std::collections::HashMap::insert(self, v, w);
+    }
+    fn remove(&mut self, v: &[u8]) {
+        std::collections::HashMap::remove(self, v);
+    }
+}
+
+/// Adds `w` to the count of `v`; a value whose count reaches zero leaves the set.
+fn bump(m: &mut impl Counts, v: &[u8], w: i64) {
     match m.get_mut(v) {
         Some(c) => {
             *c += w;

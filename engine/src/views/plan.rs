@@ -139,6 +139,14 @@ impl Compiler<'_> {
             })
     }
 
+    fn physical_all(
+        &self,
+        exprs: &[Expr],
+        schema: &DFSchema,
+    ) -> std::result::Result<Vec<Arc<dyn PhysicalExpr>>, String> {
+        exprs.iter().map(|e| self.physical(e, schema)).collect()
+    }
+
     fn node(&self, plan: &LogicalPlan) -> std::result::Result<Node, NotIncremental> {
         let schema: SchemaRef = Arc::clone(plan.schema().inner());
         match plan {
@@ -192,11 +200,7 @@ impl Compiler<'_> {
             }
             LogicalPlan::Projection(p) => {
                 let input = self.node(&p.input)?;
-                let exprs = p
-                    .expr
-                    .iter()
-                    .map(|e| self.physical(e, p.input.schema()))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let exprs = self.physical_all(&p.expr, p.input.schema())?;
                 let in_schema = p.input.schema();
                 let key = input.key.as_ref().and_then(|k| {
                     k.iter()
@@ -231,11 +235,7 @@ impl Compiler<'_> {
                     return Err("GROUPING SETS, CUBE and ROLLUP are recomputed".into());
                 }
                 let in_schema = a.input.schema();
-                let group_exprs = a
-                    .group_expr
-                    .iter()
-                    .map(|e| self.physical(e, in_schema))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let group_exprs = self.physical_all(&a.group_expr, in_schema)?;
                 let n = group_exprs.len();
                 let group_types = schema.fields()[..n]
                     .iter()
@@ -275,11 +275,7 @@ impl Compiler<'_> {
                     );
                 }
                 let in_schema = d.input.schema();
-                let on = d
-                    .on_expr
-                    .iter()
-                    .map(|e| self.physical(e, in_schema))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let on = self.physical_all(&d.on_expr, in_schema)?;
                 let key_types = d
                     .on_expr
                     .iter()
@@ -304,11 +300,7 @@ impl Compiler<'_> {
                         ))
                     })
                     .collect::<std::result::Result<Vec<_>, String>>()?;
-                let select = d
-                    .select_expr
-                    .iter()
-                    .map(|e| self.physical(e, in_schema))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let select = self.physical_all(&d.select_expr, in_schema)?;
                 let key = d
                     .on_expr
                     .iter()

@@ -147,14 +147,7 @@ fn event() -> impl Strategy<Value = Ev> {
 fn batches(events: &[Ev], next_id: &mut u64) -> (Option<RecordBatch>, Option<RecordBatch>) {
     let prices = [50i128, 125, 999, 1000];
     let statuses = crate::schema::ORDER_STATUSES;
-    let kinds = [
-        "receipt",
-        "sale",
-        "return",
-        "adjustment",
-        "transfer_in",
-        "transfer_out",
-    ];
+    let kinds = crate::schema::INVENTORY_KINDS;
     let (mut o_id, mut o_t, mut o_ord, mut o_cust, mut o_wh, mut o_sku) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut o_q, mut o_p, mut o_st, mut o_ch) = (vec![], vec![], vec![], vec![]);
