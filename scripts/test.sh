@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need (moto's S3
-# server from PyPI), then runs fmt, clippy and every test with cargo-nextest.
+# server from PyPI, the `ws` package from npm for the JavaScript client's tests), then
+# runs fmt, clippy and every test with cargo-nextest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,10 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 echo "== installing test services"
 if ! python3 -c "import moto.server, flask, flask_cors" 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5.1'
+fi
+# The JavaScript push client's Node tests use the `ws` package.
+if [ ! -d api/js/node_modules/ws ]; then
+  (cd api/js && npm ci --no-audit --no-fund --silent)
 fi
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest

@@ -119,6 +119,60 @@ pub struct ServeConfig {
     pub view_checkpoint_interval: Duration,
 
     /// Admin token; when unset one is generated on first start and printed once.
+    /// Change sets each view keeps for subscribers resuming with `from_version`.
+    #[arg(long, env = "QUIVER_VIEW_HISTORY", default_value_t = 256)]
+    pub view_history: usize,
+
+    /// Origins whose browser pages may open `/v1/ws` (comma-separated; `*` for any).
+    /// Empty: only the server's own origin. Clients that send no Origin are allowed.
+    #[arg(long, env = "QUIVER_WS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub ws_allowed_origins: Vec<String>,
+
+    /// WebSocket connections the server holds at most.
+    #[arg(long, env = "QUIVER_WS_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub ws_max_connections: usize,
+
+    /// WebSocket connections one token may hold.
+    #[arg(
+        long,
+        env = "QUIVER_WS_MAX_CONNECTIONS_PER_TOKEN",
+        default_value_t = 1_000
+    )]
+    pub ws_max_connections_per_token: usize,
+
+    /// Live subscriptions one token may hold, across its connections.
+    #[arg(
+        long,
+        env = "QUIVER_WS_MAX_SUBSCRIPTIONS_PER_TOKEN",
+        default_value_t = 10_000
+    )]
+    pub ws_max_subscriptions_per_token: usize,
+
+    /// The largest message a client may send.
+    #[arg(long, env = "QUIVER_WS_MAX_MESSAGE_BYTES", default_value_t = 64 << 10)]
+    pub ws_max_message_bytes: usize,
+
+    /// Bytes of pending deltas per connection before a slow client's deltas are
+    /// coalesced per key, and then replaced by a fresh snapshot.
+    #[arg(long, env = "QUIVER_WS_QUEUE_BYTES", default_value_t = 1 << 20)]
+    pub ws_queue_bytes: usize,
+
+    /// How often the server pings an idle connection.
+    #[arg(long, env = "QUIVER_WS_PING_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub ws_ping_interval: Duration,
+
+    /// A connection that sends nothing (not even a pong) this long is closed.
+    #[arg(long, env = "QUIVER_WS_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ws_idle_timeout: Duration,
+
+    /// A connection that takes longer than this to accept a write is dropped.
+    #[arg(long, env = "QUIVER_WS_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub ws_write_timeout: Duration,
+
+    /// Offer permessage-deflate to clients that ask for it.
+    #[arg(long, env = "QUIVER_WS_COMPRESSION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ws_compression: bool,
+
     #[arg(long, env = "QUIVER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
@@ -167,6 +221,27 @@ impl ServeConfig {
     }
 
     /// The engine settings these flags describe.
+    pub(crate) fn push_config(&self) -> crate::push::PushConfig {
+        crate::push::PushConfig {
+            allowed_origins: self
+                .ws_allowed_origins
+                .iter()
+                .map(|o| o.trim().trim_end_matches('/').to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            max_connections: self.ws_max_connections,
+            max_connections_per_token: self.ws_max_connections_per_token,
+            max_subscriptions_per_token: self.ws_max_subscriptions_per_token,
+            max_message_bytes: self.ws_max_message_bytes,
+            queue_bytes: self.ws_queue_bytes,
+            ping_interval: self.ws_ping_interval,
+            idle_timeout: self.ws_idle_timeout,
+            write_timeout: self.ws_write_timeout,
+            auth_timeout: Duration::from_secs(10),
+            compression: self.ws_compression,
+        }
+    }
+
     pub fn engine_config(&self) -> quiver_engine::EngineConfig {
         let mut c = quiver_engine::EngineConfig::new(self.store.clone(), self.wal_dir());
         c.flush_bytes = self.flush_bytes;
@@ -187,6 +262,7 @@ impl ServeConfig {
         }
         c.views.recompute_interval = self.view_recompute_interval;
         c.views.checkpoint_interval = self.view_checkpoint_interval;
+        c.views.history = self.view_history.max(1);
         c
     }
 }

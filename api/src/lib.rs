@@ -11,6 +11,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 mod error;
+mod push;
 mod routes;
 mod server;
 mod sql;

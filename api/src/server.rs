@@ -32,6 +32,7 @@ pub(crate) struct AppState {
     pub(crate) rate_limiter: Option<DefaultKeyedRateLimiter<String>>,
     /// One permit per query allowed to run at once.
     pub(crate) query_slots: Arc<tokio::sync::Semaphore>,
+    pub(crate) push: Arc<crate::push::Push>,
 }
 
 /// A running server.
@@ -51,6 +52,7 @@ impl RunningServer {
     pub async fn start(config: ServeConfig) -> anyhow::Result<Self> {
         let mut registry = Registry::default();
         let metrics = Arc::new(EngineMetrics::new(&mut registry));
+        let push = Arc::new(crate::push::Push::new(config.push_config(), &mut registry));
         let store = Store::open(&config.store).context("opening the store")?;
         let (tokens, generated) = Tokens::load(&store, config.admin_token.clone())
             .await
@@ -67,6 +69,7 @@ impl RunningServer {
             query_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_queries.max(1),
             )),
+            push,
         });
 
         let listener = TcpListener::bind(config.http_addr)
@@ -93,6 +96,7 @@ impl RunningServer {
         tokio::spawn(async move {
             match Engine::open(engine_config, Arc::clone(&recovering.metrics)).await {
                 Ok(engine) => {
+                    tokio::spawn(Arc::clone(&recovering.push).run(engine.clone()));
                     let _ = recovering.engine.set(engine);
                     info!("ready");
                 }
@@ -135,6 +139,7 @@ impl RunningServer {
             engine.stop_accepting();
         }
         let _ = self.shutdown.send(true);
+        self.state.push.stop();
         let _ = self.http.await;
         if let Some(engine) = self.state.engine.get() {
             engine.shutdown().await.context("final flush")?;
@@ -151,6 +156,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/streams", get(routes::list_streams))
         .route("/v1/streams/{stream}/events", post(routes::ingest))
         .route("/v1/sql", post(crate::sql::sql))
+        .route("/v1/ws", get(crate::push::ws))
+        .route("/v1/ws/client.js", get(crate::push::client_js))
         .route(
             "/v1/views",
             get(crate::views::list).post(crate::views::create),

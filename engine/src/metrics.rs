@@ -48,7 +48,8 @@ pub struct ViewLabel {
     pub view: String,
 }
 
-fn seconds_histogram() -> Histogram {
+/// A latency histogram: 50 µs .. ~6.5 s.
+pub fn seconds_histogram() -> Histogram {
     // 50 µs .. ~6.5 s
     Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
 }

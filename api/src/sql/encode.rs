@@ -125,10 +125,7 @@ impl ResultEncoder {
             }
             _ => schema,
         };
-        let json_options = EncoderOptions::default()
-            .with_explicit_nulls(true)
-            .with_timestamp_tz_format(UTC_FORMAT.to_owned())
-            .with_encoder_factory(Arc::new(DecimalAsString));
+        let json_options = json_options();
         let (state, head) = match format {
             ResultFormat::Json => {
                 let columns: Vec<_> = schema
@@ -269,6 +266,51 @@ pub(crate) fn json_result(batch: &RecordBatch) -> Result<serde_json::Value, Arro
     serde_json::from_slice(&out).map_err(|e| ArrowError::ExternalError(Box::new(e)))
 }
 
+/// How JSON results write values: explicit nulls, UTC timestamps, decimals as strings.
+fn json_options() -> EncoderOptions {
+    EncoderOptions::default()
+        .with_explicit_nulls(true)
+        .with_timestamp_tz_format(UTC_FORMAT.to_owned())
+        .with_encoder_factory(Arc::new(DecimalAsString))
+}
+
+/// Rows as JSON arrays, valued as the JSON result writes them, joined by commas.
+#[derive(Debug, Default)]
+pub(crate) struct JsonRows {
+    /// `[…],[…],…`
+    pub(crate) text: Vec<u8>,
+    /// Where each row ends in `text` (the next starts one byte later, after the comma).
+    pub(crate) ends: Vec<usize>,
+}
+
+impl JsonRows {
+    pub(crate) fn encode(batch: &RecordBatch) -> Result<Self, ArrowError> {
+        let mut rows = Self::default();
+        if batch.num_rows() > 0 {
+            let batch = utc_timestamps(batch)?;
+            write_rows_to(
+                &batch,
+                &json_options(),
+                &mut rows.text,
+                false,
+                RowShape::Array,
+                Some(&mut rows.ends),
+            )?;
+        }
+        Ok(rows)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Row `i`'s text.
+    pub(crate) fn row(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] + 1 };
+        &self.text[start..self.ends[i]]
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RowShape {
     Array,
@@ -282,6 +324,18 @@ fn write_rows(
     out: &mut Vec<u8>,
     continues: bool,
     shape: RowShape,
+) -> Result<(), ArrowError> {
+    write_rows_to(batch, options, out, continues, shape, None)
+}
+
+/// [`write_rows`], noting where each row ends when `ends` is given.
+fn write_rows_to(
+    batch: &RecordBatch,
+    options: &EncoderOptions,
+    out: &mut Vec<u8>,
+    continues: bool,
+    shape: RowShape,
+    mut ends: Option<&mut Vec<usize>>,
 ) -> Result<(), ArrowError> {
     let schema = batch.schema();
     let mut encoders = schema
@@ -325,6 +379,9 @@ fn write_rows(
         match shape {
             RowShape::Array => out.push(b']'),
             RowShape::Object => out.extend_from_slice(b"}\n"),
+        }
+        if let Some(ends) = ends.as_deref_mut() {
+            ends.push(out.len());
         }
     }
     Ok(())

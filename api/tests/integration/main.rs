@@ -5,6 +5,7 @@ mod common;
 mod crash;
 mod disk_full;
 mod ingest;
+mod push;
 mod s3;
 mod sql;
 mod tools;

@@ -170,6 +170,16 @@ struct Published {
     output: Output,
 }
 
+impl Published {
+    /// The version after `applied`: one more when it changed anything.
+    fn bump(&mut self, applied: &output::Applied) -> u64 {
+        if !applied.is_empty() {
+            self.version += 1;
+        }
+        self.version
+    }
+}
+
 impl ViewShared {
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -559,7 +569,12 @@ impl Engine {
         let v = self.views().get(name)?;
         let history = v.history.lock();
         let current = v.state.read().version;
-        if version >= current {
+        if version > current {
+            // A version this view never had here (say, the view was dropped and created
+            // anew): the caller needs a fresh snapshot.
+            return None;
+        }
+        if version == current {
             return Some(Vec::new());
         }
         let first = history.front()?.version;
@@ -828,11 +843,12 @@ impl Maintainer {
                 let run = &self.views[i];
                 let mut state = run.shared.state.write();
                 let batch = crate::query::cast_batch(&batch, state.output.schema())?;
-                state.output.replace(&batch)
+                let applied = state.output.replace(&batch)?;
+                Ok((state.bump(&applied), applied))
             });
             match applied {
-                Ok(applied) if !applied.is_empty() => {
-                    let diff = finish(&engine, &self.views[i], applied, None);
+                Ok((version, applied)) if !applied.is_empty() => {
+                    let diff = finish(&engine, &self.views[i], applied, version, None);
                     self.dirty = true;
                     self.propagate(&engine, i, diff);
                 }
@@ -900,14 +916,15 @@ impl Maintainer {
                 let rows = fresh.shared.snapshot().map(|(_, r)| r);
                 let applied = rows.and_then(|rows| {
                     let mut state = self.views[i].shared.state.write();
-                    state.output.replace(&rows)
+                    let applied = state.output.replace(&rows)?;
+                    Ok((state.bump(&applied), applied))
                 });
                 self.views[i].node = fresh.node;
                 self.views[i].positions = fresh.positions;
-                if let Ok(applied) = applied
+                if let Ok((version, applied)) = applied
                     && !applied.is_empty()
                 {
-                    let diff = finish(&engine, &self.views[i], applied, None);
+                    let diff = finish(&engine, &self.views[i], applied, version, None);
                     self.propagate(&engine, i, diff);
                 }
             }
@@ -1377,16 +1394,17 @@ fn publish(
         .read()
         .values()
         .any(|v| v.reads.contains(&run.shared.name));
-    let applied = run
-        .shared
-        .state
-        .write()
-        .output
-        .apply(&diff, read_by_others)?;
+    let (version, applied) = {
+        // Rows and version change under one lock, so a snapshot is never ahead of its
+        // version.
+        let mut state = run.shared.state.write();
+        let applied = state.output.apply(&diff, read_by_others)?;
+        (state.bump(&applied), applied)
+    };
     if applied.is_empty() {
         return Ok(None);
     }
-    Ok(Some(finish(engine, run, applied, acked)))
+    Ok(Some(finish(engine, run, applied, version, acked)))
 }
 
 /// Versions and sends out an applied change.
@@ -1394,13 +1412,9 @@ fn finish(
     engine: &Engine,
     run: &Running,
     applied: output::Applied,
+    version: u64,
     acked: Option<Instant>,
 ) -> ZBatch {
-    let version = {
-        let mut state = run.shared.state.write();
-        state.version += 1;
-        state.version
-    };
     let change = Arc::new(ChangeSet {
         view: run.shared.name.clone(),
         version,

@@ -1,0 +1,791 @@
+//! One WebSocket connection: its bounded queue of pending frames, and the task that
+//! reads the client's requests and writes what is queued.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt as _, SinkExt as _};
+use parking_lot::Mutex;
+use quiver_engine::Engine;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tracing::debug;
+use yawc::close::CloseCode;
+use yawc::{Frame, HttpStream, OpCode, WebSocket};
+
+use super::delta::{Coalesced, Delta};
+use super::{Group, Push};
+use crate::auth::{Principal, Scope};
+use crate::server::AppState;
+
+/// Frames a subscription may queue before its deltas are coalesced, whatever their size.
+const MAX_QUEUED_FRAMES: usize = 256;
+/// Control frames (errors, pongs) a client may leave unread before it is disconnected.
+const MAX_CONTROL_FRAMES: usize = 1024;
+/// Bytes written between flushes.
+const WRITE_BATCH_BYTES: usize = 256 << 10;
+/// The longest subscription id.
+const MAX_ID_CHARS: usize = 128;
+
+#[derive(Debug)]
+enum Need {
+    Snapshot,
+    Resume(u64),
+}
+
+#[derive(Debug)]
+enum Pending {
+    Frames(VecDeque<Arc<Delta>>),
+    Coalesced(Coalesced),
+}
+
+#[derive(Debug)]
+struct Sub {
+    /// The id, JSON-quoted, as frames carry it.
+    id_json: String,
+    group: Arc<Group>,
+    need: Option<Need>,
+    /// A snapshot or resume for it is being written.
+    in_flight: bool,
+    pending: Pending,
+    /// Bytes held in `pending`.
+    bytes: usize,
+    /// The last version sent.
+    sent: u64,
+    /// In the ready list.
+    queued: bool,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    control: VecDeque<Vec<u8>>,
+    subs: HashMap<Arc<str>, Sub>,
+    /// Subscriptions with something to write, in turn.
+    ready: VecDeque<Arc<str>>,
+    /// Bytes held by every subscription's pending deltas.
+    bytes: usize,
+}
+
+/// What the writer does next.
+enum Work {
+    Control(Vec<u8>),
+    Snapshot(Arc<str>, String, Arc<Group>),
+    Resume(Arc<str>, String, Arc<Group>, u64),
+    Frames(String, Vec<Arc<Delta>>),
+    Coalesced(String, Coalesced),
+}
+
+/// A connection as the hub sees it.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) id: u64,
+    pub(crate) token: String,
+    queue: Mutex<Queue>,
+    notify: Notify,
+    /// Too many unread control frames: the writer closes the connection.
+    overrun: AtomicBool,
+}
+
+impl Conn {
+    fn new(id: u64, token: &str) -> Self {
+        Self {
+            id,
+            token: token.to_owned(),
+            queue: Mutex::new(Queue::default()),
+            notify: Notify::new(),
+            overrun: AtomicBool::new(false),
+        }
+    }
+
+    /// A connection that never got going, only to be counted closed.
+    pub(crate) fn detached(id: u64, token: &str) -> Self {
+        Self::new(id, token)
+    }
+
+    /// Queues `delta` for subscription `sub`; never waits. Past the queue's bound the
+    /// subscription's deltas are coalesced per key, and past it again it is marked for a
+    /// fresh snapshot and its deltas dropped.
+    pub(crate) fn push(&self, sub: &Arc<str>, delta: &Arc<Delta>, push: &Push) {
+        let limit = push.config.queue_bytes;
+        let mut q = self.queue.lock();
+        let total = q.bytes;
+        let Some(s) = q.subs.get_mut(sub) else { return };
+        if delta.version <= s.sent || (s.need.is_some() && !s.in_flight) {
+            // Already sent, or a snapshot not yet taken will hold it.
+            return;
+        }
+        let before = s.bytes;
+        let size = delta.size();
+        let mut overflow = false;
+        match &mut s.pending {
+            // One delta is always queued into an empty queue, however large.
+            Pending::Frames(frames)
+                if total == 0 || (total + size <= limit && frames.len() < MAX_QUEUED_FRAMES) =>
+            {
+                frames.push_back(Arc::clone(delta));
+                s.bytes += size;
+            }
+            Pending::Frames(frames) => {
+                let mut c = Coalesced::default();
+                let folded = frames
+                    .drain(..)
+                    .chain(std::iter::once(Arc::clone(delta)))
+                    .try_for_each(|d| c.fold(&d));
+                push.metrics.coalesced.inc();
+                overflow = folded.is_err();
+                s.bytes = c.bytes();
+                s.pending = Pending::Coalesced(c);
+            }
+            Pending::Coalesced(c) => {
+                overflow = c.fold(delta).is_err();
+                s.bytes = c.bytes();
+            }
+        }
+        if overflow || (total > 0 && total - before + s.bytes > limit) {
+            s.pending = Pending::Frames(VecDeque::new());
+            s.bytes = 0;
+            s.need = Some(Need::Snapshot);
+            push.metrics.resnapshots.inc();
+        }
+        let after = s.bytes;
+        let wake = !std::mem::replace(&mut s.queued, true);
+        q.bytes = total - before + after;
+        if wake {
+            q.ready.push_back(Arc::clone(sub));
+        }
+        drop(q);
+        push.metrics
+            .queue_bytes
+            .inc_by(after as i64 - before as i64);
+        self.notify.notify_one();
+    }
+
+    /// Marks `sub` for a fresh snapshot, dropping what it has pending.
+    pub(crate) fn resnapshot(&self, sub: &Arc<str>, push: &Push) {
+        let mut q = self.queue.lock();
+        let Some(s) = q.subs.get_mut(sub) else { return };
+        let freed = std::mem::take(&mut s.bytes);
+        s.pending = Pending::Frames(VecDeque::new());
+        s.need = Some(Need::Snapshot);
+        let wake = !std::mem::replace(&mut s.queued, true);
+        q.bytes -= freed;
+        if wake {
+            q.ready.push_back(Arc::clone(sub));
+        }
+        drop(q);
+        push.metrics.resnapshots.inc();
+        push.metrics.queue_bytes.dec_by(freed as i64);
+        self.notify.notify_one();
+    }
+
+    /// Adds a subscription that starts with a snapshot, or resumes after `from_version`.
+    pub(crate) fn add(
+        &self,
+        id: &Arc<str>,
+        group: Arc<Group>,
+        from_version: Option<u64>,
+    ) -> Result<(), String> {
+        let mut q = self.queue.lock();
+        if q.subs.contains_key(id) {
+            return Err(format!("this connection already has a subscription '{id}'"));
+        }
+        q.subs.insert(
+            Arc::clone(id),
+            Sub {
+                id_json: Value::from(id.as_ref()).to_string(),
+                group,
+                need: Some(from_version.map_or(Need::Snapshot, Need::Resume)),
+                in_flight: false,
+                pending: Pending::Frames(VecDeque::new()),
+                bytes: 0,
+                sent: 0,
+                queued: true,
+            },
+        );
+        q.ready.push_back(Arc::clone(id));
+        drop(q);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    pub(crate) fn has(&self, id: &str) -> bool {
+        self.queue.lock().subs.contains_key(id)
+    }
+
+    /// Removes a subscription; returns its view and filter text.
+    pub(crate) fn remove(&self, id: &str) -> Option<(String, String)> {
+        let mut q = self.queue.lock();
+        let s = q.subs.remove(id)?;
+        q.bytes -= s.bytes;
+        Some((s.group.view.clone(), s.group.filter.canonical().to_owned()))
+    }
+
+    /// Removes every subscription: `(id, view, filter text)`.
+    pub(crate) fn take_all(&self) -> Vec<(String, String, String)> {
+        let mut q = self.queue.lock();
+        q.bytes = 0;
+        q.ready.clear();
+        q.subs
+            .drain()
+            .map(|(id, s)| {
+                (
+                    id.to_string(),
+                    s.group.view.clone(),
+                    s.group.filter.canonical().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn control(&self, frame: Vec<u8>) {
+        let mut q = self.queue.lock();
+        if q.control.len() >= MAX_CONTROL_FRAMES {
+            self.overrun.store(true, Ordering::Relaxed);
+        } else {
+            q.control.push_back(frame);
+        }
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// Takes the next frames to write, in turn across subscriptions.
+    fn next_batch(&self, push: &Push) -> Vec<Work> {
+        let mut out = Vec::new();
+        let mut q = self.queue.lock();
+        let mut bytes = 0;
+        while let Some(c) = q.control.pop_front() {
+            bytes += c.len();
+            out.push(Work::Control(c));
+        }
+        let mut freed = 0;
+        while bytes < WRITE_BATCH_BYTES {
+            let Some(id) = q.ready.pop_front() else { break };
+            let Some(s) = q.subs.get_mut(&id) else {
+                continue;
+            };
+            s.queued = false;
+            if s.in_flight {
+                continue;
+            }
+            if let Some(need) = s.need.take() {
+                s.in_flight = true;
+                let group = Arc::clone(&s.group);
+                out.push(match need {
+                    Need::Snapshot => Work::Snapshot(id, s.id_json.clone(), group),
+                    Need::Resume(v) => Work::Resume(id, s.id_json.clone(), group, v),
+                });
+                continue;
+            }
+            freed += std::mem::take(&mut s.bytes);
+            match std::mem::replace(&mut s.pending, Pending::Frames(VecDeque::new())) {
+                Pending::Frames(frames) => {
+                    let sent = s.sent;
+                    let deltas: Vec<Arc<Delta>> =
+                        frames.into_iter().filter(|d| d.version > sent).collect();
+                    if let Some(last) = deltas.last() {
+                        s.sent = last.version;
+                        bytes += deltas.iter().map(|d| d.size()).sum::<usize>();
+                        out.push(Work::Frames(s.id_json.clone(), deltas));
+                    }
+                }
+                Pending::Coalesced(c) => {
+                    if c.version > s.sent {
+                        s.sent = c.version;
+                        bytes += c.bytes();
+                        out.push(Work::Coalesced(s.id_json.clone(), c));
+                    }
+                }
+            }
+        }
+        q.bytes -= freed;
+        drop(q);
+        push.metrics.queue_bytes.dec_by(freed as i64);
+        out
+    }
+
+    /// A snapshot or resume of `id` up to `version` is written: drop what it covers.
+    fn caught_up(&self, id: &str, version: u64, push: &Push) {
+        let mut q = self.queue.lock();
+        let Some(s) = q.subs.get_mut(id) else { return };
+        s.in_flight = false;
+        s.sent = s.sent.max(version);
+        let before = s.bytes;
+        match &mut s.pending {
+            Pending::Frames(frames) => {
+                while frames.front().is_some_and(|d| d.version <= s.sent) {
+                    if let Some(d) = frames.pop_front() {
+                        s.bytes -= d.size();
+                    }
+                }
+            }
+            Pending::Coalesced(c) if c.version <= s.sent => {
+                s.pending = Pending::Frames(VecDeque::new());
+                s.bytes = 0;
+            }
+            Pending::Coalesced(_) => {}
+        }
+        let has_work = s.need.is_some()
+            || s.bytes > 0
+            || matches!(&s.pending, Pending::Frames(f) if !f.is_empty());
+        let freed = before - s.bytes;
+        let wake = has_work && !s.queued;
+        if wake {
+            s.queued = true;
+        }
+        q.bytes -= freed;
+        if wake {
+            q.ready.push_back(Arc::from(id));
+        }
+        drop(q);
+        push.metrics.queue_bytes.dec_by(freed as i64);
+        if wake {
+            self.notify.notify_one();
+        }
+    }
+}
+
+fn error_frame(id: Option<&str>, code: &str, message: &str) -> Vec<u8> {
+    let mut v = json!({"type": "error", "code": code, "message": message});
+    if let Some(id) = id {
+        v["id"] = Value::from(id);
+    }
+    v.to_string().into_bytes()
+}
+
+/// Why a connection ended, for `quiver_ws_closed`.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    Client,
+    Idle,
+    Slow,
+    TooBig,
+    Overrun,
+    Unauthorized,
+    Limit,
+    Shutdown,
+}
+
+impl End {
+    fn label(self) -> &'static str {
+        match self {
+            End::Client => "client",
+            End::Idle => "idle",
+            End::Slow => "slow",
+            End::TooBig => "message_too_big",
+            End::Overrun => "unread_replies",
+            End::Unauthorized => "unauthorized",
+            End::Limit => "limit",
+            End::Shutdown => "shutdown",
+        }
+    }
+}
+
+type Socket = WebSocket<HttpStream>;
+
+/// Serves one upgraded connection to its end. `authed` is the header's principal and
+/// the connection id it was counted under, if the token came in the header.
+pub(crate) async fn serve(
+    mut socket: Socket,
+    push: Arc<Push>,
+    engine: Engine,
+    state: Arc<AppState>,
+    authed: Option<(Principal, u64)>,
+) {
+    let (principal, conn_id) = match authed {
+        Some(a) => a,
+        None => match first_message_auth(&mut socket, &push, &state).await {
+            Ok(a) => a,
+            Err(end) => {
+                push.metrics
+                    .closed
+                    .get_or_create(&super::CodeLabel {
+                        code: end.label().into(),
+                    })
+                    .inc();
+                return;
+            }
+        },
+    };
+    let conn = Arc::new(Conn::new(conn_id, &principal.token_id));
+    let end = run(&mut socket, &conn, &push, &engine).await;
+    debug!(conn = conn.id, reason = end.label(), "WebSocket closed");
+    push.metrics
+        .closed
+        .get_or_create(&super::CodeLabel {
+            code: end.label().into(),
+        })
+        .inc();
+    push.close(&conn);
+}
+
+/// Waits for `{"type":"auth","token":…}`; nothing else is served before it.
+async fn first_message_auth(
+    socket: &mut Socket,
+    push: &Push,
+    state: &AppState,
+) -> Result<(Principal, u64), End> {
+    let refuse = |code: &str, message: &str| {
+        push.metrics.error(code);
+        Frame::text(error_frame(None, code, message))
+    };
+    let first = tokio::time::timeout(push.config.auth_timeout, socket.next_frame()).await;
+    let message = match first {
+        Err(_) => {
+            let _ = socket
+                .send(refuse("unauthorized", "no auth message in time"))
+                .await;
+            let _ = socket
+                .send(Frame::close(CloseCode::Policy, "authentication timed out"))
+                .await;
+            return Err(End::Unauthorized);
+        }
+        Ok(Err(_)) => return Err(End::Client),
+        Ok(Ok(f)) if f.opcode() == OpCode::Text => {
+            serde_json::from_slice::<Value>(f.payload()).ok()
+        }
+        Ok(Ok(_)) => None,
+    };
+    let token = message
+        .as_ref()
+        .filter(|m| m["type"] == "auth")
+        .and_then(|m| m["token"].as_str());
+    let principal = token.and_then(|t| state.tokens.verify(t));
+    let refused = match (&token, &principal) {
+        (None, _) => Some((
+            "unauthorized",
+            "send {\"type\":\"auth\",\"token\":\"…\"} first, or the token in the Authorization header".to_owned(),
+        )),
+        (Some(_), None) => Some(("unauthorized", "the token is not valid".to_owned())),
+        (Some(_), Some(p)) if !p.has(Scope::Read) => {
+            Some(("forbidden", "this token lacks the 'read' scope".to_owned()))
+        }
+        _ => None,
+    };
+    if let Some((code, message)) = refused {
+        let _ = socket.send(refuse(code, &message)).await;
+        let _ = socket.send(Frame::close(CloseCode::Policy, code)).await;
+        return Err(End::Unauthorized);
+    }
+    let principal = principal.ok_or(End::Unauthorized)?;
+    match push.open(&principal.token_id) {
+        Ok(id) => Ok((principal, id)),
+        Err((code, message)) => {
+            let _ = socket.send(refuse(code, &message)).await;
+            let _ = socket.send(Frame::close(CloseCode::Again, code)).await;
+            Err(End::Limit)
+        }
+    }
+}
+
+/// Reads requests and writes queued frames until either side ends.
+async fn run(socket: &mut Socket, conn: &Arc<Conn>, push: &Arc<Push>, engine: &Engine) -> End {
+    let started = Instant::now();
+    let mut last_seen = Duration::ZERO;
+    let mut heartbeat = tokio::time::interval(push.config.ping_interval);
+    heartbeat.reset();
+    let mut shutdown = push.stopping();
+    loop {
+        // Requests first, without waiting, so a busy feed cannot starve them.
+        while let Some(frame) = socket.next_frame().now_or_never() {
+            last_seen = started.elapsed();
+            if let Some(end) = on_frame(frame, conn, push, engine) {
+                return finish(socket, end).await;
+            }
+        }
+        if conn.overrun.load(Ordering::Relaxed) {
+            return finish(socket, End::Overrun).await;
+        }
+        let work = conn.next_batch(push);
+        if !work.is_empty() {
+            if let Err(end) = write(socket, conn, push, engine, work).await {
+                return end;
+            }
+            continue;
+        }
+        tokio::select! {
+            frame = socket.next_frame() => {
+                last_seen = started.elapsed();
+                if let Some(end) = on_frame(frame, conn, push, engine) {
+                    return finish(socket, end).await;
+                }
+            }
+            _ = conn.notify.notified() => {}
+            _ = heartbeat.tick() => {
+                if started.elapsed().saturating_sub(last_seen) > push.config.idle_timeout {
+                    return finish(socket, End::Idle).await;
+                }
+                let ping = tokio::time::timeout(push.config.write_timeout, socket.send(Frame::ping("")));
+                if !matches!(ping.await, Ok(Ok(()))) {
+                    return End::Slow;
+                }
+            }
+            _ = shutdown.changed() => return finish(socket, End::Shutdown).await,
+        }
+    }
+}
+
+/// Says goodbye with a close frame that names the reason.
+async fn finish(socket: &mut Socket, end: End) -> End {
+    let close = match end {
+        End::Client | End::Slow | End::Unauthorized | End::Limit => return end,
+        End::Idle => Frame::close(CloseCode::Away, "idle timeout: no frame from the client"),
+        End::TooBig => Frame::close(CloseCode::Size, "message over the size limit"),
+        End::Overrun => Frame::close(CloseCode::Policy, "too many unread replies"),
+        End::Shutdown => Frame::close(CloseCode::Away, "server shutting down"),
+    };
+    // The closing handshake: send ours, then give the client a moment to answer so it
+    // reads the reason instead of a reset.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        if socket.send(close).await.is_ok() {
+            while let Ok(f) = socket.next_frame().await {
+                if f.opcode() == OpCode::Close {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+    end
+}
+
+/// Handles one frame from the client; `Some` ends the connection.
+fn on_frame(
+    frame: yawc::Result<Frame>,
+    conn: &Arc<Conn>,
+    push: &Arc<Push>,
+    engine: &Engine,
+) -> Option<End> {
+    let frame = match frame {
+        Ok(f) => f,
+        Err(yawc::WebSocketError::FrameTooLarge) => return Some(End::TooBig),
+        Err(_) => return Some(End::Client),
+    };
+    match frame.opcode() {
+        OpCode::Text => {}
+        OpCode::Close => return Some(End::Client),
+        OpCode::Binary => {
+            push.metrics.error("bad_message");
+            conn.control(error_frame(
+                None,
+                "bad_message",
+                "frames are JSON text, not binary",
+            ));
+            return None;
+        }
+        _ => return None,
+    }
+    let reply_error = |id: Option<&str>, code: &str, message: &str| {
+        push.metrics.error(code);
+        conn.control(error_frame(id, code, message));
+    };
+    let message: Value = match serde_json::from_slice(frame.payload()) {
+        Ok(Value::Object(m)) => Value::Object(m),
+        Ok(_) => {
+            reply_error(
+                None,
+                "bad_message",
+                "a request is a JSON object with a \"type\"",
+            );
+            return None;
+        }
+        Err(e) => {
+            reply_error(None, "bad_message", &format!("not JSON: {e}"));
+            return None;
+        }
+    };
+    let id = match &message["id"] {
+        Value::Null => None,
+        Value::String(s) if !s.is_empty() && s.chars().count() <= MAX_ID_CHARS => Some(s.as_str()),
+        _ => {
+            reply_error(
+                None,
+                "bad_message",
+                &format!("\"id\" must be a non-empty string of at most {MAX_ID_CHARS} characters"),
+            );
+            return None;
+        }
+    };
+    match message["type"].as_str() {
+        Some("ping") => conn.control(br#"{"type":"pong"}"#.to_vec()),
+        Some("pong") => {}
+        Some("subscribe") => {
+            let Some(id) = id else {
+                reply_error(None, "bad_message", "subscribe needs an \"id\"");
+                return None;
+            };
+            let Some(view) = message["view"].as_str() else {
+                reply_error(Some(id), "bad_message", "subscribe needs a \"view\"");
+                return None;
+            };
+            let from_version = match &message["from_version"] {
+                Value::Null => None,
+                v => match v.as_u64() {
+                    Some(n) => Some(n),
+                    None => {
+                        reply_error(
+                            Some(id),
+                            "bad_message",
+                            "\"from_version\" must be a non-negative integer",
+                        );
+                        return None;
+                    }
+                },
+            };
+            let known = ["type", "id", "view", "filter", "from_version"];
+            if let Some(extra) = message
+                .as_object()
+                .and_then(|m| m.keys().find(|k| !known.contains(&k.as_str())))
+            {
+                reply_error(
+                    Some(id),
+                    "bad_message",
+                    &format!("unknown field \"{extra}\" in subscribe"),
+                );
+                return None;
+            }
+            let id: Arc<str> = Arc::from(id);
+            if let Err((code, msg)) =
+                push.join(conn, &id, engine, view, message.get("filter"), from_version)
+            {
+                reply_error(Some(&id), code, &msg);
+            }
+        }
+        Some("unsubscribe") => {
+            let Some(id) = id else {
+                reply_error(None, "bad_message", "unsubscribe needs an \"id\"");
+                return None;
+            };
+            if push.unsubscribe(conn, id) {
+                conn.control(
+                    json!({"type": "unsubscribed", "id": id})
+                        .to_string()
+                        .into_bytes(),
+                );
+            } else {
+                reply_error(
+                    Some(id),
+                    "unknown_subscription",
+                    &format!("no subscription '{id}' on this connection"),
+                );
+            }
+        }
+        Some("auth") => reply_error(
+            id,
+            "bad_message",
+            "this connection is already authenticated",
+        ),
+        Some(other) => reply_error(
+            id,
+            "bad_message",
+            &format!("unknown message type '{other}' (subscribe, unsubscribe, ping)"),
+        ),
+        None => reply_error(id, "bad_message", "a request needs a \"type\""),
+    }
+    None
+}
+
+/// Writes one batch of work, then flushes; an error ends the connection.
+async fn write(
+    socket: &mut Socket,
+    conn: &Conn,
+    push: &Push,
+    engine: &Engine,
+    work: Vec<Work>,
+) -> Result<(), End> {
+    let mut delivered: Vec<Instant> = Vec::new();
+    for w in work {
+        let frame = match w {
+            Work::Control(bytes) => bytes,
+            Work::Frames(id, deltas) => {
+                for d in &deltas {
+                    let bytes = d.frame(&id);
+                    feed(socket, push, bytes).await?;
+                    push.metrics.deltas_sent.inc();
+                    delivered.extend(d.acked_at);
+                }
+                continue;
+            }
+            Work::Coalesced(id, c) => {
+                push.metrics.deltas_sent.inc();
+                delivered.extend(c.acked_at);
+                c.frame(&id)
+            }
+            Work::Snapshot(id, id_json, group) => {
+                snapshot_frame(conn, push, engine, &id, &id_json, &group).await
+            }
+            Work::Resume(id, id_json, group, from) => {
+                match engine.view_changes_since(&group.view, from) {
+                    Some(changes) => {
+                        let last = changes.last().map_or(from, |c| c.version);
+                        let head = json!({
+                            "type": "subscribed", "id": id.as_ref(), "view": group.view,
+                            "version": from, "key": group.key, "resumed": true,
+                        });
+                        feed(socket, push, head.to_string().into_bytes()).await?;
+                        for change in changes {
+                            match Delta::build(&change, &group.filter, &group.key_idx) {
+                                Ok(Some(d)) => {
+                                    feed(socket, push, d.frame(&id_json)).await?;
+                                    push.metrics.deltas_sent.inc();
+                                }
+                                Ok(None) => {}
+                                Err(e) => {
+                                    debug!(error = %e, "encoding a kept change failed");
+                                }
+                            }
+                        }
+                        conn.caught_up(&id, last, push);
+                        continue;
+                    }
+                    None => snapshot_frame(conn, push, engine, &id, &id_json, &group).await,
+                }
+            }
+        };
+        feed(socket, push, frame).await?;
+    }
+    match tokio::time::timeout(push.config.write_timeout, socket.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err(End::Client),
+        Err(_) => return Err(End::Slow),
+    }
+    for t in delivered {
+        push.metrics
+            .delivery_seconds
+            .observe(t.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+/// The snapshot frame for subscription `id` (or an error frame if the view is gone).
+async fn snapshot_frame(
+    conn: &Conn,
+    push: &Push,
+    engine: &Engine,
+    id: &str,
+    id_json: &str,
+    group: &Group,
+) -> Vec<u8> {
+    match group.snapshot(engine).await {
+        Ok(snap) => {
+            conn.caught_up(id, snap.version, push);
+            push.metrics.snapshots_sent.inc();
+            snap.frame(id_json, &group.view)
+        }
+        Err((code, message)) => {
+            push.metrics.error(code);
+            error_frame(Some(id), code, &message)
+        }
+    }
+}
+
+async fn feed(socket: &mut Socket, push: &Push, bytes: Vec<u8>) -> Result<(), End> {
+    push.metrics.frames_sent.inc();
+    push.metrics.bytes_sent.inc_by(bytes.len() as u64);
+    match tokio::time::timeout(push.config.write_timeout, socket.feed(Frame::text(bytes))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Client),
+        Err(_) => Err(End::Slow),
+    }
+}

@@ -1,0 +1,588 @@
+//! `GET /v1/ws`: live view changes over WebSocket, in the push protocol of DESIGN.md.
+//!
+//! One task ([`Push::run`]) reads the engine's change sets. For each, it visits only the
+//! groups of subscribers of that view: a group is one distinct (view, filter), and the
+//! change set is filtered and encoded once per group ([`delta::Delta`]). Each subscriber
+//! then gets a shared pointer to it in its connection's queue ([`conn::Conn`]); the
+//! connection's writer splices in the subscription id and writes.
+//!
+//! The queue is bounded in bytes. A subscriber that falls behind has its pending deltas
+//! folded per key ([`delta::Coalesced`]); past the bound it is sent a fresh snapshot
+//! instead. Neither ingest nor the fan-out task ever waits for a client.
+
+mod conn;
+mod delta;
+mod filter;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use quiver_engine::{ChangeSet, Engine};
+use tokio::sync::broadcast::error::RecvError;
+use tracing::{debug, warn};
+
+use crate::auth::{Principal, Scope};
+use crate::error::{ApiError, ApiResult};
+use crate::server::AppState;
+use conn::Conn;
+use delta::{Delta, SnapshotRows};
+use filter::Filter;
+
+/// Limits and timings of the push endpoint.
+#[derive(Debug, Clone)]
+pub(crate) struct PushConfig {
+    /// Origins browsers may connect from; empty: the server's own; `*`: any.
+    pub(crate) allowed_origins: Vec<String>,
+    pub(crate) max_connections: usize,
+    pub(crate) max_connections_per_token: usize,
+    pub(crate) max_subscriptions_per_token: usize,
+    pub(crate) max_message_bytes: usize,
+    /// Bytes of pending deltas a connection may hold before coalescing, then resnapshot.
+    pub(crate) queue_bytes: usize,
+    pub(crate) ping_interval: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) write_timeout: Duration,
+    pub(crate) auth_timeout: Duration,
+    pub(crate) compression: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: String,
+}
+
+/// The push endpoint's metrics (`quiver_ws_*`).
+#[derive(Debug)]
+pub(crate) struct PushMetrics {
+    connections: Gauge,
+    subscriptions: Gauge,
+    deltas_sent: Counter,
+    snapshots_sent: Counter,
+    frames_sent: Counter,
+    bytes_sent: Counter,
+    queue_bytes: Gauge<i64, AtomicI64>,
+    coalesced: Counter,
+    resnapshots: Counter,
+    delivery_seconds: Histogram,
+    errors: Family<CodeLabel, Counter>,
+    closed: Family<CodeLabel, Counter>,
+}
+
+impl PushMetrics {
+    pub(crate) fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            connections: Gauge::default(),
+            subscriptions: Gauge::default(),
+            deltas_sent: Counter::default(),
+            snapshots_sent: Counter::default(),
+            frames_sent: Counter::default(),
+            bytes_sent: Counter::default(),
+            queue_bytes: Gauge::default(),
+            coalesced: Counter::default(),
+            resnapshots: Counter::default(),
+            delivery_seconds: quiver_engine::metrics::seconds_histogram(),
+            errors: Family::default(),
+            closed: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("quiver_ws");
+        r.register(
+            "connections",
+            "Open WebSocket connections",
+            m.connections.clone(),
+        );
+        r.register(
+            "subscriptions",
+            "Live subscriptions",
+            m.subscriptions.clone(),
+        );
+        r.register("deltas_sent", "Delta frames written", m.deltas_sent.clone());
+        r.register(
+            "snapshots_sent",
+            "Snapshot frames written",
+            m.snapshots_sent.clone(),
+        );
+        r.register(
+            "frames_sent",
+            "Frames of any kind written",
+            m.frames_sent.clone(),
+        );
+        r.register(
+            "bytes_sent",
+            "Frame bytes written (before compression)",
+            m.bytes_sent.clone(),
+        );
+        r.register(
+            "queue_bytes",
+            "Bytes of deltas waiting in connection queues",
+            m.queue_bytes.clone(),
+        );
+        r.register(
+            "coalesced",
+            "Times a slow subscriber's pending deltas were folded per key",
+            m.coalesced.clone(),
+        );
+        r.register(
+            "resnapshots",
+            "Times a subscriber fell past its queue bound and was sent a fresh snapshot",
+            m.resnapshots.clone(),
+        );
+        r.register(
+            "delivery_seconds",
+            "Event acknowledgement to the delta frame written to the socket",
+            m.delivery_seconds.clone(),
+        );
+        r.register("errors", "Error frames sent, by code", m.errors.clone());
+        r.register("closed", "Connections closed, by reason", m.closed.clone());
+        m
+    }
+
+    fn error(&self, code: &str) {
+        self.errors
+            .get_or_create(&CodeLabel { code: code.into() })
+            .inc();
+    }
+}
+
+/// Subscribers of one (view, filter): the change set is filtered and encoded once for all.
+#[derive(Debug)]
+pub(crate) struct Group {
+    view: String,
+    filter: Filter,
+    key: Vec<String>,
+    /// Key column positions in the view's rows.
+    key_idx: Vec<usize>,
+    /// The last snapshot encoded for this group.
+    snapshot: tokio::sync::Mutex<Option<Arc<SnapshotRows>>>,
+}
+
+impl Group {
+    /// The view's rows through this group's filter, encoded; shared while the view's
+    /// version stays the same.
+    async fn snapshot(&self, engine: &Engine) -> Result<Arc<SnapshotRows>, (&'static str, String)> {
+        let mut cached = self.snapshot.lock().await;
+        let snap = match engine.view_snapshot(&self.view) {
+            None => {
+                return Err((
+                    "unknown_view",
+                    format!("the view '{}' no longer exists", self.view),
+                ));
+            }
+            Some(Err(e)) => return Err(("internal", format!("reading the view failed: {e}"))),
+            Some(Ok(s)) => s,
+        };
+        if let Some(c) = cached.as_ref()
+            && c.version == snap.version
+        {
+            return Ok(Arc::clone(c));
+        }
+        let rows = SnapshotRows::encode(snap.version, &snap.key, &snap.rows, &self.filter)
+            .map_err(|e| ("internal", format!("encoding the view failed: {e}")))?;
+        let rows = Arc::new(rows);
+        *cached = Some(Arc::clone(&rows));
+        Ok(rows)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Members {
+    group: Option<Arc<Group>>,
+    /// `(connection, subscription id)` → connection.
+    subs: HashMap<(u64, Arc<str>), Arc<Conn>>,
+}
+
+#[derive(Debug, Default)]
+struct TokenUse {
+    connections: usize,
+    subscriptions: usize,
+}
+
+#[derive(Debug, Default)]
+struct Hub {
+    /// View → filter text → members.
+    views: HashMap<String, HashMap<String, Members>>,
+    tokens: HashMap<String, TokenUse>,
+    connections: usize,
+}
+
+/// The push endpoint's shared state.
+#[derive(Debug)]
+pub(crate) struct Push {
+    pub(crate) config: PushConfig,
+    pub(crate) metrics: PushMetrics,
+    hub: Mutex<Hub>,
+    next_conn: AtomicU64,
+    /// Turns true when the server shuts down: every connection says goodbye.
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// Why a subscription was refused: an error code and what to tell the client.
+type Refusal = (&'static str, String);
+
+impl Push {
+    pub(crate) fn new(config: PushConfig, registry: &mut Registry) -> Self {
+        Self {
+            config,
+            metrics: PushMetrics::new(registry),
+            hub: Mutex::new(Hub::default()),
+            next_conn: AtomicU64::new(1),
+            stop: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// Closes every connection with a goodbye.
+    pub(crate) fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// Feeds every change set to its subscribers until the engine stops.
+    pub(crate) async fn run(self: Arc<Self>, engine: Engine) {
+        let mut rx = engine.subscribe_changes();
+        loop {
+            match rx.recv().await {
+                Ok(change) => self.fan_out(&change),
+                Err(RecvError::Lagged(n)) => {
+                    warn!(
+                        missed = n,
+                        "push fell behind the change stream; every subscriber gets a fresh snapshot"
+                    );
+                    self.resnapshot_all();
+                }
+                Err(RecvError::Closed) => break,
+            }
+        }
+    }
+
+    fn fan_out(&self, change: &ChangeSet) {
+        let hub = self.hub.lock();
+        let Some(groups) = hub.views.get(&change.view) else {
+            return;
+        };
+        for members in groups.values() {
+            let Some(group) = &members.group else {
+                continue;
+            };
+            match Delta::build(change, &group.filter, &group.key_idx) {
+                Ok(Some(delta)) => {
+                    let delta = Arc::new(delta);
+                    for ((_, sub), conn) in &members.subs {
+                        conn.push(sub, &delta, self);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(view = %change.view, error = %e, "encoding a change for subscribers failed")
+                }
+            }
+        }
+    }
+
+    fn resnapshot_all(&self) {
+        let hub = self.hub.lock();
+        for groups in hub.views.values() {
+            for members in groups.values() {
+                for ((_, sub), conn) in &members.subs {
+                    conn.resnapshot(sub, self);
+                }
+            }
+        }
+    }
+
+    /// Counts a new connection for `token`, within the limits.
+    fn open(&self, token: &str) -> Result<u64, Refusal> {
+        let mut hub = self.hub.lock();
+        if hub.connections >= self.config.max_connections {
+            return Err((
+                "too_many_connections",
+                format!(
+                    "the server holds its maximum of {} connections",
+                    self.config.max_connections
+                ),
+            ));
+        }
+        let used = hub.tokens.entry(token.to_owned()).or_default();
+        if used.connections >= self.config.max_connections_per_token {
+            return Err((
+                "too_many_connections",
+                format!(
+                    "this token already has its maximum of {} connections",
+                    self.config.max_connections_per_token
+                ),
+            ));
+        }
+        used.connections += 1;
+        hub.connections += 1;
+        self.metrics.connections.inc();
+        Ok(self.next_conn.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Forgets a closed connection and its subscriptions.
+    fn close(&self, conn: &Conn) {
+        let subs = conn.take_all();
+        let mut hub = self.hub.lock();
+        for (id, view, filter) in subs {
+            Self::leave(&mut hub, &self.metrics, conn, &id, &view, &filter);
+        }
+        if let Some(used) = hub.tokens.get_mut(&conn.token) {
+            used.connections = used.connections.saturating_sub(1);
+            if used.connections == 0 && used.subscriptions == 0 {
+                hub.tokens.remove(&conn.token);
+            }
+        }
+        hub.connections = hub.connections.saturating_sub(1);
+        self.metrics.connections.dec();
+    }
+
+    /// Adds subscription `id` of `conn` to the group of (`view`, `filter`).
+    fn join(
+        &self,
+        conn: &Arc<Conn>,
+        id: &Arc<str>,
+        engine: &Engine,
+        view: &str,
+        filter: Option<&serde_json::Value>,
+        from_version: Option<u64>,
+    ) -> Result<(), Refusal> {
+        if conn.has(id) {
+            return Err((
+                "duplicate_id",
+                format!("this connection already has a subscription '{id}'"),
+            ));
+        }
+        let info = engine.view_info(view).ok_or_else(|| {
+            let known: Vec<String> = engine.views_info().into_iter().map(|v| v.name).collect();
+            (
+                "unknown_view",
+                format!("no view named '{view}' (views: {})", known.join(", ")),
+            )
+        })?;
+        let filter =
+            Filter::parse(filter, &info.schema, &info.key).map_err(|e| ("bad_filter", e))?;
+        let mut hub = self.hub.lock();
+        let used = hub.tokens.entry(conn.token.clone()).or_default();
+        if used.subscriptions >= self.config.max_subscriptions_per_token {
+            return Err((
+                "too_many_subscriptions",
+                format!(
+                    "this token already has its maximum of {} subscriptions",
+                    self.config.max_subscriptions_per_token
+                ),
+            ));
+        }
+        let canonical = filter.canonical().to_owned();
+        let members = hub
+            .views
+            .entry(view.to_owned())
+            .or_default()
+            .entry(canonical.clone())
+            .or_default();
+        let group = match &members.group {
+            Some(g) if g.key == info.key => Arc::clone(g),
+            _ => {
+                let key_idx = info
+                    .key
+                    .iter()
+                    .map(|k| info.schema.index_of(k))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| ("internal", e.to_string()))?;
+                let g = Arc::new(Group {
+                    view: view.to_owned(),
+                    filter,
+                    key: info.key.clone(),
+                    key_idx,
+                    snapshot: tokio::sync::Mutex::new(None),
+                });
+                members.group = Some(Arc::clone(&g));
+                g
+            }
+        };
+        conn.add(id, group, from_version)
+            .map_err(|e| ("duplicate_id", e))?;
+        members
+            .subs
+            .insert((conn.id, Arc::clone(id)), Arc::clone(conn));
+        hub.tokens
+            .entry(conn.token.clone())
+            .or_default()
+            .subscriptions += 1;
+        self.metrics.subscriptions.inc();
+        Ok(())
+    }
+
+    /// Removes subscription `id` of `conn`.
+    fn unsubscribe(&self, conn: &Conn, id: &str) -> bool {
+        let Some((view, filter)) = conn.remove(id) else {
+            return false;
+        };
+        let mut hub = self.hub.lock();
+        Self::leave(&mut hub, &self.metrics, conn, id, &view, &filter);
+        true
+    }
+
+    fn leave(
+        hub: &mut Hub,
+        metrics: &PushMetrics,
+        conn: &Conn,
+        id: &str,
+        view: &str,
+        filter: &str,
+    ) {
+        let key = (conn.id, Arc::<str>::from(id));
+        if let Some(groups) = hub.views.get_mut(view) {
+            if let Some(members) = groups.get_mut(filter) {
+                if members.subs.remove(&key).is_some() {
+                    metrics.subscriptions.dec();
+                }
+                if members.subs.is_empty() {
+                    groups.remove(filter);
+                }
+            }
+            if groups.is_empty() {
+                hub.views.remove(view);
+            }
+        }
+        if let Some(used) = hub.tokens.get_mut(&conn.token) {
+            used.subscriptions = used.subscriptions.saturating_sub(1);
+        }
+    }
+}
+
+/// `GET /v1/ws`: checks Origin and (when sent) the bearer token, then upgrades.
+pub(crate) async fn ws(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    upgrade: yawc::IncomingUpgrade,
+) -> ApiResult<Response> {
+    let push = Arc::clone(&state.push);
+    check_origin(&push.config, &headers)?;
+    let principal: Option<Principal> = if headers.contains_key(header::AUTHORIZATION) {
+        let p = state.tokens.authenticate(&headers)?;
+        p.require(Scope::Read)?;
+        Some(p)
+    } else {
+        None
+    };
+    let engine =
+        state.engine.get().cloned().ok_or_else(|| {
+            ApiError::unavailable("the server is still recovering; retry shortly", 1)
+        })?;
+    // With the token in the header, limits refuse the upgrade itself.
+    let opened = match &principal {
+        Some(p) => Some(push.open(&p.token_id).map_err(|(code, msg)| {
+            push.metrics.error(code);
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, msg)
+        })?),
+        None => None,
+    };
+    let mut options = yawc::Options::default().with_max_payload_read(push.config.max_message_bytes);
+    if push.config.compression {
+        options = options
+            .with_low_latency_compression()
+            .server_no_context_takeover()
+            .client_no_context_takeover()
+            .with_compression_threshold(512)
+            .with_deflate_pool(deflate_pool().clone());
+    } else {
+        options = options.without_compression();
+    }
+    let (response, upgraded) = match upgrade.upgrade(options) {
+        Ok(u) => u,
+        Err(e) => {
+            if let (Some(p), Some(id)) = (&principal, opened) {
+                push.close(&Conn::detached(id, &p.token_id));
+            }
+            return Err(ApiError::bad_request(
+                "bad_upgrade",
+                format!("WebSocket upgrade failed: {e}"),
+            ));
+        }
+    };
+    let tokens = Arc::clone(&state);
+    tokio::spawn(async move {
+        match upgraded.await {
+            Ok(socket) => {
+                conn::serve(socket, push, engine, tokens, principal.zip(opened)).await;
+            }
+            Err(e) => {
+                debug!(error = %e, "WebSocket upgrade did not complete");
+                if let (Some(p), Some(id)) = (&principal, opened) {
+                    push.close(&Conn::detached(id, &p.token_id));
+                }
+            }
+        }
+    });
+    Ok(response.map(axum::body::Body::new).into_response())
+}
+
+fn deflate_pool() -> &'static yawc::DeflatePool {
+    static POOL: std::sync::OnceLock<yawc::DeflatePool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| yawc::DeflatePool::new(64))
+}
+
+/// Browsers always send `Origin`; others need not. A browser page from another origin
+/// is refused unless the allow-list names it.
+fn check_origin(config: &PushConfig, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("");
+    if config
+        .allowed_origins
+        .iter()
+        .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+    {
+        return Ok(());
+    }
+    if config.allowed_origins.is_empty() {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        let origin_host = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .unwrap_or("");
+        if !host.is_empty() && origin_host.eq_ignore_ascii_case(host) {
+            return Ok(());
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden_origin",
+        format!(
+            "Origin '{origin}' may not open a WebSocket here (allowed: {})",
+            if config.allowed_origins.is_empty() {
+                "this server's own origin".to_owned()
+            } else {
+                config.allowed_origins.join(", ")
+            }
+        ),
+    ))
+}
+
+/// `GET /v1/ws/client.js`: the JavaScript push client, for pages to import.
+pub(crate) async fn client_js() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../../js/quiver-push.js"),
+    )
+        .into_response()
+}

@@ -1,0 +1,897 @@
+//! WebSocket push with a real client (tokio-tungstenite): the subscriber rule over random
+//! batches with filters, resume after a reconnect, a slow reader beside a fast one,
+//! refusals and limits; and the JavaScript client under Node.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::{SinkExt as _, StreamExt as _};
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::common::{ADMIN, TestServer};
+
+type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// One subscription's local copy of its view.
+#[derive(Debug, Default)]
+struct Copy {
+    key_idx: Vec<usize>,
+    version: u64,
+    rows: HashMap<String, Value>,
+    snapshots: usize,
+    deltas: usize,
+    coalesced: usize,
+    resumed: usize,
+}
+
+impl Copy {
+    fn key_of(&self, row: &Value) -> String {
+        let key: Vec<Value> = self.key_idx.iter().map(|&i| row[i].clone()).collect();
+        Value::Array(key).to_string()
+    }
+
+    fn sorted_rows(&self) -> Vec<Value> {
+        let mut rows: Vec<Value> = self.rows.values().cloned().collect();
+        rows.sort_by_key(|r| r.to_string());
+        rows
+    }
+}
+
+/// A push client that keeps a local copy per subscription and checks version order.
+struct Client {
+    ws: Ws,
+    subs: HashMap<String, Copy>,
+    errors: Vec<Value>,
+    /// Ack → arrival of each delta, in milliseconds.
+    latencies: Vec<f64>,
+    /// Types of the other frames received (pong, unsubscribed, …).
+    seen: Vec<String>,
+    closed: Option<(u16, String)>,
+}
+
+fn ws_url(server: &TestServer) -> String {
+    format!("{}/v1/ws", server.url.replacen("http://", "ws://", 1))
+}
+
+fn now_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1e3
+}
+
+impl Client {
+    fn new(ws: Ws) -> Self {
+        Self {
+            ws,
+            subs: HashMap::new(),
+            errors: Vec::new(),
+            latencies: Vec::new(),
+            seen: Vec::new(),
+            closed: None,
+        }
+    }
+
+    /// Connects without authenticating, or with `header_token` in the header.
+    async fn open(server: &TestServer, header_token: Option<&str>) -> Self {
+        let mut req = ws_url(server).into_client_request().unwrap();
+        if let Some(token) = header_token {
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("connect");
+        Self::new(ws)
+    }
+
+    /// Connects; the token goes in the header, or in a first message when `header` is false.
+    async fn connect(server: &TestServer, token: &str, header: bool) -> Self {
+        let mut c = Self::open(server, header.then_some(token)).await;
+        if !header {
+            c.send(json!({"type": "auth", "token": token})).await;
+        }
+        c
+    }
+
+    async fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).await.unwrap();
+    }
+
+    async fn subscribe(&mut self, id: &str, view: &str, filter: Value, from: Option<u64>) {
+        let mut m = json!({"type": "subscribe", "id": id, "view": view});
+        if !filter.is_null() {
+            m["filter"] = filter;
+        }
+        if let Some(v) = from {
+            m["from_version"] = json!(v);
+        }
+        self.subs.entry(id.to_owned()).or_default();
+        self.send(m).await;
+    }
+
+    /// Reads one message (or times out) and applies it.
+    async fn step(&mut self, wait: Duration) -> Option<Value> {
+        let msg = tokio::time::timeout(wait, self.ws.next()).await.ok()??;
+        match msg {
+            Ok(Message::Text(t)) => {
+                let v: Value = serde_json::from_str(&t).expect("frames are JSON");
+                self.apply(&v);
+                Some(v)
+            }
+            Ok(Message::Close(frame)) => {
+                self.closed = Some(
+                    frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new())),
+                );
+                None
+            }
+            Ok(_) => Some(Value::Null),
+            Err(_) => {
+                self.closed.get_or_insert((1006, String::new()));
+                None
+            }
+        }
+    }
+
+    fn apply(&mut self, v: &Value) {
+        let id = v["id"].as_str().unwrap_or_default().to_owned();
+        match v["type"].as_str().unwrap() {
+            "snapshot" => {
+                let copy = self.subs.get_mut(&id).expect("snapshot for a subscription");
+                let columns: Vec<&str> = v["columns"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c["name"].as_str().unwrap())
+                    .collect();
+                copy.key_idx = v["key"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|k| {
+                        columns
+                            .iter()
+                            .position(|c| c == &k.as_str().unwrap())
+                            .unwrap()
+                    })
+                    .collect();
+                copy.version = v["version"].as_u64().unwrap();
+                copy.rows = HashMap::new();
+                for row in v["rows"].as_array().unwrap() {
+                    let k = copy.key_of(row);
+                    copy.rows.insert(k, row.clone());
+                }
+                copy.snapshots += 1;
+            }
+            "subscribed" => {
+                let copy = self.subs.get_mut(&id).unwrap();
+                copy.version = v["version"].as_u64().unwrap();
+                copy.resumed += 1;
+            }
+            "delta" => {
+                let copy = self.subs.get_mut(&id).expect("delta for a subscription");
+                let version = v["version"].as_u64().unwrap();
+                assert!(
+                    version > copy.version,
+                    "{id}: delta {version} after version {}",
+                    copy.version
+                );
+                copy.version = version;
+                for key in v["deletes"].as_array().unwrap() {
+                    copy.rows.remove(&key.to_string());
+                }
+                for row in v["upserts"].as_array().unwrap() {
+                    let k = copy.key_of(row);
+                    copy.rows.insert(k, row.clone());
+                }
+                copy.deltas += 1;
+                if v["coalesced"] == true {
+                    copy.coalesced += 1;
+                }
+                if let Some(t) = v["acked_at"].as_f64() {
+                    self.latencies.push(now_ms() - t);
+                }
+            }
+            "error" => self.errors.push(v.clone()),
+            other => self.seen.push(other.to_owned()),
+        }
+    }
+
+    /// Reads until `done` holds, for at most `secs`.
+    async fn until(&mut self, secs: u64, mut done: impl FnMut(&Self) -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !done(self) {
+            if Instant::now() > deadline || self.closed.is_some() {
+                return false;
+            }
+            self.step(Duration::from_millis(100)).await;
+        }
+        true
+    }
+
+    /// The next error frame.
+    async fn error(&mut self) -> Value {
+        let before = self.errors.len();
+        assert!(
+            self.until(10, |c| c.errors.len() > before).await,
+            "no error frame came"
+        );
+        self.errors[before].clone()
+    }
+}
+
+/// A subscription, the SQL that gives its filtered rows, and the view.
+struct Case {
+    id: &'static str,
+    view: &'static str,
+    filter: Value,
+    sql: &'static str,
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            id: "all",
+            view: "stock_on_hand",
+            filter: Value::Null,
+            sql: "SELECT * FROM stock_on_hand",
+        },
+        Case {
+            id: "w1",
+            view: "stock_on_hand",
+            filter: json!({"warehouse_id": "W1"}),
+            sql: "SELECT * FROM stock_on_hand WHERE warehouse_id = 'W1'",
+        },
+        Case {
+            id: "plenty",
+            view: "stock_on_hand",
+            filter: json!({"on_hand": {"gte": 20, "lt": 60}}),
+            sql: "SELECT * FROM stock_on_hand WHERE on_hand >= 20 AND on_hand < 60",
+        },
+        Case {
+            id: "low",
+            view: "low_stock",
+            filter: json!({"sku": {"in": ["SKU-1", "SKU-2"]}}),
+            sql: "SELECT * FROM low_stock WHERE sku IN ('SKU-1', 'SKU-2')",
+        },
+        Case {
+            id: "status",
+            view: "orders_by_status",
+            filter: Value::Null,
+            sql: "SELECT * FROM orders_by_status",
+        },
+        Case {
+            id: "rev",
+            view: "revenue_per_minute",
+            filter: json!({"warehouse_id": "W2"}),
+            sql: "SELECT * FROM revenue_per_minute WHERE warehouse_id = 'W2'",
+        },
+        Case {
+            id: "open",
+            view: "orders_current",
+            filter: json!({"status": {"in": ["paid", "shipped"]}}),
+            sql: "SELECT * FROM orders_current WHERE status IN ('paid', 'shipped')",
+        },
+    ]
+}
+
+/// One random round of inventory and order events.
+async fn ingest_round(server: &TestServer, rng: &mut StdRng, round: usize, n: usize) {
+    ingest_skus(server, rng, round, n, 5).await;
+}
+
+/// [`ingest_round`] over `skus` different SKUs.
+async fn ingest_skus(server: &TestServer, rng: &mut StdRng, round: usize, n: usize, skus: usize) {
+    let mut inv = String::new();
+    let mut orders = String::new();
+    for i in 0..n {
+        let sku = format!("SKU-{}", rng.random_range(1..=skus));
+        let wh = format!("W{}", rng.random_range(1..=3));
+        let qty: i64 = if rng.random_bool(0.6) {
+            rng.random_range(1..=30)
+        } else {
+            -rng.random_range(1..=25)
+        };
+        let kind = if qty > 0 { "receipt" } else { "sale" };
+        inv.push_str(&format!(
+            r#"{{"event_id":"i-{round}-{i}","event_time":"2026-11-25T10:{:02}:{:02}Z","sku":"{sku}","warehouse_id":"{wh}","kind":"{kind}","quantity":{qty}}}"#,
+            rng.random_range(0..5),
+            rng.random_range(0..60)
+        ));
+        inv.push('\n');
+        let status =
+            ["created", "paid", "shipped", "delivered", "cancelled"][rng.random_range(0..5)];
+        orders.push_str(&format!(
+            r#"{{"event_id":"o-{round}-{i}","event_time":"2026-11-25T10:{:02}:{:02}Z","order_id":"ord-{}","customer_id":"c{}","warehouse_id":"{wh}","sku":"{sku}","quantity":{},"unit_price":"{}.{:02}","status":"{status}"}}"#,
+            rng.random_range(0..5),
+            rng.random_range(0..60),
+            rng.random_range(0..40),
+            rng.random_range(0..9),
+            rng.random_range(1..5),
+            rng.random_range(1..40),
+            rng.random_range(0..100)
+        ));
+        orders.push('\n');
+    }
+    for (stream, body) in [("inventory", inv), ("orders", orders)] {
+        let r = server.post(stream, "application/x-ndjson", body).await;
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+}
+
+async fn view_version(server: &TestServer, view: &str) -> u64 {
+    let v: Value = server
+        .client
+        .get(format!("{}/v1/views/{view}", server.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["version"].as_u64().unwrap()
+}
+
+/// The rows `sql` gives and the view's version, read while the version holds still.
+async fn settled(server: &TestServer, view: &str, sql: &str) -> (u64, Vec<Value>) {
+    loop {
+        let before = view_version(server, view).await;
+        let rows = sorted(&server.sql_rows(sql).await);
+        if view_version(server, view).await == before {
+            return (before, rows);
+        }
+    }
+}
+
+fn sorted(rows: &Value) -> Vec<Value> {
+    let mut rows = rows.as_array().unwrap().clone();
+    rows.sort_by_key(|r| r.to_string());
+    rows
+}
+
+/// Waits until every subscription's copy equals its SQL; unfiltered ones must also
+/// have reached the view's version.
+async fn check_converged(
+    server: &TestServer,
+    clients: &mut [&mut Client],
+    cases: &[Case],
+    round: usize,
+) {
+    for case in cases {
+        let client = clients
+            .iter_mut()
+            .find(|c| c.subs.contains_key(case.id))
+            .unwrap();
+        let (version, want) = settled(server, case.view, case.sql).await;
+        let exact = case.filter.is_null();
+        let ok = client
+            .until(20, |c| {
+                let copy = &c.subs[case.id];
+                (!exact || copy.version == version) && copy.sorted_rows() == want
+            })
+            .await;
+        assert!(
+            ok,
+            "round {round}: '{}' on {} (version {} of {version}) differs from SQL:\n mine {:?}\n want {:?}\n errors {:?}",
+            case.id,
+            case.view,
+            client.subs[case.id].version,
+            client.subs[case.id].sorted_rows(),
+            want,
+            client.errors
+        );
+    }
+}
+
+#[tokio::test]
+async fn subscribers_follow_views_through_random_batches_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), &["--view-history", "16"]).await;
+    let mut rng = StdRng::seed_from_u64(0x5EED);
+    ingest_round(&server, &mut rng, 0, 40).await;
+
+    let cases = cases();
+    // Two connections: one authenticated by header, one by a first message.
+    let mut a = Client::connect(&server, ADMIN, true).await;
+    let mut b = Client::connect(&server, ADMIN, false).await;
+    for (i, case) in cases.iter().enumerate() {
+        let c = if i < 4 { &mut a } else { &mut b };
+        c.subscribe(case.id, case.view, case.filter.clone(), None)
+            .await;
+    }
+    check_converged(&server, &mut [&mut a, &mut b], &cases, 0).await;
+    assert!(
+        a.subs
+            .values()
+            .chain(b.subs.values())
+            .all(|s| s.snapshots == 1)
+    );
+
+    for round in 1..=8 {
+        let n = rng.random_range(5..60);
+        ingest_round(&server, &mut rng, round, n).await;
+        check_converged(&server, &mut [&mut a, &mut b], &cases, round).await;
+    }
+    let deltas: usize = a
+        .subs
+        .values()
+        .chain(b.subs.values())
+        .map(|s| s.deltas)
+        .sum();
+    assert!(deltas >= 8, "only {deltas} deltas arrived");
+    assert!(
+        a.errors.is_empty() && b.errors.is_empty(),
+        "{:?} {:?}",
+        a.errors,
+        b.errors
+    );
+
+    // Reconnect with resume: the missed changes arrive as deltas, with no new snapshot.
+    let versions: Vec<(String, u64)> = a.subs.iter().map(|(k, s)| (k.clone(), s.version)).collect();
+    let saved: HashMap<String, Copy> = std::mem::take(&mut a.subs);
+    drop(a);
+    ingest_round(&server, &mut rng, 100, 30).await;
+    let mut a = Client::connect(&server, ADMIN, true).await;
+    a.subs = saved;
+    for (id, version) in &versions {
+        let case = cases.iter().find(|c| c.id == id).unwrap();
+        let filter = case.filter.clone();
+        a.send(json!({"type": "subscribe", "id": id, "view": case.view, "filter": filter, "from_version": version}))
+            .await;
+    }
+    check_converged(&server, &mut [&mut a, &mut b], &cases, 100).await;
+    for (id, copy) in &a.subs {
+        assert_eq!(copy.snapshots, 1, "{id} was resent a snapshot on resume");
+        assert_eq!(copy.resumed, 1, "{id} did not resume");
+    }
+
+    // A resume from further back than the kept history, or from a version the view never
+    // had, gets a fresh snapshot instead.
+    let old = a.subs["all"].version;
+    for round in 200..230 {
+        ingest_round(&server, &mut rng, round, 3).await;
+        if view_version(&server, "stock_on_hand").await > old + 20 {
+            break;
+        }
+    }
+    a.send(json!({"type": "unsubscribe", "id": "all"})).await;
+    assert!(
+        a.until(10, |c| c.closed.is_none() && c.subs.contains_key("all"))
+            .await
+    );
+    a.send(
+        json!({"type": "subscribe", "id": "all2", "view": "stock_on_hand", "from_version": old}),
+    )
+    .await;
+    a.subs.insert("all2".into(), Copy::default());
+    assert!(
+        a.until(10, |c| c.subs["all2"].snapshots == 1).await,
+        "no snapshot for an old resume"
+    );
+    a.send(json!({"type": "subscribe", "id": "future", "view": "stock_on_hand", "from_version": 1u64 << 40}))
+        .await;
+    a.subs.insert("future".into(), Copy::default());
+    assert!(
+        a.until(10, |c| c.subs["future"].snapshots == 1).await,
+        "no snapshot for a future version"
+    );
+    assert_eq!(
+        a.subs["future"].sorted_rows(),
+        sorted(&server.sql_rows("SELECT * FROM stock_on_hand").await)
+    );
+
+    let metrics = server.metrics_text().await;
+    for name in [
+        "quiver_ws_connections ",
+        "quiver_ws_subscriptions ",
+        "quiver_ws_deltas_sent_total ",
+        "quiver_ws_snapshots_sent_total ",
+        "quiver_ws_queue_bytes ",
+        "quiver_ws_coalesced_total ",
+        "quiver_ws_resnapshots_total ",
+        "quiver_ws_delivery_seconds_count ",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    assert!(metrics.contains("quiver_ws_connections 2"), "{metrics}");
+}
+
+/// A client whose socket reads nothing: a tiny receive buffer, so the server's writes
+/// block and its queue fills.
+async fn stalled_client(server: &TestServer) -> Ws {
+    let addr: std::net::SocketAddr = server.url.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let mut req = ws_url(server).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp))
+        .await
+        .unwrap();
+    ws
+}
+
+#[tokio::test]
+async fn a_slow_reader_converges_while_a_fast_one_keeps_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(
+        dir.path(),
+        &["--ws-queue-bytes", "262144", "--ws-write-timeout", "60s"],
+    )
+    .await;
+    let mut rng = StdRng::seed_from_u64(7);
+    ingest_skus(&server, &mut rng, 0, 3000, 3000).await;
+
+    let mut fast = Client::connect(&server, ADMIN, true).await;
+    fast.subscribe("cur", "stock_on_hand", Value::Null, None)
+        .await;
+    assert!(fast.until(10, |c| c.subs["cur"].snapshots == 1).await);
+
+    let mut slow = Client::new(stalled_client(&server).await);
+    slow.subscribe("cur", "stock_on_hand", Value::Null, None)
+        .await;
+    // Let the snapshot arrive, then stop reading.
+    assert!(slow.until(10, |c| c.subs["cur"].snapshots == 1).await);
+
+    // Rounds while the slow reader reads nothing and the fast one reads all along, until
+    // the socket buffers between the server and the slow reader are full and its queue
+    // passes the bound.
+    let mut ingest_ms = Vec::new();
+    let backed_up = |metrics: &str| {
+        ["quiver_ws_coalesced_total ", "quiver_ws_resnapshots_total "]
+            .iter()
+            .any(|name| {
+                metrics
+                    .lines()
+                    .any(|l| l.starts_with(name) && !l.ends_with(" 0"))
+            })
+    };
+    for round in 1..=400 {
+        let t = Instant::now();
+        ingest_skus(&server, &mut rng, round, 400, 3000).await;
+        ingest_ms.push(t.elapsed().as_millis());
+        while fast.step(Duration::from_millis(5)).await.is_some() {}
+        if round % 10 == 0 && backed_up(&server.metrics_text().await) {
+            // A few more rounds with the slow reader coalesced.
+            for extra in 1..=10 {
+                ingest_skus(&server, &mut rng, 1000 + extra, 400, 3000).await;
+                while fast.step(Duration::from_millis(5)).await.is_some() {}
+            }
+            break;
+        }
+    }
+    let (version, want) = settled(&server, "stock_on_hand", "SELECT * FROM stock_on_hand").await;
+    assert!(
+        fast.until(20, |c| c.subs["cur"].version == version
+            && c.subs["cur"].sorted_rows() == want)
+            .await,
+        "the fast reader did not keep up: version {} of {version}, {} rows of {}, {} coalesced, {} snapshots; first difference {:?}",
+        fast.subs["cur"].version,
+        fast.subs["cur"].rows.len(),
+        want.len(),
+        fast.subs["cur"].coalesced,
+        fast.subs["cur"].snapshots,
+        fast.subs["cur"]
+            .sorted_rows()
+            .iter()
+            .zip(&want)
+            .find(|(a, b)| a != b)
+    );
+    assert_eq!(
+        fast.subs["cur"].coalesced, 0,
+        "the fast reader was coalesced"
+    );
+    assert_eq!(
+        fast.subs["cur"].snapshots, 1,
+        "the fast reader was resnapshotted"
+    );
+    let mut lat = fast.latencies.clone();
+    lat.sort_by(f64::total_cmp);
+    let worst = lat.last().copied().unwrap_or_default();
+    // Far below the 60 s the slow reader's writes may block: the fast reader never waits for it.
+    assert!(
+        worst < 3000.0,
+        "fast reader latency up to {worst:.0} ms: {lat:?}"
+    );
+    let worst_ingest = ingest_ms.iter().max().unwrap();
+    assert!(*worst_ingest < 3000, "an ingest took {worst_ingest} ms");
+
+    let metrics = server.metrics_text().await;
+    let count = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        count("quiver_ws_coalesced_total") + count("quiver_ws_resnapshots_total") >= 1.0,
+        "the slow reader was neither coalesced nor resnapshotted:\n{metrics}"
+    );
+    assert!(
+        count("quiver_ws_queue_bytes") <= 2.0 * 262144.0,
+        "queue over its bound"
+    );
+
+    // Now it reads: it converges to the same rows through coalesced deltas or a snapshot.
+    assert!(
+        slow.until(60, |c| c.subs["cur"].version == version
+            && c.subs["cur"].sorted_rows() == want)
+            .await,
+        "the slow reader did not converge (version {} of {version})",
+        slow.subs["cur"].version
+    );
+    let s = &slow.subs["cur"];
+    assert!(
+        s.coalesced + s.snapshots > 1,
+        "the slow reader got every delta one by one"
+    );
+}
+
+/// Sends a raw upgrade request and returns the status line and headers.
+async fn raw_upgrade(server: &TestServer, extra_headers: &str) -> String {
+    let addr = server.url.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).to_string()
+}
+
+#[tokio::test]
+async fn refusals_errors_and_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(
+        dir.path(),
+        &[
+            "--ws-max-connections-per-token",
+            "3",
+            "--ws-max-subscriptions-per-token",
+            "3",
+            "--ws-max-message-bytes",
+            "2048",
+            "--ws-allowed-origins",
+            "https://dash.example.com",
+            "--ws-idle-timeout",
+            "1s",
+            "--ws-ping-interval",
+            "200ms",
+        ],
+    )
+    .await;
+
+    // Wrong token in the header: refused before the upgrade.
+    let head = raw_upgrade(&server, "Authorization: Bearer qv_nope_nope\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    // A foreign Origin is refused; an allowed one and no Origin at all are upgraded.
+    let head = raw_upgrade(&server, "Origin: https://evil.example.com\r\n").await;
+    assert!(
+        head.starts_with("HTTP/1.1 403") && head.contains("forbidden_origin"),
+        "{head}"
+    );
+    let head = raw_upgrade(&server, "Origin: https://dash.example.com\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // Compression is negotiated when the client offers it.
+    let head = raw_upgrade(
+        &server,
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+    )
+    .await;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-extensions: permessage-deflate"),
+        "{head}"
+    );
+
+    // No token: the first message must be auth; anything else is refused and closed.
+    let mut anon = Client::open(&server, None).await;
+    anon.send(json!({"type": "subscribe", "id": "s", "view": "stock_on_hand"}))
+        .await;
+    let e = anon.error().await;
+    assert_eq!(e["code"], "unauthorized", "{e}");
+    assert!(anon.until(5, |c| c.closed.is_some()).await || anon.closed.is_some());
+    assert_eq!(anon.closed.as_ref().unwrap().0, 1008);
+    let mut wrong = Client::connect(&server, "qv_abc_def", false).await;
+    assert_eq!(wrong.error().await["code"], "unauthorized");
+
+    // Malformed frames, unknown views, bad filters: each an error frame; the connection lives.
+    let mut c = Client::connect(&server, ADMIN, true).await;
+    c.ws.send(Message::text("{not json")).await.unwrap();
+    assert_eq!(c.error().await["code"], "bad_message");
+    c.ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(c.error().await["code"], "bad_message");
+    c.send(json!({"type": "dance"})).await;
+    let e = c.error().await;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown message type 'dance'"),
+        "{e}"
+    );
+    c.send(json!({"type": "subscribe", "view": "stock_on_hand"}))
+        .await;
+    assert_eq!(c.error().await["code"], "bad_message");
+    c.send(json!({"type": "subscribe", "id": "x", "view": "nope"}))
+        .await;
+    let e = c.error().await;
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("unknown_view"), Some("x")),
+        "{e}"
+    );
+    assert!(
+        e["message"].as_str().unwrap().contains("stock_on_hand"),
+        "{e}"
+    );
+    for (filter, says) in [
+        (json!({"colour": "red"}), "unknown column 'colour'"),
+        (json!({"on_hand": "lots"}), "'on_hand' is Int64"),
+        (json!({"sku": {"like": "A%"}}), "unknown condition 'like'"),
+        (json!("sku = 'A' OR 1=1"), "JSON object"),
+    ] {
+        c.send(json!({"type": "subscribe", "id": "f", "view": "stock_on_hand", "filter": filter}))
+            .await;
+        let e = c.error().await;
+        assert_eq!(e["code"], "bad_filter", "{e}");
+        assert!(
+            e["message"].as_str().unwrap().contains(says),
+            "{e} should say {says}"
+        );
+    }
+    c.send(json!({"type": "unsubscribe", "id": "never"})).await;
+    assert_eq!(c.error().await["code"], "unknown_subscription");
+    c.send(json!({"type": "ping"})).await;
+    assert!(
+        c.until(5, |c| c.seen.iter().any(|t| t == "pong")).await,
+        "no pong"
+    );
+
+    // Subscriptions per token: 3.
+    for id in ["a", "b", "c"] {
+        c.subscribe(id, "low_stock", Value::Null, None).await;
+    }
+    c.subscribe("a", "low_stock", Value::Null, None).await;
+    assert_eq!(c.error().await["code"], "duplicate_id");
+    c.subscribe("d", "low_stock", Value::Null, None).await;
+    assert_eq!(c.error().await["code"], "too_many_subscriptions");
+    c.send(json!({"type": "unsubscribe", "id": "a"})).await;
+    assert!(
+        c.until(5, |c| c.seen.iter().any(|t| t == "unsubscribed"))
+            .await
+    );
+    c.subscribe("d", "low_stock", Value::Null, None).await;
+    assert!(
+        c.until(10, |c| c.subs["d"].snapshots == 1).await,
+        "{:?}",
+        c.errors
+    );
+
+    // Connections per token: 3 (c plus two more); the fourth is refused.
+    let _c2 = Client::connect(&server, ADMIN, true).await;
+    let _c3 = Client::connect(&server, ADMIN, true).await;
+    let head = raw_upgrade(&server, &format!("Authorization: Bearer {ADMIN}\r\n")).await;
+    assert!(
+        head.starts_with("HTTP/1.1 429") && head.contains("too_many_connections"),
+        "{head}"
+    );
+    let mut over = Client::connect(&server, ADMIN, false).await;
+    assert_eq!(over.error().await["code"], "too_many_connections");
+    drop((_c2, _c3, over));
+    crate::common::eventually(10, || async {
+        server
+            .metrics_text()
+            .await
+            .contains("quiver_ws_connections 1\n")
+    })
+    .await;
+
+    // A message over the size limit closes the connection with 1009.
+    let mut big = Client::connect(&server, ADMIN, true).await;
+    big.ws
+        .send(Message::text("x".repeat(10_000)))
+        .await
+        .unwrap();
+    assert!(big.until(5, |c| c.closed.is_some()).await || big.closed.is_some());
+    assert_eq!(big.closed.as_ref().unwrap().0, 1009, "{:?}", big.closed);
+
+    // A client that never answers pings is dropped after the idle timeout, with 1001.
+    let addr = server.url.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {ADMIN}\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut bytes = Vec::new();
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut bytes))
+        .await
+        .expect("the server drops a silent client")
+        .ok();
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "dropped too soon"
+    );
+    let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(bytes.starts_with(b"HTTP/1.1 101"));
+    // Walk the server's (unmasked, short) frames: pings, then a close.
+    let mut at = head_end;
+    let mut close = None;
+    let mut pings = 0;
+    while at + 2 <= bytes.len() {
+        let (op, len) = (bytes[at] & 0x0f, (bytes[at + 1] & 0x7f) as usize);
+        let payload = &bytes[at + 2..(at + 2 + len).min(bytes.len())];
+        match op {
+            9 => pings += 1,
+            8 => {
+                close = Some((
+                    u16::from_be_bytes([payload[0], payload[1]]),
+                    String::from_utf8_lossy(&payload[2..]).to_string(),
+                ))
+            }
+            _ => {}
+        }
+        at += 2 + len;
+    }
+    assert!(pings >= 2, "{pings} pings before the close");
+    let (code, reason) = close.expect("a close frame");
+    assert_eq!(code, 1001, "{reason}");
+    assert!(reason.contains("idle"), "{reason}");
+    let metrics = server.metrics_text().await;
+    assert!(
+        metrics.contains(r#"quiver_ws_closed_total{code="idle"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"quiver_ws_errors_total{code="bad_filter"} 4"#),
+        "{metrics}"
+    );
+}
+
+/// The JavaScript client under Node, against a live server: see `api/js/test`.
+#[tokio::test]
+async fn the_javascript_client_under_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), &["--view-history", "64"]).await;
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("js");
+    let node = tokio::process::Command::new("node")
+        .args([
+            "--test",
+            "--test-force-exit",
+            "--test-timeout=120000",
+            "test/",
+        ])
+        .current_dir(&js)
+        .env("QUIVER_URL", &server.url)
+        .env("QUIVER_TOKEN", ADMIN)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), node)
+        .await
+        .expect("the node tests finish in 5 minutes")
+        .expect("node is installed (scripts/test.sh installs the test's npm packages)");
+    assert!(
+        out.status.success(),
+        "node tests failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
