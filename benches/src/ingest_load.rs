@@ -7,20 +7,18 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::Parser;
+use quiver_benches::rss_mib;
 use quiver_engine::StreamSchema;
 use quiver_ingest::Format;
 use quiver_ingest::generator::{Generator, GeneratorConfig, StreamKind};
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// Server base URL (loopback only).
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
-    /// Token with the ingest scope.
-    #[arg(long, env = "QUIVER_TOKEN")]
-    token: String,
+    /// The server; the token needs the ingest scope.
+    #[command(flatten)]
+    target: quiver_benches::Target,
     /// ndjson or arrow.
     #[arg(long, default_value = "ndjson")]
     format: String,
@@ -36,13 +34,6 @@ struct Args {
     /// Server process id, to sample its RSS.
     #[arg(long)]
     server_pid: Option<u32>,
-}
-
-fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }
 
 fn bodies(format: Format, batch: usize, count: usize) -> anyhow::Result<Vec<bytes::Bytes>> {
@@ -81,29 +72,20 @@ fn bodies(format: Format, batch: usize, count: usize) -> anyhow::Result<Vec<byte
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let host = reqwest::Url::parse(&args.url)?
-        .host_str()
-        .unwrap_or_default()
-        .to_owned();
-    if !(host == "localhost" || host.starts_with("127.") || host == "[::1]") {
-        bail!("load tests target loopback only, not '{host}'");
-    }
+    let base = args.target.base()?;
     let format: Format = args.format.parse().map_err(anyhow::Error::msg)?;
     let bodies = Arc::new(bodies(format, args.batch, 64)?);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)
         .build()?;
-    let url = format!(
-        "{}/v1/streams/orders/events",
-        args.url.trim_end_matches('/')
-    );
+    let url = format!("{base}/v1/streams/orders/events");
     let deadline = Instant::now() + args.duration;
     let started = Instant::now();
     let mut workers = Vec::new();
     for w in 0..args.concurrency {
         let client = client.clone();
         let url = url.clone();
-        let token = args.token.clone();
+        let token = args.target.token.clone();
         let bodies = Arc::clone(&bodies);
         workers.push(tokio::spawn(async move {
             let mut lat = Vec::new();

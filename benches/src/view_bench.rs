@@ -43,15 +43,8 @@ struct Args {
     dir: Option<PathBuf>,
 }
 
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+fn own_rss_mib() -> f64 {
+    quiver_benches::rss_mib(std::process::id()).unwrap_or(0.0)
 }
 
 /// Generates `n` events and ingests them, one request per stream per `chunk`.
@@ -169,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
         args.events,
         load.as_secs_f64(),
         args.events as f64 / load.as_secs_f64(),
-        rss_mib()
+        own_rss_mib()
     );
 
     // Incremental: per view, the time it spent on each batch.
@@ -239,7 +232,7 @@ async fn main() -> anyhow::Result<()> {
         "\nwhole batch ({} events, ingest ack + every view): median {:.2} ms; RSS {:.0} MiB",
         args.batch,
         median(batch_wall),
-        rss_mib()
+        own_rss_mib()
     );
     let _ = names;
 

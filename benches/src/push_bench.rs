@@ -1,0 +1,377 @@
+//! Push load driver: many WebSocket subscribers spread over the KPI views (some with
+//! filters) while events are ingested over HTTP at a fixed rate, against a running
+//! Quiver. Reports the latency from ingest acknowledgement to the delta's arrival at the
+//! client (p50/p99/max, overall and per window), the frames received, and the server's
+//! resident memory over the run.
+//!
+//! Each delta frame carries `acked_at`, the server's wall-clock time when the oldest
+//! event behind it was acknowledged; client and server share this machine's clock.
+//!
+//! Only loopback targets are accepted, and the run stops by itself.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use futures::{SinkExt as _, StreamExt as _};
+use quiver_benches::rss_mib;
+use quiver_ingest::generator::{Generator, GeneratorConfig, StreamKind};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The server; the token needs the read and ingest scopes.
+    #[command(flatten)]
+    target: quiver_benches::Target,
+    /// Concurrent subscribers, one connection each.
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Every n-th subscriber filters on one warehouse.
+    #[arg(long, default_value_t = 3)]
+    filter_every: usize,
+    /// Events per second to ingest, split over orders and inventory as generated.
+    #[arg(long, default_value_t = 20_000)]
+    rate: usize,
+    /// Ingest requests per second.
+    #[arg(long, default_value_t = 20)]
+    requests_per_sec: usize,
+    /// How long to measure, after all subscribers have their snapshot.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Length of a reporting window.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    window: Duration,
+    /// Server process id, to sample its RSS.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+/// Latency histogram in 0.1 ms buckets up to 60 s, lock-free.
+struct Histogram {
+    buckets: Vec<AtomicU64>,
+    max_us: AtomicU64,
+}
+
+impl Histogram {
+    const BUCKETS: usize = 600_000;
+
+    fn new() -> Self {
+        Self {
+            buckets: (0..=Self::BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            max_us: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, ms: f64) {
+        let ms = ms.max(0.0);
+        let b = ((ms * 10.0) as usize).min(Self::BUCKETS);
+        self.buckets[b].fetch_add(1, Ordering::Relaxed);
+        self.max_us
+            .fetch_max((ms * 1000.0) as u64, Ordering::Relaxed);
+    }
+
+    /// Takes the counts, leaving zeros: `(counts, max ms)`.
+    fn take(&self) -> (Vec<u64>, f64) {
+        let counts = self
+            .buckets
+            .iter()
+            .map(|b| b.swap(0, Ordering::Relaxed))
+            .collect();
+        (
+            counts,
+            self.max_us.swap(0, Ordering::Relaxed) as f64 / 1000.0,
+        )
+    }
+}
+
+fn percentile(counts: &[u64], p: f64) -> f64 {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return f64::NAN;
+    }
+    let want = ((total as f64) * p).ceil() as u64;
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= want {
+            return (i as f64 + 1.0) / 10.0;
+        }
+    }
+    f64::INFINITY
+}
+
+fn now_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
+#[derive(Default)]
+struct Counts {
+    deltas: AtomicU64,
+    coalesced: AtomicU64,
+    snapshots: AtomicU64,
+    errors: AtomicU64,
+    closed: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// One subscriber: connects, subscribes, and records each delta's latency.
+async fn subscriber(
+    url: String,
+    token: String,
+    view: String,
+    filter: Option<serde_json::Value>,
+    hist: Arc<Histogram>,
+    counts: Arc<Counts>,
+    ready: tokio::sync::mpsc::Sender<()>,
+) -> anyhow::Result<()> {
+    let mut req = url.into_client_request()?;
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let mut sub = serde_json::json!({"type": "subscribe", "id": "s", "view": view});
+    if let Some(f) = filter {
+        sub["filter"] = f;
+    }
+    ws.send(Message::text(sub.to_string())).await?;
+    let mut ready = Some(ready);
+    while let Some(msg) = ws.next().await {
+        let text = match msg {
+            Ok(Message::Text(t)) => t,
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        counts.bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
+        // Only the head is parsed: type, acked_at, coalesced.
+        let head = &text[..text.len().min(160)];
+        if head.starts_with(r#"{"type":"delta""#) {
+            counts.deltas.fetch_add(1, Ordering::Relaxed);
+            if head.contains(r#""coalesced":true"#) {
+                counts.coalesced.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(at) = head.find(r#""acked_at":"#) {
+                let rest = &head[at + 11..];
+                let end = rest.find([',', '}']).unwrap_or(rest.len());
+                if let Ok(t) = rest[..end].parse::<f64>() {
+                    hist.record(now_ms() - t);
+                }
+            }
+        } else if head.starts_with(r#"{"type":"snapshot""#) {
+            counts.snapshots.fetch_add(1, Ordering::Relaxed);
+            if let Some(r) = ready.take() {
+                let _ = r.send(()).await;
+            }
+        } else if head.starts_with(r#"{"type":"error""#) {
+            counts.errors.fetch_add(1, Ordering::Relaxed);
+            eprintln!("error frame: {text}");
+            if let Some(r) = ready.take() {
+                let _ = r.send(()).await;
+            }
+        }
+    }
+    counts.closed.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Posts generated events at `rate`/s in `per_sec` requests per second per stream.
+async fn ingest(
+    base: String,
+    token: String,
+    rate: usize,
+    per_sec: usize,
+    until: Instant,
+    sent: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+) {
+    let client = reqwest::Client::new();
+    let mut generator = Generator::new(GeneratorConfig::default());
+    let per_tick = (rate / per_sec.max(1)).max(1);
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / per_sec.max(1) as u32);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while Instant::now() < until {
+        tick.tick().await;
+        let events = generator.next_events(per_tick);
+        for kind in [StreamKind::Orders, StreamKind::Inventory] {
+            let lines: Vec<&str> = events
+                .iter()
+                .filter(|e| e.stream == kind)
+                .map(|e| e.json.as_str())
+                .collect();
+            if lines.is_empty() {
+                continue;
+            }
+            let stream = if kind == StreamKind::Orders {
+                "orders"
+            } else {
+                "inventory"
+            };
+            let n = lines.len() as u64;
+            let body = lines.join("\n");
+            let client = client.clone();
+            let url = format!("{base}/v1/streams/{stream}/events");
+            let token = token.clone();
+            let sent = Arc::clone(&sent);
+            let failed = Arc::clone(&failed);
+            tokio::spawn(async move {
+                let r = client
+                    .post(url)
+                    .bearer_auth(token)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body)
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().is_success() => sent.fetch_add(n, Ordering::Relaxed),
+                    _ => failed.fetch_add(n, Ordering::Relaxed),
+                };
+            });
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let base = args.target.base()?;
+    let views: serde_json::Value = reqwest::Client::new()
+        .get(format!("{base}/v1/views"))
+        .bearer_auth(&args.target.token)
+        .send()
+        .await?
+        .json()
+        .await
+        .context("listing views")?;
+    let views: Vec<(String, bool)> = views
+        .as_array()
+        .context("views")?
+        .iter()
+        .map(|v| {
+            let name = v["name"].as_str().unwrap_or_default().to_owned();
+            let has_wh = v["columns"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["name"] == "warehouse_id"));
+            (name, has_wh)
+        })
+        .collect();
+    if views.is_empty() {
+        bail!("the server has no views");
+    }
+    let ws_url = format!("{}/v1/ws", base.replacen("http", "ws", 1));
+    let hist = Arc::new(Histogram::new());
+    let counts = Arc::new(Counts::default());
+
+    // Connect everyone, a few hundred at a time, and wait for every snapshot.
+    let started = Instant::now();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(args.subscribers.max(1));
+    let mut filtered = 0;
+    let gate = Arc::new(tokio::sync::Semaphore::new(200));
+    for i in 0..args.subscribers {
+        let (view, has_wh) = views[i % views.len()].clone();
+        let filter = (has_wh && args.filter_every > 0 && i % args.filter_every == 0).then(
+            || serde_json::json!({"warehouse_id": format!("W{}", 1 + (i / views.len()) % 4)}),
+        );
+        filtered += usize::from(filter.is_some());
+        let permit = Arc::clone(&gate).acquire_owned().await?;
+        let (url, token) = (ws_url.clone(), args.target.token.clone());
+        let (hist, counts, ready) = (Arc::clone(&hist), Arc::clone(&counts), ready_tx.clone());
+        tokio::spawn(async move {
+            let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(1);
+            let run = tokio::spawn(subscriber(url, token, view, filter, hist, counts, done_tx));
+            // Hold the permit until this one has its snapshot.
+            let _ = done_rx.recv().await;
+            drop(permit);
+            let _ = ready.send(()).await;
+            if let Ok(Err(e)) = run.await {
+                eprintln!("subscriber failed: {e}");
+            }
+        });
+    }
+    drop(ready_tx);
+    for _ in 0..args.subscribers {
+        if ready_rx.recv().await.is_none() {
+            break;
+        }
+    }
+    println!(
+        "{} subscribers ({filtered} filtered) over {} views connected and snapshotted in {:.1} s",
+        args.subscribers,
+        views.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    let until = Instant::now() + args.duration;
+    let sent = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let feeder = tokio::spawn(ingest(
+        base.clone(),
+        args.target.token.clone(),
+        args.rate,
+        args.requests_per_sec,
+        until,
+        Arc::clone(&sent),
+        Arc::clone(&failed),
+    ));
+    hist.take();
+    let mut all = vec![0u64; Histogram::BUCKETS + 1];
+    let mut all_max: f64 = 0.0;
+    let mut rss = Vec::new();
+    let t0 = Instant::now();
+    println!("window  events/s  deltas/s  coalesced  p50_ms  p99_ms  max_ms  server_rss_mib");
+    let mut last_sent = 0;
+    let mut last_deltas = 0;
+    while Instant::now() < until {
+        tokio::time::sleep(args.window.min(until - Instant::now())).await;
+        let (counts_w, max) = hist.take();
+        for (a, c) in all.iter_mut().zip(&counts_w) {
+            *a += c;
+        }
+        all_max = all_max.max(max);
+        let r = args.server_pid.and_then(rss_mib);
+        if let Some(r) = r {
+            rss.push(r);
+        }
+        let s = sent.load(Ordering::Relaxed);
+        let d = counts.deltas.load(Ordering::Relaxed);
+        let secs = args.window.as_secs_f64();
+        println!(
+            "{:>5.0}s  {:>8.0}  {:>8.0}  {:>9}  {:>6.1}  {:>6.1}  {:>6.1}  {}",
+            t0.elapsed().as_secs_f64(),
+            (s - last_sent) as f64 / secs,
+            (d - last_deltas) as f64 / secs,
+            counts.coalesced.load(Ordering::Relaxed),
+            percentile(&counts_w, 0.50),
+            percentile(&counts_w, 0.99),
+            max,
+            r.map_or("-".into(), |r| format!("{r:.0}")),
+        );
+        last_sent = s;
+        last_deltas = d;
+    }
+    let _ = feeder.await;
+    println!(
+        "overall: {} events acknowledged ({} refused), {} deltas ({} coalesced), {} snapshots, {} error frames, {} connections closed, {:.1} MiB of frames",
+        sent.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+        counts.deltas.load(Ordering::Relaxed),
+        counts.coalesced.load(Ordering::Relaxed),
+        counts.snapshots.load(Ordering::Relaxed),
+        counts.errors.load(Ordering::Relaxed),
+        counts.closed.load(Ordering::Relaxed),
+        counts.bytes.load(Ordering::Relaxed) as f64 / (1 << 20) as f64,
+    );
+    println!(
+        "latency ack -> delta at client: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(&all, 0.50),
+        percentile(&all, 0.99),
+        all_max
+    );
+    if let (Some(first), Some(last)) = (rss.first(), rss.last()) {
+        let peak = rss.iter().copied().fold(0.0, f64::max);
+        println!("server RSS: first window {first:.0} MiB, last {last:.0} MiB, peak {peak:.0} MiB");
+    }
+    std::process::exit(0);
+}
