@@ -164,8 +164,22 @@ impl Conn {
 
     /// Marks `sub` for a fresh snapshot, dropping what it has pending.
     pub(crate) fn resnapshot(&self, sub: &Arc<str>, push: &Push) {
+        self.renew(sub, push, false);
+    }
+
+    /// As [`Conn::resnapshot`], for a view whose versions started again.
+    pub(crate) fn restart(&self, sub: &Arc<str>, push: &Push) {
+        self.renew(sub, push, true);
+    }
+
+    fn renew(&self, sub: &Arc<str>, push: &Push, versions_restart: bool) {
         let mut q = self.queue.lock();
-        let Some(s) = q.subs.get_mut(sub) else { return };
+        let Some(s) = q.subs.get_mut(sub) else {
+            return;
+        };
+        if versions_restart {
+            s.sent = 0;
+        }
         let freed = std::mem::take(&mut s.bytes);
         s.pending = Pending::Frames(VecDeque::new());
         s.need = Some(Need::Snapshot);
@@ -239,7 +253,7 @@ impl Conn {
             .collect()
     }
 
-    fn control(&self, frame: Vec<u8>) {
+    pub(crate) fn control(&self, frame: Vec<u8>) {
         let mut q = self.queue.lock();
         if q.control.len() >= MAX_CONTROL_FRAMES {
             self.overrun.store(true, Ordering::Relaxed);
@@ -346,7 +360,7 @@ impl Conn {
     }
 }
 
-fn error_frame(id: Option<&str>, code: &str, message: &str) -> Vec<u8> {
+pub(crate) fn error_frame(id: Option<&str>, code: &str, message: &str) -> Vec<u8> {
     let mut v = json!({"type": "error", "code": code, "message": message});
     if let Some(id) = id {
         v["id"] = Value::from(id);

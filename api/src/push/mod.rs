@@ -165,6 +165,8 @@ pub(crate) struct Group {
     key_idx: Vec<usize>,
     /// The last snapshot encoded for this group.
     snapshot: tokio::sync::Mutex<Option<Arc<SnapshotRows>>>,
+    /// The last change set's version.
+    last_version: AtomicU64,
 }
 
 impl Group {
@@ -250,20 +252,53 @@ impl Push {
         self.stop.subscribe()
     }
 
-    /// Feeds every change set to its subscribers until the engine stops.
+    /// Feeds every change set to its subscribers until the engine stops; once a second,
+    /// ends the subscriptions of views that were dropped.
     pub(crate) async fn run(self: Arc<Self>, engine: Engine) {
         let mut rx = engine.subscribe_changes();
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
         loop {
-            match rx.recv().await {
-                Ok(change) => self.fan_out(&change),
-                Err(RecvError::Lagged(n)) => {
-                    warn!(
-                        missed = n,
-                        "push fell behind the change stream; every subscriber gets a fresh snapshot"
-                    );
-                    self.resnapshot_all();
+            tokio::select! {
+                got = rx.recv() => match got {
+                    Ok(change) => self.fan_out(&change),
+                    Err(RecvError::Lagged(n)) => {
+                        warn!(missed = n, "push fell behind the change stream; every subscriber gets a fresh snapshot");
+                        self.resnapshot_all();
+                    }
+                    Err(RecvError::Closed) => break,
+                },
+                _ = sweep.tick() => self.end_dropped(&engine),
+            }
+        }
+    }
+
+    /// Ends every subscription to a view that no longer exists, with a `view_dropped`
+    /// error frame.
+    fn end_dropped(&self, engine: &Engine) {
+        let mut hub = self.hub.lock();
+        let gone: Vec<String> = hub
+            .views
+            .keys()
+            .filter(|v| engine.view_info(v).is_none())
+            .cloned()
+            .collect();
+        for view in gone {
+            let Some(groups) = hub.views.remove(&view) else {
+                continue;
+            };
+            for ((_, id), conn) in groups.into_values().flat_map(|m| m.subs) {
+                if conn.remove(&id).is_some() {
+                    self.metrics.subscriptions.dec();
+                    self.metrics.error("view_dropped");
+                    conn.control(conn::error_frame(
+                        Some(&id),
+                        "view_dropped",
+                        &format!("the view '{view}' was dropped"),
+                    ));
                 }
-                Err(RecvError::Closed) => break,
+                if let Some(used) = hub.tokens.get_mut(&conn.token) {
+                    used.subscriptions = used.subscriptions.saturating_sub(1);
+                }
             }
         }
     }
@@ -277,6 +312,17 @@ impl Push {
             let Some(group) = &members.group else {
                 continue;
             };
+            // A cached snapshot is now out of date.
+            if let Ok(mut cached) = group.snapshot.try_lock() {
+                *cached = None;
+            }
+            if change.version <= group.last_version.swap(change.version, Ordering::Relaxed) {
+                // The version went back: the view was dropped and created anew.
+                for ((_, sub), conn) in &members.subs {
+                    conn.restart(sub, self);
+                }
+                continue;
+            }
             match Delta::build(change, &group.filter, &group.key_idx) {
                 Ok(Some(delta)) => {
                     let delta = Arc::new(delta);
@@ -406,6 +452,7 @@ impl Push {
                     key: info.key.clone(),
                     key_idx,
                     snapshot: tokio::sync::Mutex::new(None),
+                    last_version: AtomicU64::new(info.version),
                 });
                 members.group = Some(Arc::clone(&g));
                 g

@@ -539,10 +539,17 @@ async fn a_slow_reader_converges_while_a_fast_one_keeps_up() {
     assert!(fast.until(10, |c| c.subs["cur"].snapshots == 1).await);
 
     let mut slow = Client::new(stalled_client(&server).await);
-    slow.subscribe("cur", "stock_on_hand", Value::Null, None)
-        .await;
-    // Let the snapshot arrive, then stop reading.
-    assert!(slow.until(10, |c| c.subs["cur"].snapshots == 1).await);
+    // The same view under several ids, so the slow connection's share of frames grows
+    // faster than the socket buffers can hide.
+    let slow_ids = ["cur", "cur2", "cur3", "cur4", "cur5", "cur6"];
+    for id in slow_ids {
+        slow.subscribe(id, "stock_on_hand", Value::Null, None).await;
+    }
+    // Let the snapshots arrive, then stop reading.
+    assert!(
+        slow.until(20, |c| slow_ids.iter().all(|id| c.subs[*id].snapshots == 1))
+            .await
+    );
 
     // Rounds while the slow reader reads nothing and the fast one reads all along, until
     // the socket buffers between the server and the slow reader are full and its queue
@@ -599,13 +606,16 @@ async fn a_slow_reader_converges_while_a_fast_one_keeps_up() {
     let mut lat = fast.latencies.clone();
     lat.sort_by(f64::total_cmp);
     let worst = lat.last().copied().unwrap_or_default();
-    // Far below the 60 s the slow reader's writes may block: the fast reader never waits for it.
+    // The slow reader's writes may block for up to the 60 s write timeout. Had the fast
+    // reader or ingest waited for it, they would show that wait; the bound is a quarter
+    // of it, so a loaded machine's slower maintenance does not trip it. (Latency itself
+    // is measured by `benches/push.sh`, not here.)
     assert!(
-        worst < 3000.0,
+        worst < 15_000.0,
         "fast reader latency up to {worst:.0} ms: {lat:?}"
     );
     let worst_ingest = ingest_ms.iter().max().unwrap();
-    assert!(*worst_ingest < 3000, "an ingest took {worst_ingest} ms");
+    assert!(*worst_ingest < 15_000, "an ingest took {worst_ingest} ms");
 
     let metrics = server.metrics_text().await;
     let count = |name: &str| -> f64 {
@@ -627,15 +637,19 @@ async fn a_slow_reader_converges_while_a_fast_one_keeps_up() {
 
     // Now it reads: it converges to the same rows through coalesced deltas or a snapshot.
     assert!(
-        slow.until(60, |c| c.subs["cur"].version == version
-            && c.subs["cur"].sorted_rows() == want)
+        slow.until(60, |c| slow_ids.iter().all(|id| c.subs[*id].version
+            == version
+            && c.subs[*id].sorted_rows() == want))
             .await,
         "the slow reader did not converge (version {} of {version})",
         slow.subs["cur"].version
     );
-    let s = &slow.subs["cur"];
     assert!(
-        s.coalesced + s.snapshots > 1,
+        slow.subs
+            .values()
+            .map(|s| s.coalesced + s.snapshots)
+            .sum::<usize>()
+            > slow_ids.len(),
         "the slow reader got every delta one by one"
     );
 }
@@ -781,6 +795,53 @@ async fn refusals_errors_and_limits() {
     c.subscribe("d", "low_stock", Value::Null, None).await;
     assert!(
         c.until(10, |c| c.subs["d"].snapshots == 1).await,
+        "{:?}",
+        c.errors
+    );
+
+    // A dropped view ends its subscriptions with an error frame; a view created anew
+    // under the same name can be subscribed to again.
+    for id in ["b", "c"] {
+        c.send(json!({"type": "unsubscribe", "id": id})).await;
+    }
+    let view = json!({"name": "tmp_view", "sql": "SELECT sku, SUM(quantity) AS q FROM inventory GROUP BY sku"});
+    let create = || async {
+        let r = server
+            .client
+            .post(format!("{}/v1/views", server.url))
+            .bearer_auth(ADMIN)
+            .json(&view)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    };
+    create().await;
+    c.subscribe("t", "tmp_view", Value::Null, None).await;
+    assert!(
+        c.until(10, |c| c.subs["t"].snapshots == 1).await,
+        "{:?}",
+        c.errors
+    );
+    let r = server
+        .client
+        .delete(format!("{}/v1/views/tmp_view", server.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let e = c.error().await;
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("view_dropped"), Some("t")),
+        "{e}"
+    );
+    create().await;
+    c.subs.remove("t");
+    c.subscribe("t", "tmp_view", Value::Null, None).await;
+    assert!(
+        c.until(10, |c| c.subs["t"].snapshots == 1).await,
         "{:?}",
         c.errors
     );
