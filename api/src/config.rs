@@ -157,6 +157,11 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_WS_QUEUE_BYTES", default_value_t = 1 << 20)]
     pub ws_queue_bytes: usize,
 
+    /// Bytes of pending deltas all connections together may hold; past it, subscribers
+    /// with pending deltas get a fresh snapshot later instead.
+    #[arg(long, env = "QUIVER_WS_TOTAL_QUEUE_BYTES", default_value_t = 256 << 20)]
+    pub ws_total_queue_bytes: usize,
+
     /// How often the server pings an idle connection.
     #[arg(long, env = "QUIVER_WS_PING_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub ws_ping_interval: Duration,
@@ -234,6 +239,7 @@ impl ServeConfig {
             max_subscriptions_per_token: self.ws_max_subscriptions_per_token,
             max_message_bytes: self.ws_max_message_bytes,
             queue_bytes: self.ws_queue_bytes,
+            total_queue_bytes: self.ws_total_queue_bytes,
             ping_interval: self.ws_ping_interval,
             idle_timeout: self.ws_idle_timeout,
             write_timeout: self.ws_write_timeout,

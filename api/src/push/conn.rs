@@ -109,6 +109,9 @@ impl Conn {
     /// fresh snapshot and its deltas dropped.
     pub(crate) fn push(&self, sub: &Arc<str>, delta: &Arc<Delta>, push: &Push) {
         let limit = push.config.queue_bytes;
+        // Past the budget all connections share, a subscription that already has
+        // something pending gets a snapshot later instead of more pending deltas.
+        let squeeze = push.metrics.queue_bytes.get() > push.config.total_queue_bytes as i64;
         let mut q = self.queue.lock();
         let total = q.bytes;
         let Some(s) = q.subs.get_mut(sub) else { return };
@@ -122,7 +125,8 @@ impl Conn {
         match &mut s.pending {
             // One delta is always queued into an empty queue, however large.
             Pending::Frames(frames)
-                if total == 0 || (total + size <= limit && frames.len() < MAX_QUEUED_FRAMES) =>
+                if total == 0
+                    || (!squeeze && total + size <= limit && frames.len() < MAX_QUEUED_FRAMES) =>
             {
                 frames.push_back(Arc::clone(delta));
                 s.bytes += size;
@@ -143,7 +147,7 @@ impl Conn {
                 s.bytes = c.bytes();
             }
         }
-        if overflow || (total > 0 && total - before + s.bytes > limit) {
+        if overflow || (total > 0 && (squeeze || total - before + s.bytes > limit)) {
             s.pending = Pending::Frames(VecDeque::new());
             s.bytes = 0;
             s.need = Some(Need::Snapshot);

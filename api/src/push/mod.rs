@@ -51,6 +51,8 @@ pub(crate) struct PushConfig {
     pub(crate) max_message_bytes: usize,
     /// Bytes of pending deltas a connection may hold before coalescing, then resnapshot.
     pub(crate) queue_bytes: usize,
+    /// Bytes of pending deltas all connections together may hold.
+    pub(crate) total_queue_bytes: usize,
     pub(crate) ping_interval: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) write_timeout: Duration,
