@@ -174,6 +174,10 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_WS_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub ws_write_timeout: Duration,
 
+    /// Worker threads serving WebSocket connections, apart from those of HTTP and ingest.
+    #[arg(long, env = "QUIVER_WS_THREADS", default_value_t = 1)]
+    pub ws_threads: usize,
+
     /// Offer permessage-deflate to clients that ask for it.
     #[arg(long, env = "QUIVER_WS_COMPRESSION", default_value_t = true, action = clap::ArgAction::Set)]
     pub ws_compression: bool,
@@ -245,6 +249,7 @@ impl ServeConfig {
             write_timeout: self.ws_write_timeout,
             auth_timeout: Duration::from_secs(10),
             compression: self.ws_compression,
+            threads: self.ws_threads,
         }
     }
 

@@ -52,7 +52,10 @@ impl RunningServer {
     pub async fn start(config: ServeConfig) -> anyhow::Result<Self> {
         let mut registry = Registry::default();
         let metrics = Arc::new(EngineMetrics::new(&mut registry));
-        let push = Arc::new(crate::push::Push::new(config.push_config(), &mut registry));
+        let push = Arc::new(
+            crate::push::Push::new(config.push_config(), &mut registry)
+                .context("starting the push runtime")?,
+        );
         let store = Store::open(&config.store).context("opening the store")?;
         let (tokens, generated) = Tokens::load(&store, config.admin_token.clone())
             .await
@@ -96,7 +99,7 @@ impl RunningServer {
         tokio::spawn(async move {
             match Engine::open(engine_config, Arc::clone(&recovering.metrics)).await {
                 Ok(engine) => {
-                    tokio::spawn(Arc::clone(&recovering.push).run(engine.clone()));
+                    recovering.push.start(engine.clone());
                     let _ = recovering.engine.set(engine);
                     info!("ready");
                 }

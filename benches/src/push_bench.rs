@@ -132,7 +132,12 @@ async fn subscriber(
     let mut req = url.into_client_request()?;
     req.headers_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+    // A snapshot of a large view is far over tungstenite's default 64 MiB message limit.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(None)
+        .max_frame_size(None);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(req, Some(config), false).await?;
     let mut sub = serde_json::json!({"type": "subscribe", "id": "s", "view": view});
     if let Some(f) = filter {
         sub["filter"] = f;

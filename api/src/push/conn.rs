@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::{FutureExt as _, SinkExt as _};
 use parking_lot::Mutex;
 use quiver_engine::Engine;
@@ -714,12 +715,11 @@ async fn write(
 ) -> Result<(), End> {
     let mut delivered: Vec<Instant> = Vec::new();
     for w in work {
-        let frame = match w {
-            Work::Control(bytes) => bytes,
+        let message = match w {
+            Work::Control(bytes) => vec![Bytes::from(bytes)],
             Work::Frames(id, deltas) => {
                 for d in &deltas {
-                    let bytes = d.frame(&id);
-                    feed(socket, push, bytes).await?;
+                    feed(socket, push, d.message(&id)).await?;
                     push.metrics.deltas_sent.inc();
                     delivered.extend(d.acked_at);
                 }
@@ -728,7 +728,7 @@ async fn write(
             Work::Coalesced(id, c) => {
                 push.metrics.deltas_sent.inc();
                 delivered.extend(c.acked_at);
-                c.frame(&id)
+                vec![Bytes::from(c.frame(&id))]
             }
             Work::Snapshot(id, id_json, group) => {
                 snapshot_frame(conn, push, engine, &id, &id_json, &group).await
@@ -741,11 +741,11 @@ async fn write(
                             "type": "subscribed", "id": id.as_ref(), "view": group.view,
                             "version": from, "key": group.key, "resumed": true,
                         });
-                        feed(socket, push, head.to_string().into_bytes()).await?;
+                        feed(socket, push, vec![Bytes::from(head.to_string())]).await?;
                         for change in changes {
                             match Delta::build(&change, &group.filter, &group.key_idx) {
                                 Ok(Some(d)) => {
-                                    feed(socket, push, d.frame(&id_json)).await?;
+                                    feed(socket, push, d.message(&id_json)).await?;
                                     push.metrics.deltas_sent.inc();
                                 }
                                 Ok(None) => {}
@@ -761,7 +761,7 @@ async fn write(
                 }
             }
         };
-        feed(socket, push, frame).await?;
+        feed(socket, push, message).await?;
     }
     match tokio::time::timeout(push.config.write_timeout, socket.flush()).await {
         Ok(Ok(())) => {}
@@ -784,26 +784,52 @@ async fn snapshot_frame(
     id: &str,
     id_json: &str,
     group: &Group,
-) -> Vec<u8> {
+) -> Vec<Bytes> {
     match group.snapshot(engine).await {
         Ok(snap) => {
             conn.caught_up(id, snap.version, push);
             push.metrics.snapshots_sent.inc();
-            snap.frame(id_json, &group.view)
+            snap.message(id_json, &group.view)
         }
         Err((code, message)) => {
             push.metrics.error(code);
-            error_frame(Some(id), code, &message)
+            vec![Bytes::from(error_frame(Some(id), code, &message))]
         }
     }
 }
 
-async fn feed(socket: &mut Socket, push: &Push, bytes: Vec<u8>) -> Result<(), End> {
+/// Messages up to this size go out as one frame; larger ones as fragments that share
+/// their bodies with other subscribers instead of copying them.
+const ONE_FRAME_BYTES: usize = 16 << 10;
+
+async fn feed(socket: &mut Socket, push: &Push, parts: Vec<Bytes>) -> Result<(), End> {
+    let len: usize = parts.iter().map(Bytes::len).sum();
     push.metrics.frames_sent.inc();
-    push.metrics.bytes_sent.inc_by(bytes.len() as u64);
-    match tokio::time::timeout(push.config.write_timeout, socket.feed(Frame::text(bytes))).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(End::Client),
-        Err(_) => Err(End::Slow),
+    push.metrics.bytes_sent.inc_by(len as u64);
+    let frames: Vec<Frame> = if len <= ONE_FRAME_BYTES || parts.len() == 1 {
+        vec![Frame::text(Bytes::from(parts.concat()))]
+    } else {
+        let parts: Vec<Bytes> = parts.into_iter().filter(|p| !p.is_empty()).collect();
+        let last = parts.len() - 1;
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let f = if i == 0 {
+                    Frame::text(p)
+                } else {
+                    Frame::continuation(p)
+                };
+                f.with_fin(i == last)
+            })
+            .collect()
+    };
+    for frame in frames {
+        match tokio::time::timeout(push.config.write_timeout, socket.feed(frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(End::Client),
+            Err(_) => return Err(End::Slow),
+        }
     }
+    Ok(())
 }

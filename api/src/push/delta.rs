@@ -10,6 +10,7 @@ use arrow::array::RecordBatch;
 use arrow::array::{Array, BooleanArray};
 use arrow::compute::{filter_record_batch, not, prep_null_mask_filter};
 use arrow::error::ArrowError;
+use bytes::Bytes;
 use quiver_engine::ChangeSet;
 
 use super::filter::Filter;
@@ -75,21 +76,24 @@ impl Delta {
         self.upserts.text.len() + self.deletes.text.len() + 64
     }
 
-    /// The frame for subscription `id` (already JSON-quoted).
-    pub(crate) fn frame(&self, id: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.size() + id.len() + 64);
+    /// The message for subscription `id` (already JSON-quoted), in parts: the rows
+    /// are shared with every other subscriber of the group, not copied.
+    pub(crate) fn message(&self, id: &str) -> Vec<Bytes> {
+        let mut head = Vec::with_capacity(id.len() + 96);
         let _ = write!(
-            out,
+            head,
             r#"{{"type":"delta","id":{id},"version":{}"#,
             self.version
         );
-        write_acked(&mut out, self.acked_at);
-        out.extend_from_slice(br#","upserts":["#);
-        out.extend_from_slice(&self.upserts.text);
-        out.extend_from_slice(br#"],"deletes":["#);
-        out.extend_from_slice(&self.deletes.text);
-        out.extend_from_slice(b"]}");
-        out
+        write_acked(&mut head, self.acked_at);
+        head.extend_from_slice(br#","upserts":["#);
+        vec![
+            Bytes::from(head),
+            self.upserts.text.clone(),
+            Bytes::from_static(br#"],"deletes":["#),
+            self.deletes.text.clone(),
+            Bytes::from_static(b"]}"),
+        ]
     }
 
     fn upsert_keys(&self) -> Result<&JsonRows, ArrowError> {
@@ -211,7 +215,7 @@ pub(crate) struct SnapshotRows {
     /// `{"name","type"}` per column.
     pub(crate) columns: String,
     pub(crate) key: String,
-    pub(crate) rows: Vec<u8>,
+    pub(crate) rows: Bytes,
 }
 
 impl SnapshotRows {
@@ -242,17 +246,20 @@ impl SnapshotRows {
         })
     }
 
-    pub(crate) fn frame(&self, id: &str, view: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.rows.len() + 256);
+    /// The snapshot message for subscription `id`, in parts; the rows are shared.
+    pub(crate) fn message(&self, id: &str, view: &str) -> Vec<Bytes> {
+        let mut head = Vec::with_capacity(self.columns.len() + 256);
         let view = serde_json::Value::from(view).to_string();
         let _ = write!(
-            out,
+            head,
             r#"{{"type":"snapshot","id":{id},"view":{view},"version":{},"key":{},"columns":{},"rows":["#,
             self.version, self.key, self.columns
         );
-        out.extend_from_slice(&self.rows);
-        out.extend_from_slice(b"]}");
-        out
+        vec![
+            Bytes::from(head),
+            self.rows.clone(),
+            Bytes::from_static(b"]}"),
+        ]
     }
 }
 
@@ -300,7 +307,7 @@ mod tests {
     }
 
     fn frame(d: &Delta) -> Value {
-        serde_json::from_slice(&d.frame("\"s1\"")).unwrap()
+        serde_json::from_slice(&d.message("\"s1\"").concat()).unwrap()
     }
 
     #[test]

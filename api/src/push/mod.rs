@@ -58,6 +58,8 @@ pub(crate) struct PushConfig {
     pub(crate) write_timeout: Duration,
     pub(crate) auth_timeout: Duration,
     pub(crate) compression: bool,
+    /// Worker threads of the push runtime.
+    pub(crate) threads: usize,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -229,20 +231,39 @@ pub(crate) struct Push {
     next_conn: AtomicU64,
     /// Turns true when the server shuts down: every connection says goodbye.
     stop: tokio::sync::watch::Sender<bool>,
+    /// Connections and the fan-out run on their own threads, so however busy push is,
+    /// ingest and queries keep theirs.
+    runtime: tokio::runtime::Handle,
 }
 
 /// Why a subscription was refused: an error code and what to tell the client.
 type Refusal = (&'static str, String);
 
 impl Push {
-    pub(crate) fn new(config: PushConfig, registry: &mut Registry) -> Self {
-        Self {
+    pub(crate) fn new(config: PushConfig, registry: &mut Registry) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.threads.max(1))
+            .thread_name("quiver-push")
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        // The runtime lives as long as the process; this thread only keeps it.
+        std::thread::Builder::new()
+            .name("quiver-push-rt".into())
+            .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+        Ok(Self {
+            runtime: handle,
             config,
             metrics: PushMetrics::new(registry),
             hub: Mutex::new(Hub::default()),
             next_conn: AtomicU64::new(1),
             stop: tokio::sync::watch::channel(false).0,
-        }
+        })
+    }
+
+    /// Starts feeding change sets to subscribers.
+    pub(crate) fn start(self: &Arc<Self>, engine: Engine) {
+        self.runtime.spawn(Arc::clone(self).run(engine));
     }
 
     /// Closes every connection with a goodbye.
@@ -256,7 +277,7 @@ impl Push {
 
     /// Feeds every change set to its subscribers until the engine stops; once a second,
     /// ends the subscriptions of views that were dropped.
-    pub(crate) async fn run(self: Arc<Self>, engine: Engine) {
+    async fn run(self: Arc<Self>, engine: Engine) {
         let mut rx = engine.subscribe_changes();
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -562,7 +583,7 @@ pub(crate) async fn ws(
         }
     };
     let tokens = Arc::clone(&state);
-    tokio::spawn(async move {
+    push.runtime.clone().spawn(async move {
         match upgraded.await {
             Ok(socket) => {
                 conn::serve(socket, push, engine, tokens, principal.zip(opened)).await;

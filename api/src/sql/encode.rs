@@ -278,26 +278,30 @@ fn json_options() -> EncoderOptions {
 #[derive(Debug, Default)]
 pub(crate) struct JsonRows {
     /// `[…],[…],…`
-    pub(crate) text: Vec<u8>,
+    pub(crate) text: Bytes,
     /// Where each row ends in `text` (the next starts one byte later, after the comma).
     pub(crate) ends: Vec<usize>,
 }
 
 impl JsonRows {
     pub(crate) fn encode(batch: &RecordBatch) -> Result<Self, ArrowError> {
-        let mut rows = Self::default();
+        let mut text = Vec::new();
+        let mut ends = Vec::new();
         if batch.num_rows() > 0 {
             let batch = utc_timestamps(batch)?;
             write_rows_to(
                 &batch,
                 &json_options(),
-                &mut rows.text,
+                &mut text,
                 false,
                 RowShape::Array,
-                Some(&mut rows.ends),
+                Some(&mut ends),
             )?;
         }
-        Ok(rows)
+        Ok(Self {
+            text: Bytes::from(text),
+            ends,
+        })
     }
 
     pub(crate) fn len(&self) -> usize {
