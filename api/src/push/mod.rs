@@ -283,10 +283,10 @@ impl Push {
         loop {
             tokio::select! {
                 got = rx.recv() => match got {
-                    Ok(change) => self.fan_out(&change),
+                    Ok(change) => self.fan_out(&engine, &change),
                     Err(RecvError::Lagged(n)) => {
-                        warn!(missed = n, "push fell behind the change stream; every subscriber gets a fresh snapshot");
-                        self.resnapshot_all();
+                        warn!(missed = n, "push fell behind the change stream; catching up from the views' kept changes");
+                        self.catch_up(&engine);
                     }
                     Err(RecvError::Closed) => break,
                 },
@@ -326,49 +326,83 @@ impl Push {
         }
     }
 
-    fn fan_out(&self, change: &ChangeSet) {
+    fn fan_out(&self, engine: &Engine, change: &ChangeSet) {
         let hub = self.hub.lock();
         let Some(groups) = hub.views.get(&change.view) else {
             return;
         };
         for members in groups.values() {
-            let Some(group) = &members.group else {
-                continue;
-            };
-            // A cached snapshot is now out of date.
-            if let Ok(mut cached) = group.snapshot.try_lock() {
-                *cached = None;
-            }
-            if change.version <= group.last_version.swap(change.version, Ordering::Relaxed) {
-                // The version went back: the view was dropped and created anew.
-                for ((_, sub), conn) in &members.subs {
-                    conn.restart(sub, self);
-                }
-                continue;
-            }
-            match Delta::build(change, &group.filter, &group.key_idx) {
-                Ok(Some(delta)) => {
-                    let delta = Arc::new(delta);
-                    for ((_, sub), conn) in &members.subs {
-                        conn.push(sub, &delta, self);
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    warn!(view = %change.view, error = %e, "encoding a change for subscribers failed")
-                }
+            if let Some(group) = &members.group {
+                self.deliver(engine, group, members, change);
             }
         }
     }
 
-    fn resnapshot_all(&self) {
-        let hub = self.hub.lock();
-        for groups in hub.views.values() {
-            for members in groups.values() {
+    /// One change set to one group: filtered and encoded once, queued for each member.
+    fn deliver(&self, engine: &Engine, group: &Group, members: &Members, change: &ChangeSet) {
+        // A cached snapshot is now out of date.
+        if let Ok(mut cached) = group.snapshot.try_lock() {
+            *cached = None;
+        }
+        let last = group.last_version.load(Ordering::Relaxed);
+        if change.version <= last {
+            // Either a change already delivered while catching up after a lag, or the
+            // view was dropped and created anew, so its versions started again.
+            let current = engine.view_info(&group.view).map_or(0, |v| v.version);
+            if current < last {
+                group.last_version.store(change.version, Ordering::Relaxed);
                 for ((_, sub), conn) in &members.subs {
-                    conn.resnapshot(sub, self);
+                    conn.restart(sub, self);
                 }
             }
+            return;
+        }
+        group.last_version.store(change.version, Ordering::Relaxed);
+        match Delta::build(change, &group.filter, &group.key_idx) {
+            Ok(Some(delta)) => {
+                let delta = Arc::new(delta);
+                for ((_, sub), conn) in &members.subs {
+                    conn.push(sub, &delta, self);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(view = %change.view, error = %e, "encoding a change for subscribers failed")
+            }
+        }
+    }
+
+    /// After falling behind the change stream: each group catches up from its view's
+    /// kept change sets; only groups whose gap is no longer kept get fresh snapshots.
+    fn catch_up(&self, engine: &Engine) {
+        let hub = self.hub.lock();
+        let mut resnapshots = 0;
+        for (view, groups) in &hub.views {
+            for members in groups.values() {
+                let Some(group) = &members.group else {
+                    continue;
+                };
+                let since = group.last_version.load(Ordering::Relaxed);
+                match engine.view_changes_since(view, since) {
+                    Some(changes) => {
+                        for change in changes {
+                            self.deliver(engine, group, members, &change);
+                        }
+                    }
+                    None => {
+                        for ((_, sub), conn) in &members.subs {
+                            conn.resnapshot(sub, self);
+                            resnapshots += 1;
+                        }
+                    }
+                }
+            }
+        }
+        if resnapshots > 0 {
+            warn!(
+                resnapshots,
+                "push fell behind further than the views keep changes; some subscribers get fresh snapshots"
+            );
         }
     }
 

@@ -347,7 +347,7 @@ impl Views {
     pub(crate) fn new(options: ViewOptions) -> Self {
         Self {
             registry: RwLock::new(BTreeMap::new()),
-            changes: broadcast::channel(4096).0,
+            changes: broadcast::channel(16_384).0,
             floor: RwLock::new(None),
             thread: Mutex::new(None),
             options,
