@@ -500,21 +500,35 @@ async fn first_message_auth(
 
 /// Reads requests and writes queued frames until either side ends.
 async fn run(socket: &mut Socket, conn: &Arc<Conn>, push: &Arc<Push>, engine: &Engine) -> End {
-    let started = Instant::now();
-    let mut last_seen = Duration::ZERO;
-    let mut heartbeat = tokio::time::interval(push.config.ping_interval);
-    heartbeat.reset();
+    let interval = push.config.ping_interval;
+    let mut next_ping = tokio::time::Instant::now() + interval;
+    // When the oldest ping the client has not answered (with any frame) went out.
+    let mut unanswered: Option<Instant> = None;
     let mut shutdown = push.stopping();
     loop {
         // Requests first, without waiting, so a busy feed cannot starve them.
         while let Some(frame) = socket.next_frame().now_or_never() {
-            last_seen = started.elapsed();
+            unanswered = None;
             if let Some(end) = on_frame(frame, conn, push, engine) {
                 return finish(socket, end).await;
             }
         }
         if conn.overrun.load(Ordering::Relaxed) {
             return finish(socket, End::Overrun).await;
+        }
+        // Pings go out on time whether the connection is busy or quiet; a client that
+        // answers none of them for the idle timeout is gone.
+        if tokio::time::Instant::now() >= next_ping {
+            if unanswered.is_some_and(|t| t.elapsed() > push.config.idle_timeout) {
+                return finish(socket, End::Idle).await;
+            }
+            let ping =
+                tokio::time::timeout(push.config.write_timeout, socket.send(Frame::ping("")));
+            if !matches!(ping.await, Ok(Ok(()))) {
+                return End::Slow;
+            }
+            unanswered.get_or_insert_with(Instant::now);
+            next_ping = tokio::time::Instant::now() + interval;
         }
         let work = conn.next_batch(push);
         if !work.is_empty() {
@@ -525,21 +539,13 @@ async fn run(socket: &mut Socket, conn: &Arc<Conn>, push: &Arc<Push>, engine: &E
         }
         tokio::select! {
             frame = socket.next_frame() => {
-                last_seen = started.elapsed();
+                unanswered = None;
                 if let Some(end) = on_frame(frame, conn, push, engine) {
                     return finish(socket, end).await;
                 }
             }
             _ = conn.notify.notified() => {}
-            _ = heartbeat.tick() => {
-                if started.elapsed().saturating_sub(last_seen) > push.config.idle_timeout {
-                    return finish(socket, End::Idle).await;
-                }
-                let ping = tokio::time::timeout(push.config.write_timeout, socket.send(Frame::ping("")));
-                if !matches!(ping.await, Ok(Ok(()))) {
-                    return End::Slow;
-                }
-            }
+            _ = tokio::time::sleep_until(next_ping) => {}
             _ = shutdown.changed() => return finish(socket, End::Shutdown).await,
         }
     }
