@@ -90,7 +90,7 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    fn new(id: u64, token: &str) -> Self {
+    pub(crate) fn new(id: u64, token: &str) -> Self {
         Self {
             id,
             token: token.to_owned(),
@@ -98,11 +98,6 @@ impl Conn {
             notify: Notify::new(),
             overrun: AtomicBool::new(false),
         }
-    }
-
-    /// A connection that never got going, only to be counted closed.
-    pub(crate) fn detached(id: u64, token: &str) -> Self {
-        Self::new(id, token)
     }
 
     /// Queues `delta` for subscription `sub`; never waits. Past the queue's bound the

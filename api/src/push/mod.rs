@@ -608,7 +608,7 @@ pub(crate) async fn ws(
         Ok(u) => u,
         Err(e) => {
             if let (Some(p), Some(id)) = (&principal, opened) {
-                push.close(&Conn::detached(id, &p.token_id));
+                push.close(&Conn::new(id, &p.token_id));
             }
             return Err(ApiError::bad_request(
                 "bad_upgrade",
@@ -625,7 +625,7 @@ pub(crate) async fn ws(
             Err(e) => {
                 debug!(error = %e, "WebSocket upgrade did not complete");
                 if let (Some(p), Some(id)) = (&principal, opened) {
-                    push.close(&Conn::detached(id, &p.token_id));
+                    push.close(&Conn::new(id, &p.token_id));
                 }
             }
         }
