@@ -7,6 +7,7 @@
 #
 #   benches/push.sh [duration] [rate] [subscriber counts...]
 #   benches/push.sh 5m 20000 1000 10000
+# Extra server flags: QUIVER_BENCH_SERVER_FLAGS="--view-checkpoint-interval 10m" benches/push.sh …
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration="${1:-5m}"
@@ -29,7 +30,7 @@ for n in "${counts[@]}"; do
   QUIVER_ADMIN_TOKEN="$token" QUIVER_LOG=warn "$bin/quiver" serve \
     --store "file://$scratch/store" --http-addr "127.0.0.1:$port" --upkeep-interval 0s \
     --ws-max-connections-per-token 20000 --ws-max-subscriptions-per-token 20000 \
-    >"$scratch/server-$n.log" 2>&1 &
+    ${QUIVER_BENCH_SERVER_FLAGS:-} >"$scratch/server-$n.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 300); do
     curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
