@@ -33,6 +33,9 @@ const MAX_ID_CHARS: usize = 128;
 #[derive(Debug)]
 enum Need {
     Snapshot,
+    /// Fell behind after `version` was sent: replay the group's recent deltas from
+    /// there, or a snapshot if they no longer reach back.
+    CatchUp(u64),
     Resume(u64),
 }
 
@@ -74,6 +77,7 @@ enum Work {
     Control(Vec<u8>),
     Snapshot(Arc<str>, String, Arc<Group>),
     Resume(Arc<str>, String, Arc<Group>, u64),
+    CatchUp(Arc<str>, String, Arc<Group>, u64),
     Frames(String, Vec<Arc<Delta>>),
     Coalesced(String, Coalesced),
 }
@@ -146,8 +150,8 @@ impl Conn {
         if overflow || (total > 0 && (squeeze || total - before + s.bytes > limit)) {
             s.pending = Pending::Frames(VecDeque::new());
             s.bytes = 0;
-            s.need = Some(Need::Snapshot);
-            push.metrics.resnapshots.inc();
+            s.need = Some(Need::CatchUp(s.sent));
+            push.metrics.catch_ups.inc();
         }
         let after = s.bytes;
         let wake = !std::mem::replace(&mut s.queued, true);
@@ -289,6 +293,7 @@ impl Conn {
                 out.push(match need {
                     Need::Snapshot => Work::Snapshot(id, s.id_json.clone(), group),
                     Need::Resume(v) => Work::Resume(id, s.id_json.clone(), group, v),
+                    Need::CatchUp(v) => Work::CatchUp(id, s.id_json.clone(), group, v),
                 });
                 continue;
             }
@@ -734,6 +739,22 @@ async fn write(
             Work::Snapshot(id, id_json, group) => {
                 snapshot_frame(conn, push, engine, &id, &id_json, &group).await
             }
+            Work::CatchUp(id, id_json, group, from) => match group.recent_since(from) {
+                Some(deltas) => {
+                    let last = deltas.last().map_or(from, |d| d.version);
+                    for d in &deltas {
+                        feed(socket, push, d.message(&id_json)).await?;
+                        push.metrics.deltas_sent.inc();
+                        delivered.extend(d.acked_at);
+                    }
+                    conn.caught_up(&id, last, push);
+                    continue;
+                }
+                None => {
+                    push.metrics.resnapshots.inc();
+                    snapshot_frame(conn, push, engine, &id, &id_json, &group).await
+                }
+            },
             Work::Resume(id, id_json, group, from) => {
                 match engine.view_changes_since(&group.view, from) {
                     Some(changes) => {

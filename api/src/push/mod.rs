@@ -14,7 +14,7 @@ mod conn;
 mod delta;
 mod filter;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
@@ -78,6 +78,7 @@ pub(crate) struct PushMetrics {
     bytes_sent: Counter,
     queue_bytes: Gauge<i64, AtomicI64>,
     coalesced: Counter,
+    catch_ups: Counter,
     resnapshots: Counter,
     delivery_seconds: Histogram,
     errors: Family<CodeLabel, Counter>,
@@ -95,6 +96,7 @@ impl PushMetrics {
             bytes_sent: Counter::default(),
             queue_bytes: Gauge::default(),
             coalesced: Counter::default(),
+            catch_ups: Counter::default(),
             resnapshots: Counter::default(),
             delivery_seconds: quiver_engine::metrics::seconds_histogram(),
             errors: Family::default(),
@@ -138,6 +140,11 @@ impl PushMetrics {
             m.coalesced.clone(),
         );
         r.register(
+            "catch_ups",
+            "Times a subscriber fell past its queue bound and was replayed the group's recent deltas",
+            m.catch_ups.clone(),
+        );
+        r.register(
             "resnapshots",
             "Times a subscriber fell past its queue bound and was sent a fresh snapshot",
             m.resnapshots.clone(),
@@ -171,9 +178,44 @@ pub(crate) struct Group {
     snapshot: tokio::sync::Mutex<Option<Arc<SnapshotRows>>>,
     /// The last change set's version.
     last_version: AtomicU64,
+    /// The deltas of the last change sets, shared with subscribers catching up:
+    /// `(version, delta)`, `None` where the change did not concern this filter.
+    recent: Mutex<VecDeque<(u64, Option<Arc<Delta>>)>>,
 }
 
+/// Change sets a group keeps encoded for subscribers that fell behind.
+const RECENT_DELTAS: usize = 256;
+
 impl Group {
+    fn remember(&self, version: u64, delta: Option<Arc<Delta>>) {
+        let mut recent = self.recent.lock();
+        recent.push_back((version, delta));
+        while recent.len() > RECENT_DELTAS {
+            recent.pop_front();
+        }
+    }
+
+    /// The kept deltas after `version`, if they reach back that far.
+    fn recent_since(&self, version: u64) -> Option<Vec<Arc<Delta>>> {
+        let recent = self.recent.lock();
+        let first = recent.front().map_or(u64::MAX, |(v, _)| *v);
+        let newest = recent.back().map_or(0, |(v, _)| *v);
+        if version >= newest {
+            return Some(Vec::new());
+        }
+        // Versions of a view's change sets are consecutive.
+        if first > version + 1 {
+            return None;
+        }
+        Some(
+            recent
+                .iter()
+                .filter(|(v, _)| *v > version)
+                .filter_map(|(_, d)| d.clone())
+                .collect(),
+        )
+    }
+
     /// The view's rows through this group's filter, encoded; shared while the view's
     /// version stays the same.
     async fn snapshot(&self, engine: &Engine) -> Result<Arc<SnapshotRows>, (&'static str, String)> {
@@ -361,11 +403,12 @@ impl Push {
         match Delta::build(change, &group.filter, &group.key_idx) {
             Ok(Some(delta)) => {
                 let delta = Arc::new(delta);
+                group.remember(change.version, Some(Arc::clone(&delta)));
                 for ((_, sub), conn) in &members.subs {
                     conn.push(sub, &delta, self);
                 }
             }
-            Ok(None) => {}
+            Ok(None) => group.remember(change.version, None),
             Err(e) => {
                 warn!(view = %change.view, error = %e, "encoding a change for subscribers failed")
             }
@@ -510,6 +553,7 @@ impl Push {
                     key_idx,
                     snapshot: tokio::sync::Mutex::new(None),
                     last_version: AtomicU64::new(info.version),
+                    recent: Mutex::new(VecDeque::new()),
                 });
                 members.group = Some(Arc::clone(&g));
                 g
