@@ -204,6 +204,19 @@ impl TestServer {
             .unwrap_or_else(|| panic!("no stream '{stream}' in {streams}"))
     }
 
+    /// `GET path` as admin, as JSON.
+    pub(crate) async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("json body")
+    }
+
     /// The `/metrics` text.
     pub(crate) async fn metrics_text(&self) -> String {
         self.client

@@ -418,16 +418,7 @@ async fn idempotency_keys_and_tokens() {
         .unwrap();
     let token = made["token"].as_str().unwrap().to_owned();
     let id = made["id"].as_str().unwrap().to_owned();
-    let listed: Value = s
-        .client
-        .get(format!("{}/v1/tokens", s.url))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = s.get_json("/v1/tokens").await;
     assert!(listed.to_string().contains(&id));
     assert!(
         !listed.to_string().contains(&token),

@@ -329,17 +329,9 @@ async fn ingest_skus(server: &TestServer, rng: &mut StdRng, round: usize, n: usi
 }
 
 async fn view_version(server: &TestServer, view: &str) -> u64 {
-    let v: Value = server
-        .client
-        .get(format!("{}/v1/views/{view}", server.url))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
+    server.get_json(&format!("/v1/views/{view}")).await["version"]
+        .as_u64()
         .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["version"].as_u64().unwrap()
 }
 
 /// The rows `sql` gives and the view's version, read while the version holds still.
@@ -662,14 +654,21 @@ async fn a_slow_reader_converges_while_a_fast_one_keeps_up() {
     );
 }
 
-/// Sends a raw upgrade request and returns the status line and headers.
-async fn raw_upgrade(server: &TestServer, extra_headers: &str) -> String {
+/// Opens a TCP connection and sends a WebSocket upgrade request with `extra_headers`
+/// (each ending in CRLF).
+async fn send_upgrade(server: &TestServer, extra_headers: &str) -> tokio::net::TcpStream {
     let addr = server.url.trim_start_matches("http://");
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let req = format!(
         "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
     );
     tcp.write_all(req.as_bytes()).await.unwrap();
+    tcp
+}
+
+/// Sends a raw upgrade request and returns the status line and headers.
+async fn raw_upgrade(server: &TestServer, extra_headers: &str) -> String {
+    let mut tcp = send_upgrade(server, extra_headers).await;
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
         .await
@@ -883,12 +882,7 @@ async fn refusals_errors_and_limits() {
     assert_eq!(big.closed.as_ref().unwrap().0, 1009, "{:?}", big.closed);
 
     // A client that never answers pings is dropped after the idle timeout, with 1001.
-    let addr = server.url.trim_start_matches("http://");
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {ADMIN}\r\n\r\n"
-    );
-    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut tcp = send_upgrade(&server, &format!("Authorization: Bearer {ADMIN}\r\n")).await;
     let mut bytes = Vec::new();
     let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut bytes))
