@@ -187,16 +187,7 @@ impl TestServer {
 
     /// The `GET /v1/streams` entry of one stream.
     pub(crate) async fn stream_info(&self, stream: &str) -> serde_json::Value {
-        let streams: serde_json::Value = self
-            .client
-            .get(format!("{}/v1/streams", self.url))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .expect("request")
-            .json()
-            .await
-            .expect("json");
+        let streams = self.get_json("/v1/streams").await;
         streams
             .as_array()
             .and_then(|list| list.iter().find(|v| v["name"] == stream))
