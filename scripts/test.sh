@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need (moto's S3
-# server from PyPI, the `ws` package from npm for the JavaScript client's tests), then
+# server from PyPI, the `ws` package from npm for the JavaScript client's tests, psql
+# and the Python BI clients), then
 # runs fmt, clippy and every test with cargo-nextest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,17 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 echo "== installing test services"
 if ! python3 -c "import moto.server, flask, flask_cors" 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5.1'
+fi
+# The BI tests drive real clients: psql, and Python's psycopg, SQLAlchemy and ADBC
+# Flight SQL driver (with pyarrow).
+if ! command -v psql >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq postgresql-client
+  else sudo apt-get update -qq && sudo apt-get install -y -qq postgresql-client; fi
+fi
+if ! python3 -c "import psycopg, sqlalchemy, adbc_driver_flightsql.dbapi, pyarrow" 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check \
+    'psycopg[binary]>=3.2' 'sqlalchemy>=2.0' 'adbc-driver-flightsql>=1.5' \
+    'adbc-driver-manager>=1.5' 'pyarrow>=17'
 fi
 # The JavaScript push client's Node tests use the `ws` package.
 if [ ! -d api/js/node_modules/ws ]; then

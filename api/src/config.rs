@@ -22,6 +22,23 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
 
+    /// Postgres wire protocol listen address (`off` to disable).
+    #[arg(long, env = "QUIVER_PG_ADDR", default_value = "127.0.0.1:5433", value_parser = parse_listen)]
+    pub pg_addr: Listen,
+
+    /// PEM certificate chain for Postgres TLS (with --pg-tls-key); clients may then
+    /// ask for `sslmode=require`.
+    #[arg(long, env = "QUIVER_PG_TLS_CERT", requires = "pg_tls_key")]
+    pub pg_tls_cert: Option<PathBuf>,
+
+    /// PEM private key for Postgres TLS.
+    #[arg(long, env = "QUIVER_PG_TLS_KEY", requires = "pg_tls_cert")]
+    pub pg_tls_key: Option<PathBuf>,
+
+    /// Arrow Flight SQL listen address (`off` to disable).
+    #[arg(long, env = "QUIVER_FLIGHT_ADDR", default_value = "127.0.0.1:50051", value_parser = parse_listen)]
+    pub flight_addr: Listen,
+
     /// Largest accepted request body.
     #[arg(long, env = "QUIVER_MAX_BODY_BYTES", default_value_t = 64 << 20)]
     pub max_body_bytes: usize,
@@ -188,6 +205,19 @@ pub struct ServeConfig {
     /// Log format: auto (pretty on a terminal, JSON otherwise), pretty or json.
     #[arg(long, env = "QUIVER_LOG_FORMAT", default_value = "auto")]
     pub log_format: String,
+}
+
+/// A listen address, or none (`off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if matches!(s, "off" | "none" | "") {
+        return Ok(Listen(None));
+    }
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|e| format!("'{s}' is not an address like 127.0.0.1:5433, or off: {e}"))
 }
 
 impl ServeConfig {

@@ -11,6 +11,8 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 mod error;
+mod flight;
+mod pg;
 mod push;
 mod routes;
 mod server;

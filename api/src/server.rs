@@ -43,7 +43,12 @@ pub struct RunningServer {
     pub http_addr: std::net::SocketAddr,
     /// A token generated on first start (admin), if one was.
     pub generated_admin_token: Option<String>,
+    /// Address the Postgres listener is bound to, if it is on.
+    pub pg_addr: Option<std::net::SocketAddr>,
+    /// Address the Flight SQL listener is bound to, if it is on.
+    pub flight_addr: Option<std::net::SocketAddr>,
     http: tokio::task::JoinHandle<()>,
+    listeners: Vec<tokio::task::JoinHandle<()>>,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
@@ -92,6 +97,30 @@ impl RunningServer {
             }
         });
         info!(%http_addr, store = %config.store, wal = %config.wal_dir().display(), "HTTP listening; recovering");
+        let mut listeners = Vec::new();
+        let pg_addr = match config.pg_addr.0 {
+            Some(addr) => {
+                let tls = config
+                    .pg_tls_cert
+                    .clone()
+                    .zip(config.pg_tls_key.clone())
+                    .map(|(cert, key)| crate::pg::PgTls { cert, key });
+                let (bound, task) =
+                    crate::pg::start(Arc::clone(&state), addr, tls, shutdown.subscribe()).await?;
+                listeners.push(task);
+                Some(bound)
+            }
+            None => None,
+        };
+        let flight_addr = match config.flight_addr.0 {
+            Some(addr) => {
+                let (bound, task) =
+                    crate::flight::start(Arc::clone(&state), addr, shutdown.subscribe()).await?;
+                listeners.push(task);
+                Some(bound)
+            }
+            None => None,
+        };
 
         let mut engine_config = config.engine_config();
         engine_config.views.definitions = config.view_definitions()?;
@@ -114,7 +143,10 @@ impl RunningServer {
             state,
             http_addr,
             generated_admin_token: generated.map(|t| t.token),
+            pg_addr,
+            flight_addr,
             http,
+            listeners,
             shutdown,
         })
     }
@@ -144,6 +176,9 @@ impl RunningServer {
         let _ = self.shutdown.send(true);
         self.state.push.stop();
         let _ = self.http.await;
+        for task in self.listeners {
+            let _ = task.await;
+        }
         if let Some(engine) = self.state.engine.get() {
             engine.shutdown().await.context("final flush")?;
         }

@@ -25,7 +25,7 @@ pub mod wal;
 pub use engine::{Engine, EngineConfig, IdempotencyKey, IngestOutcome, StreamInfo};
 pub use error::{Error, Result};
 pub use metrics::EngineMetrics;
-pub use query::{Prepared, QueryError, QueryOptions, QuerySession, QuiverDdl};
+pub use query::{Prepared, QueryError, QueryOptions, QuerySession, QuiverDdl, bind_params};
 pub use schema::{ColumnDef, ColumnType, Rule, StreamSchema};
 pub use store::Store;
 pub use table::{TableAt, TableOptions};

@@ -117,7 +117,8 @@ pub(crate) async fn sql(
 }
 
 /// A running query's slot; the active-queries gauge follows it.
-struct Slot {
+#[derive(Debug)]
+pub(crate) struct Slot {
     _permit: tokio::sync::OwnedSemaphorePermit,
     gauge: prometheus_client::metrics::gauge::Gauge,
 }
@@ -129,7 +130,7 @@ impl Drop for Slot {
 }
 
 /// Waits up to `--query-queue-timeout` for one of `--max-concurrent-queries` slots.
-async fn take_slot(state: &AppState) -> ApiResult<Slot> {
+pub(crate) async fn take_slot(state: &AppState) -> ApiResult<Slot> {
     let wait = state.config.query_queue_timeout;
     let permit = tokio::time::timeout(wait, Arc::clone(&state.query_slots).acquire_owned())
         .await
@@ -223,6 +224,40 @@ pub(crate) fn query_error(e: QueryError) -> ApiError {
 }
 
 async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiResult<Response> {
+    Ok(match execute_ddl(engine, principal, ddl).await? {
+        DdlOutcome::Done { status, body, .. } => (status, Json(body)).into_response(),
+        DdlOutcome::Plan(lines) => {
+            let rows: Vec<Value> = lines.into_iter().map(|l| json!([l])).collect();
+            Json(json!({
+                "columns": [{"name": "plan", "type": "TEXT"}],
+                "rows": rows,
+            }))
+            .into_response()
+        }
+    })
+}
+
+/// What one of Quiver's DDL statements did; each SQL surface answers in its own form.
+#[derive(Debug)]
+pub(crate) enum DdlOutcome {
+    /// A statement that changed (or would have changed) the catalog.
+    Done {
+        status: StatusCode,
+        /// The command tag (`CREATE STREAM`, …).
+        tag: &'static str,
+        body: Value,
+    },
+    /// `EXPLAIN MATERIALIZED VIEW`: the plan, one line per row.
+    Plan(Vec<String>),
+}
+
+/// Runs a DDL statement: writes need the admin scope, on every surface.
+pub(crate) async fn execute_ddl(
+    engine: &Engine,
+    principal: &Principal,
+    ddl: QuiverDdl,
+) -> ApiResult<DdlOutcome> {
+    let done = |status, tag, body| Ok(DdlOutcome::Done { status, tag, body });
     if ddl.is_write() && !principal.has(Scope::Admin) {
         return Err(ApiError::forbidden(format!(
             "{} needs a token with the admin scope",
@@ -251,11 +286,11 @@ async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiR
             } else {
                 StatusCode::OK
             };
-            Ok((
+            done(
                 status,
-                Json(json!({"statement": "CREATE STREAM", "stream": name, "created": created})),
+                "CREATE STREAM",
+                json!({"statement": "CREATE STREAM", "stream": name, "created": created}),
             )
-                .into_response())
         }
         QuiverDdl::CreateMaterializedView {
             name,
@@ -273,15 +308,15 @@ async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiR
             } else {
                 StatusCode::CREATED
             };
-            Ok((
+            done(
                 status,
-                Json(json!({
+                "CREATE MATERIALIZED VIEW",
+                json!({
                     "statement": "CREATE MATERIALIZED VIEW",
                     "view": crate::views::view_json(&view),
                     "created": !existed,
-                })),
+                }),
             )
-                .into_response())
         }
         QuiverDdl::DropMaterializedView { name, if_exists } => {
             let dropped = engine
@@ -289,22 +324,19 @@ async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiR
                 .await
                 .map_err(query_error)?;
             info!(view = %name, principal = %principal.token_id, "DROP MATERIALIZED VIEW");
-            Ok(Json(json!({
-                "statement": "DROP MATERIALIZED VIEW",
-                "view": name,
-                "dropped": dropped,
-            }))
-            .into_response())
+            done(
+                StatusCode::OK,
+                "DROP MATERIALIZED VIEW",
+                json!({
+                    "statement": "DROP MATERIALIZED VIEW",
+                    "view": name,
+                    "dropped": dropped,
+                }),
+            )
         }
-        QuiverDdl::ExplainMaterializedView { name } => {
-            let lines = engine.explain_view(&name).await.map_err(query_error)?;
-            let rows: Vec<Value> = lines.into_iter().map(|l| json!([l])).collect();
-            Ok(Json(json!({
-                "columns": [{"name": "plan", "type": "TEXT"}],
-                "rows": rows,
-            }))
-            .into_response())
-        }
+        QuiverDdl::ExplainMaterializedView { name } => Ok(DdlOutcome::Plan(
+            engine.explain_view(&name).await.map_err(query_error)?,
+        )),
     }
 }
 
@@ -411,6 +443,51 @@ async fn run_query(
         schema.fields().len(),
         Body::from_stream(body),
     ))
+}
+
+/// Runs a planned query on the query runtime and hands its batches over a small
+/// channel, for the surfaces that send Arrow batches or rows (Postgres, Flight SQL):
+/// the work stays on the query threads, a slow reader holds back only its own query,
+/// and the deadline covers delivery. The slot is held until the query ends. Past
+/// `max_bytes` of Arrow data the query fails with `ResultTooLarge`.
+pub(crate) fn spawn_batches(
+    engine: &Engine,
+    session: QuerySession,
+    plan: LogicalPlan,
+    deadline: tokio::time::Instant,
+    slot: Slot,
+    max_bytes: usize,
+) -> mpsc::Receiver<Result<arrow::record_batch::RecordBatch, QueryError>> {
+    let timeout = engine.query_options().timeout;
+    let (tx, rx) = mpsc::channel(2);
+    engine.query_runtime().spawn(async move {
+        let work = async {
+            let mut stream = session.execute(plan).await?;
+            let mut sent = 0usize;
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                sent += batch.get_array_memory_size();
+                if sent > max_bytes {
+                    return Err(QueryError::ResultTooLarge(format!(
+                        "the result is larger than the {max_bytes}-byte limit; add a LIMIT or \
+                         aggregate"
+                    )));
+                }
+                if tx.send(Ok(batch)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        };
+        let outcome = tokio::time::timeout_at(deadline, work)
+            .await
+            .unwrap_or(Err(QueryError::Timeout(timeout)));
+        drop(slot);
+        if let Err(e) = outcome {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    rx
 }
 
 fn observe(state: &AppState, started: Instant) {

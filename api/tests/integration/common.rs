@@ -17,6 +17,10 @@ pub(crate) const ADMIN: &str = "test-admin-token";
 pub(crate) struct TestServer {
     child: Option<Child>,
     pub(crate) url: String,
+    /// Port of the Postgres wire protocol listener.
+    pub(crate) pg_port: u16,
+    /// Port of the Flight SQL listener.
+    pub(crate) flight_port: u16,
     pub(crate) store: String,
     pub(crate) dir: PathBuf,
     pub(crate) client: reqwest::Client,
@@ -61,6 +65,8 @@ impl TestServer {
         let mut this = Self {
             child: None,
             url: String::new(),
+            pg_port: 0,
+            flight_port: 0,
             store: store.to_owned(),
             dir: dir.to_owned(),
             client: reqwest::Client::new(),
@@ -76,6 +82,11 @@ impl TestServer {
 
     async fn spawn(&mut self) {
         let port = free_port();
+        // A restart keeps its ports, so clients can reconnect.
+        if self.pg_port == 0 {
+            self.pg_port = free_port();
+            self.flight_port = free_port();
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -86,6 +97,10 @@ impl TestServer {
             .args(&self.args)
             .arg("--http-addr")
             .arg(format!("127.0.0.1:{port}"))
+            .arg("--pg-addr")
+            .arg(format!("127.0.0.1:{}", self.pg_port))
+            .arg("--flight-addr")
+            .arg(format!("127.0.0.1:{}", self.flight_port))
             .env("QUIVER_ADMIN_TOKEN", ADMIN)
             .env("QUIVER_LOG_FORMAT", "json")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `quiver` binary, real HTTP, real Delta tables, a real
 //! S3-compatible server.
 
+mod bi;
 mod common;
 mod crash;
 mod disk_full;

@@ -17,7 +17,7 @@ fn sql_tests_dir() -> PathBuf {
 
 /// Loads sql/tests/data: the `_1` files end up in Delta (table version 1), the `_2`
 /// files stay in the live buffer.
-async fn fixture_server(dir: &Path, extra: &[&str]) -> TestServer {
+pub(crate) async fn fixture_server(dir: &Path, extra: &[&str]) -> TestServer {
     let mut args = vec!["--flush-interval", "1h"];
     args.extend_from_slice(extra);
     let mut server = TestServer::start(dir, &args).await;

@@ -223,7 +223,8 @@ impl Drop for QueryRuntime {
     }
 }
 
-/// One query's session.
+/// One query's session (a connection's, for the Postgres surface); clones share it.
+#[derive(Clone)]
 pub struct QuerySession {
     ctx: SessionContext,
     runtime: tokio::runtime::Handle,
@@ -285,6 +286,24 @@ impl QuerySession {
             .map(|(prepared, ())| prepared)
     }
 
+    /// Parses and plans one statement, leaving its placeholders (`$1`, …) unbound, for
+    /// protocols that describe a statement before its values arrive (Postgres extended
+    /// query, Flight SQL prepared statements). Bind with [`bind_params`].
+    pub async fn prepare_unbound(&self, sql: &str) -> Result<Prepared, QueryError> {
+        let ctx = self.ctx.clone();
+        let sql = sql.to_owned();
+        self.runtime
+            .spawn(async move { prepare(&ctx, &sql, None).await })
+            .await
+            .map_err(|e| QueryError::Internal(format!("planning failed: {e}")))?
+    }
+
+    /// The DataFusion context behind the session, for surfaces that add their own
+    /// catalog views and functions to it (the Postgres `pg_catalog`).
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
     /// [`Self::prepare`], holding `guard` until planning has really finished. Planning
     /// cannot be interrupted: a caller that stops waiting (a deadline) leaves the guard
     /// (e.g. a concurrency slot) with the work still running, and gets it back otherwise.
@@ -297,7 +316,7 @@ impl QuerySession {
         let ctx = self.ctx.clone();
         let (sql, params) = (sql.to_owned(), params.to_vec());
         self.runtime
-            .spawn(async move { prepare(&ctx, &sql, &params).await.map(|p| (p, guard)) })
+            .spawn(async move { prepare(&ctx, &sql, Some(&params)).await.map(|p| (p, guard)) })
             .await
             .map_err(|e| QueryError::Internal(format!("planning failed: {e}")))?
     }
@@ -322,7 +341,7 @@ impl QuerySession {
     /// Plans a view's query: read-only checks, then the analyzer (type coercion), but
     /// not the optimizer, whose rewrites would hide the shapes views maintain.
     pub(crate) async fn plan_view(&self, sql: &str) -> Result<LogicalPlan, QueryError> {
-        let plan = match prepare(&self.ctx, sql, &[]).await? {
+        let plan = match prepare(&self.ctx, sql, Some(&[])).await? {
             Prepared::Query(plan) => *plan,
             Prepared::Ddl(d) => {
                 return Err(QueryError::Invalid(format!(
@@ -354,11 +373,11 @@ impl QuerySession {
     }
 }
 
-/// Parses, checks, plans and binds one statement.
+/// Parses, checks, plans and (given `params`) binds one statement.
 async fn prepare(
     ctx: &SessionContext,
     sql: &str,
-    params: &[ScalarValue],
+    params: Option<&[ScalarValue]>,
 ) -> Result<Prepared, QueryError> {
     if let Some(ddl) = ddl::parse(sql)? {
         return Ok(Prepared::Ddl(ddl));
@@ -383,7 +402,10 @@ async fn prepare(
         .with_allow_statements(false)
         .verify_plan(&plan)
         .map_err(|e| QueryError::NotAllowed(e.strip_backtrace()))?;
-    let plan = bind_params(plan, params)?;
+    let plan = match params {
+        Some(params) => bind_params(plan, params)?,
+        None => plan,
+    };
     Ok(Prepared::Query(Box::new(plan)))
 }
 
@@ -432,7 +454,7 @@ fn statement_kind(statement: &SqlStatement) -> String {
 }
 
 /// Binds positional parameters, converting each value to the type its placeholder needs.
-fn bind_params(plan: LogicalPlan, params: &[ScalarValue]) -> Result<LogicalPlan, QueryError> {
+pub fn bind_params(plan: LogicalPlan, params: &[ScalarValue]) -> Result<LogicalPlan, QueryError> {
     let types = plan.get_parameter_types()?;
     let wanted = types.len();
     if wanted == 0 && params.is_empty() {

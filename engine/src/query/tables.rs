@@ -29,27 +29,58 @@ pub const CATALOG: &str = "quiver";
 /// Name of the schema that holds streams, views and job outputs.
 pub const SCHEMA: &str = "public";
 
-/// The `quiver` catalog: one schema, `public`.
+/// The `quiver` catalog: the schema `public`, plus any a surface adds to its own
+/// session (the Postgres surface adds `pg_catalog`).
 #[derive(Debug)]
 pub(crate) struct QuiverCatalog {
     schema: Arc<PublicSchema>,
+    added: parking_lot::RwLock<Vec<(String, Arc<dyn SchemaProvider>)>>,
 }
 
 impl QuiverCatalog {
     pub(crate) fn new(engine: Engine) -> Self {
         Self {
             schema: Arc::new(PublicSchema { engine }),
+            added: parking_lot::RwLock::new(Vec::new()),
         }
     }
 }
 
 impl CatalogProvider for QuiverCatalog {
     fn schema_names(&self) -> Vec<String> {
-        vec![SCHEMA.to_owned()]
+        let mut names = vec![SCHEMA.to_owned()];
+        names.extend(self.added.read().iter().map(|(n, _)| n.clone()));
+        names
     }
 
     fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
-        (name == SCHEMA).then(|| Arc::clone(&self.schema) as Arc<dyn SchemaProvider>)
+        if name == SCHEMA {
+            return Some(Arc::clone(&self.schema) as Arc<dyn SchemaProvider>);
+        }
+        let added = self.added.read();
+        added
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| Arc::clone(s))
+    }
+
+    fn register_schema(
+        &self,
+        name: &str,
+        schema: Arc<dyn SchemaProvider>,
+    ) -> datafusion::error::Result<Option<Arc<dyn SchemaProvider>>> {
+        if name == SCHEMA {
+            return Err(DataFusionError::Plan(format!(
+                "the schema '{SCHEMA}' cannot be replaced"
+            )));
+        }
+        let mut added = self.added.write();
+        let old = added
+            .iter()
+            .position(|(n, _)| n == name)
+            .map(|i| added.remove(i).1);
+        added.push((name.to_owned(), schema));
+        Ok(old)
     }
 }
 
