@@ -259,6 +259,13 @@ impl PgService {
                 JsonBuildObject::new(),
             ));
         session.context().register_udf(create_udf(
+            "current_setting",
+            vec![DataType::Utf8],
+            DataType::Utf8,
+            Volatility::Stable,
+            Arc::new(current_setting),
+        ));
+        session.context().register_udf(create_udf(
             "to_regtype",
             vec![DataType::Utf8],
             DataType::Int32,
@@ -618,6 +625,24 @@ fn split_and(expr: Expr, out: &mut Vec<Expr>) {
         }
         other => out.push(other),
     }
+}
+
+/// `current_setting(name)`: the server's settings clients ask for (the values `SHOW`
+/// gives a connection that has not changed them).
+fn current_setting(args: &[ColumnarValue]) -> datafusion::error::Result<ColumnarValue> {
+    let names = ColumnarValue::values_to_arrays(args)?;
+    let names = datafusion::arrow::compute::cast(&names[0], &DataType::Utf8)?;
+    let names = names
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::StringArray>()
+        .ok_or_else(|| {
+            datafusion::error::DataFusionError::Internal("current_setting: not text".into())
+        })?;
+    let values: datafusion::arrow::array::StringArray = names
+        .iter()
+        .map(|n| n.map(|n| default_setting(&n.to_ascii_lowercase())))
+        .collect();
+    Ok(ColumnarValue::Array(Arc::new(values)))
 }
 
 /// `to_regtype(name)`: the oid of a built-in type Quiver's columns use, else NULL (as
@@ -1100,6 +1125,11 @@ fn show_value<C: ClientInfo + ?Sized>(client: &C, name: &str) -> String {
     if let Some(v) = client.metadata().get(name) {
         return v.clone();
     }
+    default_setting(name)
+}
+
+/// A setting's value before any `SET`.
+fn default_setting(name: &str) -> String {
     match name {
         "server_version" => "16.6".into(),
         "server_version_num" => "160006".into(),

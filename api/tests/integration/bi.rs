@@ -257,6 +257,87 @@ async fn postgres_wire_with_psql_and_tokio_postgres() {
         .get(0);
     assert_eq!(shown, "20000");
 
+    // What Grafana's PostgreSQL data source and Metabase's sync send (in their shape):
+    // each runs, and lists Quiver's tables and columns.
+    let grafana_tables = "SELECT CASE WHEN quote_ident(table_schema) IN (SELECT CASE WHEN \
+        trim(s[i]) = '\"$user\"' THEN user ELSE trim(s[i]) END FROM generate_series(\
+        array_lower(string_to_array(current_setting('search_path'),','),1), \
+        array_upper(string_to_array(current_setting('search_path'),','),1)) as i, \
+        string_to_array(current_setting('search_path'),',') s) THEN quote_ident(table_name) \
+        ELSE quote_ident(table_schema) || '.' || quote_ident(table_name) END AS \"table\" \
+        FROM information_schema.tables WHERE quote_ident(table_schema) NOT IN \
+        ('information_schema', 'pg_catalog') ORDER BY 1";
+    let grafana_columns = "SELECT quote_ident(column_name) AS \"column\", data_type AS \"type\" \
+        FROM information_schema.columns WHERE quote_ident(table_name) = 'orders'";
+    let metabase = [
+        "SET extra_float_digits = 2",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ UNCOMMITTED",
+        "SHOW TRANSACTION ISOLATION LEVEL",
+        "SELECT nspname AS \"TABLE_SCHEM\", current_database() AS \"TABLE_CATALOG\" FROM \
+         pg_catalog.pg_namespace WHERE nspname <> 'pg_toast' AND (nspname !~ '^pg_temp_' OR \
+         nspname = (pg_catalog.current_schemas(true))[1]) ORDER BY \"TABLE_SCHEM\"",
+        "SELECT n.nspname AS schema, c.relname AS name, CASE c.relkind WHEN 'r' THEN 'TABLE' \
+         WHEN 'v' THEN 'VIEW' ELSE NULL END AS type, d.description, stat.n_live_tup \
+         FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON c.relnamespace = n.oid \
+         LEFT JOIN pg_catalog.pg_description AS d ON c.oid = d.objoid AND d.objsubid = '0' \
+         AND d.classoid = 'pg_class'::regclass LEFT JOIN pg_stat_user_tables AS stat \
+         ON n.nspname = stat.schemaname AND c.relname = stat.relname WHERE n.nspname !~ '^pg_' \
+         AND n.nspname <> 'information_schema' AND c.relkind IN ('r', 'p', 'v', 'f', 'm') \
+         AND n.nspname IN ('public') ORDER BY type, schema, name",
+        "SHOW timezone",
+    ];
+    let rows_of = |messages: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<Vec<String>> {
+        messages
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).unwrap_or_default().to_owned())
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect()
+    };
+    let listed = rows_of(
+        client
+            .simple_query(grafana_tables)
+            .await
+            .expect("Grafana's tables"),
+    );
+    for name in ["orders", "inventory", "stock_on_hand"] {
+        assert!(
+            listed.iter().any(|r| r[0].ends_with(name)),
+            "Grafana's table list has {name}: {listed:?}"
+        );
+    }
+    let columns = rows_of(
+        client
+            .simple_query(grafana_columns)
+            .await
+            .expect("Grafana's columns"),
+    );
+    assert!(columns.iter().any(|r| r[0] == "event_time"), "{columns:?}");
+    let mut last = Vec::new();
+    for query in metabase {
+        last = rows_of(
+            client
+                .simple_query(query)
+                .await
+                .unwrap_or_else(|e| panic!("Metabase's {query}: {e}")),
+        );
+        if query.contains("relkind") {
+            assert!(
+                last.iter().any(|r| r[1] == "orders" && r[2] == "TABLE")
+                    && last
+                        .iter()
+                        .any(|r| r[1] == "stock_on_hand" && r[2] == "VIEW"),
+                "Metabase's table list: {last:?}"
+            );
+        }
+    }
+    assert_eq!(last, vec![vec!["UTC".to_owned()]]);
+
     // Refusals, each with a clear SQLSTATE and message.
     let Err(err) = pg_connect(&server, "qv_nope_nope").await else {
         panic!("a bad token is refused");
@@ -375,4 +456,63 @@ async fn python_psycopg_sqlalchemy_and_adbc_flight_sql() {
         String::from_utf8_lossy(&out.stderr),
         server.log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_wire_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let server = TestServer::start(
+        dir.path(),
+        &["--pg-tls-cert", cert.as_str(), "--pg-tls-key", key.as_str()],
+    )
+    .await;
+    let connect = |sslmode: &str| {
+        std::process::Command::new("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={} user=analyst dbname=quiver sslmode={sslmode}",
+                server.pg_port
+            ))
+            .args(["-X", "-At", "-c", "SELECT CAST(1 AS BIGINT)"])
+            .env("PGPASSWORD", ADMIN)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .expect("psql runs")
+    };
+    // sslmode=require fails unless the server really negotiates TLS.
+    let out = connect("require");
+    assert!(
+        out.status.success(),
+        "psql over TLS: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    let out = std::process::Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=analyst dbname=quiver sslmode=require",
+            server.pg_port
+        ))
+        .args(["-X", "-At", "-c", "\\conninfo"])
+        .env("PGPASSWORD", ADMIN)
+        .output()
+        .expect("psql runs");
+    let info = String::from_utf8_lossy(&out.stdout);
+    assert!(info.contains("SSL connection"), "{info}");
 }
