@@ -30,8 +30,8 @@ use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
     ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetDbSchemas,
     CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
-    CommandStatementQuery, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
-    SqlSupportedTransaction, TicketStatementQuery,
+    CommandStatementQuery, CommandStatementUpdate, DoPutPreparedStatementResult, ProstMessageExt,
+    SqlInfo, SqlSupportedTransaction, TicketStatementQuery,
 };
 use arrow_flight::{
     Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
@@ -457,6 +457,30 @@ impl FlightSqlService for QuiverFlight {
         let sql = String::from_utf8(ticket.statement_handle.to_vec())
             .map_err(|_| Status::invalid_argument("the ticket is not a statement"))?;
         self.run(&principal, &sql, &[]).await
+    }
+
+    async fn do_put_statement_update(
+        &self,
+        query: CommandStatementUpdate,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        let principal = self.principal(&request)?;
+        let engine = self.engine()?;
+        let session = engine.query_session();
+        match session
+            .prepare(&query.query, &[])
+            .await
+            .map_err(|e| status(query_error(e)))?
+        {
+            Prepared::Ddl(ddl) => {
+                execute_ddl(engine, &principal, ddl).await.map_err(status)?;
+                Ok(0)
+            }
+            Prepared::Query(_) => Err(Status::invalid_argument(
+                "this is a query: run it with a statement query (execute), not an update; \
+                 Quiver takes no INSERT, UPDATE or DELETE",
+            )),
+        }
     }
 
     async fn do_action_create_prepared_statement(

@@ -165,6 +165,21 @@ class AdbcFlightSql(unittest.TestCase):
             info = conn.adbc_get_info()
             self.assertEqual(info.get("vendor_name"), "Quiver")
 
+    def test_ddl_as_update(self):
+        with flight_connect(ADMIN) as conn, conn.cursor() as cur:
+            cur.adbc_statement.set_sql_query(
+                "CREATE MATERIALIZED VIEW flight_units AS "
+                "SELECT sku, sum(quantity) AS units FROM orders GROUP BY sku"
+            )
+            cur.adbc_statement.execute_update()
+            cur.execute("SELECT sum(units) FROM flight_units")
+            self.assertEqual(cur.fetchone()[0], http_rows("SELECT sum(quantity) FROM orders")[0][0])
+        with flight_connect(READ) as conn, conn.cursor() as cur:
+            cur.adbc_statement.set_sql_query("DROP MATERIALIZED VIEW flight_units")
+            with self.assertRaises(adbc_driver_manager.Error) as ctx:
+                cur.adbc_statement.execute_update()
+            self.assertIn("admin scope", str(ctx.exception))
+
     def test_refusals(self):
         with self.assertRaises(adbc_driver_manager.Error) as ctx:
             with flight_connect("qv_wrong_token") as conn, conn.cursor() as cur:
