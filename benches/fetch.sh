@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 rows="${1:-5000000}"
 rounds="${2:-3}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/quiver-target}"
-cargo build --release -p quiver-api -p quiver-benches --bin quiver --bin fetch-bench
+[ -n "${QUIVER_BENCH_SKIP_BUILD:-}" ] || cargo build --release -p quiver-api -p quiver-benches --bin quiver --bin fetch-bench
 bin="$CARGO_TARGET_DIR/release"
 
 scratch="$(mktemp -d)"
@@ -30,7 +30,7 @@ for _ in $(seq 1 300); do
 done
 
 echo "== loading $rows order events"
-"$bin/quiver" generate --events "$((rows * 2))" --format arrow --out "$scratch/gen" --seed 7 \
+"$bin/quiver" generate --events "$((rows * 8 / 5))" --format arrow --out "$scratch/gen" --seed 7 \
   --start 2026-11-01T00:00:00Z >/dev/null
 "$bin/quiver" load "$scratch/gen/orders.arrow" --stream orders \
   --url "http://127.0.0.1:$port" --token "$token" --batch 50000
