@@ -195,7 +195,7 @@ impl QuiverFlight {
             }
         };
         let schema = Arc::clone(plan.schema().inner());
-        let rx = spawn_batches(
+        let batches = spawn_batches(
             engine,
             session,
             plan,
@@ -203,16 +203,6 @@ impl QuiverFlight {
             slot,
             self.state.config.max_result_bytes,
         );
-        let guard = deadline + Duration::from_secs(1);
-        let batches = futures::stream::unfold(Some(rx), move |rx| async move {
-            let mut rx = rx?;
-            match tokio::time::timeout_at(guard, rx.recv()).await {
-                Ok(Some(Ok(batch))) => Some((Ok(batch), Some(rx))),
-                Ok(Some(Err(e))) => Some((Err(e), None)),
-                Ok(None) => None,
-                Err(_) => Some((Err(QueryError::Timeout(timeout)), None)),
-            }
-        });
         let batches = batches.map_err(|e| FlightError::Tonic(Box::new(status(query_error(e)))));
         Ok(batches_response(schema, batches))
     }

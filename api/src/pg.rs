@@ -344,7 +344,7 @@ impl PgService {
             };
         let engine = self.state.engine.get().expect("engine is up while serving");
         let max_bytes = self.state.config.max_result_bytes;
-        let rx = spawn_batches(
+        let batches = spawn_batches(
             engine,
             conn.session.clone(),
             plan,
@@ -352,18 +352,7 @@ impl PgService {
             slot,
             max_bytes,
         );
-        let timeout = engine.query_options().timeout;
-        let guard = deadline + Duration::from_secs(1);
         let rows_fields = Arc::clone(&fields);
-        let batches = futures::stream::unfold(Some(rx), move |rx| async move {
-            let mut rx = rx?;
-            match tokio::time::timeout_at(guard, rx.recv()).await {
-                Ok(Some(Ok(batch))) => Some((Ok(batch), Some(rx))),
-                Ok(Some(Err(e))) => Some((Err(e), None)),
-                Ok(None) => None,
-                Err(_) => Some((Err(QueryError::Timeout(timeout)), None)),
-            }
-        });
         let rows = batches.flat_map(move |batch| {
             let rows: Box<dyn Iterator<Item = PgWireResult<_>> + Send + Sync> = match batch {
                 Ok(batch) => encode_recordbatch(Arc::clone(&rows_fields), batch),
@@ -627,17 +616,22 @@ fn split_and(expr: Expr, out: &mut Vec<Expr>) {
     }
 }
 
+/// The first argument of a function, as text.
+fn text_arg(
+    args: &[ColumnarValue],
+) -> datafusion::error::Result<datafusion::arrow::array::StringArray> {
+    let arrays = ColumnarValue::values_to_arrays(args)?;
+    let first = arrays.first().ok_or_else(|| {
+        datafusion::error::DataFusionError::Plan("the function takes one text argument".into())
+    })?;
+    let text = datafusion::arrow::compute::cast(first, &DataType::Utf8)?;
+    Ok(datafusion::arrow::array::AsArray::as_string::<i32>(&text).clone())
+}
+
 /// `current_setting(name)`: the server's settings clients ask for (the values `SHOW`
 /// gives a connection that has not changed them).
 fn current_setting(args: &[ColumnarValue]) -> datafusion::error::Result<ColumnarValue> {
-    let names = ColumnarValue::values_to_arrays(args)?;
-    let names = datafusion::arrow::compute::cast(&names[0], &DataType::Utf8)?;
-    let names = names
-        .as_any()
-        .downcast_ref::<datafusion::arrow::array::StringArray>()
-        .ok_or_else(|| {
-            datafusion::error::DataFusionError::Internal("current_setting: not text".into())
-        })?;
+    let names = text_arg(args)?;
     let values: datafusion::arrow::array::StringArray = names
         .iter()
         .map(|n| n.map(|n| default_setting(&n.to_ascii_lowercase())))
@@ -667,14 +661,7 @@ fn to_regtype(args: &[ColumnarValue]) -> datafusion::error::Result<ColumnarValue
         };
         i32::try_from(ty.oid()).ok()
     };
-    let names = ColumnarValue::values_to_arrays(args)?;
-    let names = datafusion::arrow::compute::cast(&names[0], &DataType::Utf8)?;
-    let names = names
-        .as_any()
-        .downcast_ref::<datafusion::arrow::array::StringArray>()
-        .ok_or_else(|| {
-            datafusion::error::DataFusionError::Internal("to_regtype: not text".into())
-        })?;
+    let names = text_arg(args)?;
     let oids: datafusion::arrow::array::Int32Array = names.iter().map(oid).collect();
     Ok(ColumnarValue::Array(Arc::new(oids)))
 }

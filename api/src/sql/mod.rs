@@ -448,8 +448,9 @@ async fn run_query(
 /// Runs a planned query on the query runtime and hands its batches over a small
 /// channel, for the surfaces that send Arrow batches or rows (Postgres, Flight SQL):
 /// the work stays on the query threads, a slow reader holds back only its own query,
-/// and the deadline covers delivery. The slot is held until the query ends. Past
-/// `max_bytes` of Arrow data the query fails with `ResultTooLarge`.
+/// and the deadline covers delivery (the reading side keeps it too, a second later, for
+/// a query that never yields). The slot is held until the query ends. Past `max_bytes`
+/// of Arrow data the query fails with `ResultTooLarge`.
 pub(crate) fn spawn_batches(
     engine: &Engine,
     session: QuerySession,
@@ -457,7 +458,8 @@ pub(crate) fn spawn_batches(
     deadline: tokio::time::Instant,
     slot: Slot,
     max_bytes: usize,
-) -> mpsc::Receiver<Result<arrow::record_batch::RecordBatch, QueryError>> {
+) -> impl futures::Stream<Item = Result<arrow::record_batch::RecordBatch, QueryError>> + Send + 'static
+{
     let timeout = engine.query_options().timeout;
     let (tx, rx) = mpsc::channel(2);
     engine.query_runtime().spawn(async move {
@@ -487,7 +489,16 @@ pub(crate) fn spawn_batches(
             let _ = tx.send(Err(e)).await;
         }
     });
-    rx
+    let guard = deadline + Duration::from_secs(1);
+    futures::stream::unfold(Some(rx), move |rx| async move {
+        let mut rx = rx?;
+        match tokio::time::timeout_at(guard, rx.recv()).await {
+            Ok(Some(Ok(batch))) => Some((Ok(batch), Some(rx))),
+            Ok(Some(Err(e))) => Some((Err(e), None)),
+            Ok(None) => None,
+            Err(_) => Some((Err(QueryError::Timeout(timeout)), None)),
+        }
+    })
 }
 
 fn observe(state: &AppState, started: Instant) {
