@@ -27,7 +27,7 @@ trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "
 
 for n in "${counts[@]}"; do
   rm -rf "$scratch/store"
-  QUIVER_ADMIN_TOKEN="$token" QUIVER_LOG=warn "$bin/quiver" serve \
+  QUIVER_ADMIN_TOKEN="$token" QUIVER_LOG="warn,quiver_engine::views=info" "$bin/quiver" serve \
     --store "file://$scratch/store" --http-addr "127.0.0.1:$port" --upkeep-interval 0s \
     --ws-max-connections-per-token 20000 --ws-max-subscriptions-per-token 20000 \
     ${QUIVER_BENCH_SERVER_FLAGS:-} >"$scratch/server-$n.log" 2>&1 &
@@ -43,5 +43,7 @@ for n in "${counts[@]}"; do
     | grep -E '^quiver_(ws_(deltas_sent|coalesced|resnapshots|snapshots_sent)_total|ws_delivery_seconds_(sum|count)|view_freshness_seconds_(sum|count)) ' \
     | sed 's/^/  /'
   kill -TERM "$pid"; wait "$pid" || true
+  # How long each view checkpoint held the views (encode) and took to store (write).
+  grep -ho 'views checkpointed.*' "$scratch/server-$n.log" | sed 's/^/  /' || true
 done
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"

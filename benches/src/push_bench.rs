@@ -183,6 +183,31 @@ async fn subscriber(
 }
 
 /// Posts generated events at `rate`/s in `per_sec` requests per second per stream.
+/// The server's view state and push queue sizes in bytes, from its metrics: what of
+/// its RSS is view state (which grows with the views' rows) and what is push.
+async fn server_gauges(client: &reqwest::Client, base: &str, token: &str) -> Option<(f64, f64)> {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let value = |line: &str| line.rsplit(' ').next()?.parse::<f64>().ok();
+    let state = text
+        .lines()
+        .filter(|l| l.starts_with("quiver_view_state_bytes{"))
+        .filter_map(value)
+        .sum();
+    let queue = text
+        .lines()
+        .find(|l| l.starts_with("quiver_ws_queue_bytes "))
+        .and_then(value)?;
+    Some((state, queue))
+}
+
 async fn ingest(
     base: String,
     token: String,
@@ -325,7 +350,10 @@ async fn main() -> anyhow::Result<()> {
     let mut all_max: f64 = 0.0;
     let mut rss = Vec::new();
     let t0 = Instant::now();
-    println!("window  events/s  deltas/s  coalesced  p50_ms  p99_ms  max_ms  server_rss_mib");
+    let metrics_client = reqwest::Client::new();
+    println!(
+        "window  events/s  deltas/s  coalesced  p50_ms  p99_ms  max_ms  server_rss_mib  view_state_mib  ws_queue_mib"
+    );
     let mut last_sent = 0;
     let mut last_deltas = 0;
     while Instant::now() < until {
@@ -339,11 +367,13 @@ async fn main() -> anyhow::Result<()> {
         if let Some(r) = r {
             rss.push(r);
         }
+        let gauges = server_gauges(&metrics_client, &base, &args.target.token).await;
         let s = sent.load(Ordering::Relaxed);
         let d = counts.deltas.load(Ordering::Relaxed);
         let secs = args.window.as_secs_f64();
+        let mib = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.0}", v / (1 << 20) as f64));
         println!(
-            "{:>5.0}s  {:>8.0}  {:>8.0}  {:>9}  {:>6.1}  {:>6.1}  {:>6.1}  {}",
+            "{:>5.0}s  {:>8.0}  {:>8.0}  {:>9}  {:>6.1}  {:>6.1}  {:>6.1}  {:>14}  {:>14}  {:>12}",
             t0.elapsed().as_secs_f64(),
             (s - last_sent) as f64 / secs,
             (d - last_deltas) as f64 / secs,
@@ -352,6 +382,8 @@ async fn main() -> anyhow::Result<()> {
             percentile(&counts_w, 0.99),
             max,
             r.map_or("-".into(), |r| format!("{r:.0}")),
+            mib(gauges.map(|g| g.0)),
+            mib(gauges.map(|g| g.1)),
         );
         last_sent = s;
         last_deltas = d;

@@ -18,6 +18,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
+use super::tracked::Tracked;
 use super::zset::{Codec, Map, ZBatch, evaluate};
 
 /// What an aggregate computes.
@@ -180,7 +181,7 @@ pub(crate) struct Aggregate {
     pub(crate) group_exprs: Vec<Arc<dyn PhysicalExpr>>,
     group_codec: Codec,
     pub(crate) specs: Vec<AggSpec>,
-    groups: Map<Box<[u8]>, Group>,
+    groups: Tracked<Group>,
     /// No GROUP BY: one row, always present.
     scalar: bool,
     /// The input never retracts, so MIN and MAX keep one value.
@@ -202,7 +203,7 @@ impl Aggregate {
             group_codec: Codec::new(group_types)?,
             group_exprs,
             specs,
-            groups: Map::default(),
+            groups: Tracked::default(),
             append_only,
             epoch: 0,
             schema,
@@ -404,37 +405,33 @@ impl Aggregate {
         Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)?)
     }
 
-    pub(crate) fn save(&self, w: &mut Writer) {
-        w.u64(self.groups.len() as u64);
-        for (key, g) in &self.groups {
-            w.bytes(key);
+    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
+        self.groups.save(w, delta, |w, g| {
             w.i64(g.rows);
             for acc in &g.accs {
                 save_acc(w, acc);
             }
-        }
+        });
     }
 
-    pub(crate) fn load(&mut self, r: &mut Reader<'_>) -> Result<()> {
-        let n = r.u64()?;
-        self.groups.clear();
-        for _ in 0..n {
-            let key = r.boxed()?;
+    pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
+        let fresh = self.fresh_accs();
+        self.groups.load(r, delta, |r| {
             let rows = r.i64()?;
-            let mut accs = self.fresh_accs();
+            let mut accs = fresh.clone();
             for acc in &mut accs {
                 load_acc(r, acc)?;
             }
-            self.groups.insert(
-                key,
-                Group {
-                    rows,
-                    epoch: 0,
-                    accs,
-                },
-            );
-        }
-        Ok(())
+            Ok(Group {
+                rows,
+                epoch: 0,
+                accs,
+            })
+        })
+    }
+
+    pub(crate) fn forget_changes(&mut self) {
+        self.groups.forget_changes();
     }
 
     /// Approximate bytes held.
@@ -454,7 +451,8 @@ impl Aggregate {
                         })
                         .sum::<usize>()
             })
-            .sum()
+            .sum::<usize>()
+            + self.groups.changed_bytes()
     }
 }
 

@@ -21,6 +21,7 @@ mod codec;
 mod ops;
 mod output;
 mod plan;
+mod tracked;
 mod zset;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -403,6 +404,9 @@ impl Views {
                     views: Vec::new(),
                     rx,
                     dirty: false,
+                    writing: None,
+                    last_checkpoint_bytes: 0,
+                    chain: Chain::default(),
                 };
                 m.restore();
                 let _ = ready_tx.send(());
@@ -564,6 +568,11 @@ impl Engine {
         self.views().changes.subscribe()
     }
 
+    /// A view's current version; `None` when there is no such view.
+    pub fn view_version(&self, name: &str) -> Option<u64> {
+        Some(self.views().get(name)?.state.read().version)
+    }
+
     /// The change sets a view has kept after `version`, if they reach back that far.
     pub fn view_changes_since(&self, name: &str, version: u64) -> Option<Vec<Arc<ChangeSet>>> {
         let v = self.views().get(name)?;
@@ -599,6 +608,9 @@ struct Running {
     /// Per stream read, the last WAL position applied.
     positions: BTreeMap<String, u64>,
     next_recompute: Instant,
+    /// The stored checkpoint chain holds this view's state, so the next checkpoint may
+    /// write only what changed; false for a view created or rebuilt since.
+    in_chain: bool,
 }
 
 impl Running {
@@ -612,6 +624,12 @@ struct Maintainer {
     views: Vec<Running>,
     rx: mpsc::Receiver<Msg>,
     dirty: bool,
+    /// The checkpoint being written to the store, off this thread.
+    writing: Option<std::thread::JoinHandle<Result<(), String>>>,
+    /// The size of the last checkpoint, to size the next one's buffer at once.
+    last_checkpoint_bytes: usize,
+    /// The checkpoint files in the store.
+    chain: Chain,
 }
 
 /// Largest micro-batch, in rows.
@@ -619,7 +637,7 @@ const MAX_BATCH_ROWS: usize = 100_000;
 
 const CHECKPOINT_FILE: &str = "_quiver/views/checkpoint.bin";
 const DEFINITIONS_FILE: &str = "_quiver/views.json";
-const MAGIC: &[u8] = b"QUIVER-VIEWS-1";
+const MAGIC: &[u8] = b"QUIVER-VIEWS-2";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct SavedView {
@@ -698,7 +716,12 @@ impl Maintainer {
                 Ok(Msg::Barrier { reply }) => {
                     let _ = reply.send(());
                 }
-                Ok(Msg::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Ok(Msg::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    if let Err(e) = self.finish_checkpoint() {
+                        warn!(error = %e, "view checkpoint failed");
+                    }
+                    return;
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             let now = Instant::now();
@@ -709,9 +732,15 @@ impl Maintainer {
             {
                 self.recompute_due();
             }
-            if now >= last_checkpoint + options.checkpoint_interval {
+            if self.writing.as_ref().is_some_and(|h| h.is_finished())
+                && let Err(e) = self.finish_checkpoint()
+            {
+                warn!(error = %e, "view checkpoint failed; will retry");
+            }
+            // A checkpoint still being written defers the next one rather than stall.
+            if now >= last_checkpoint + options.checkpoint_interval && self.writing.is_none() {
                 if self.dirty
-                    && let Err(e) = self.checkpoint()
+                    && let Err(e) = self.start_checkpoint()
                 {
                     warn!(error = %e, "view checkpoint failed; will retry");
                 }
@@ -921,6 +950,8 @@ impl Maintainer {
                 });
                 self.views[i].node = fresh.node;
                 self.views[i].positions = fresh.positions;
+                // The fresh operators know nothing of what the old ones held.
+                self.views[i].in_chain = false;
                 if let Ok((version, applied)) = applied
                     && !applied.is_empty()
                 {
@@ -1049,6 +1080,7 @@ impl Maintainer {
             node,
             positions,
             next_recompute: Instant::now() + interval,
+            in_chain: false,
         };
         update_gauges(engine, &run);
         Ok(run)
@@ -1203,23 +1235,17 @@ impl Maintainer {
                 Err(e) => error!(error = %e, "a configured view definition is invalid; skipped"),
             }
         }
-        let checkpoint = match rt.block_on(get(&engine, CHECKPOINT_FILE)) {
-            Ok(Some(bytes)) => Some(bytes),
-            Ok(None) => None,
+        let saved = match rt.block_on(read_chain(&engine)) {
+            Ok(Some((saved, chain))) => {
+                self.chain = chain;
+                saved
+            }
+            Ok(None) => Vec::new(),
             Err(e) => {
                 warn!(error = %e, "cannot read the view checkpoint; views are refilled from the tables");
-                None
+                Vec::new()
             }
         };
-        let saved = checkpoint
-            .as_deref()
-            .map(parse_checkpoint)
-            .transpose()
-            .unwrap_or_else(|e| {
-                warn!(error = %e, "the view checkpoint is unreadable; views are refilled from the tables");
-                None
-            })
-            .unwrap_or_default();
         for def in defs {
             let restored = saved
                 .iter()
@@ -1248,7 +1274,7 @@ impl Maintainer {
                 error!(view = %def.name, error = %e, "view could not be created; skipped");
             }
         }
-        self.set_floor(&engine);
+        *engine.views().floor.write() = Some(self.floor());
         if let Err(e) = self.save_definitions(&engine) {
             warn!(error = %e, "cannot save view definitions");
         }
@@ -1275,15 +1301,18 @@ impl Maintainer {
         }
         let key = node.as_ref().and_then(|n| n.key.clone());
         let mut output = Output::new(Arc::clone(&schema), key)?;
-        let mut r = Reader::new(&saved.state);
-        if let Some(node) = node.as_mut() {
-            node.load(&mut r)?;
-        }
-        output.load(&mut r)?;
-        if !r.is_done() {
-            return Err(QueryError::Internal(
-                "the checkpoint has trailing bytes".into(),
-            ));
+        // The full state, then each delta on it, in the order they were written.
+        for (delta, body) in &saved.bodies {
+            let mut r = Reader::new(body);
+            if let Some(node) = node.as_mut() {
+                node.load(&mut r, *delta)?;
+            }
+            output.load(&mut r, *delta)?;
+            if !r.is_done() {
+                return Err(QueryError::Internal(
+                    "the checkpoint has trailing bytes".into(),
+                ));
+            }
         }
         let mut reads = Vec::new();
         collect_tables(&plan, &mut reads);
@@ -1309,65 +1338,145 @@ impl Maintainer {
             node,
             positions: saved.positions.clone(),
             next_recompute: Instant::now(),
+            in_chain: true,
         };
         update_gauges(engine, &run);
         Ok(run)
     }
 
     /// Writes every view's state and positions to the store, then lets the WAL drop
-    /// what the checkpoint covers.
+    /// what the checkpoint covers; returns once it is written.
     fn checkpoint(&mut self) -> Result<(), String> {
+        self.start_checkpoint()?;
+        self.finish_checkpoint()
+    }
+
+    /// Starts a checkpoint: encodes every view's state and positions on this thread
+    /// (the only pause the views see), then writes it to the store on another thread,
+    /// after which the WAL may drop what it covers. One checkpoint is written at a time,
+    /// so an older one can never land over a newer one.
+    ///
+    /// Most checkpoints are deltas: per view, only the state that changed since the
+    /// last checkpoint, stored beside the last full one. A full checkpoint starts a new
+    /// chain once the deltas add up to more than it (so a restore reads at most about
+    /// twice the state), after a failed write, and when there is none yet.
+    fn start_checkpoint(&mut self) -> Result<(), String> {
+        self.finish_checkpoint()?;
         let Some(engine) = self.engine() else {
             return Ok(());
         };
         let started = Instant::now();
-        let mut w = Writer::default();
-        w.buf.extend_from_slice(MAGIC);
-        w.u64(self.views.len() as u64);
-        for run in &self.views {
-            w.str(&run.shared.name);
-            w.str(&run.shared.sql);
-            let state = run.shared.state.read();
-            w.u64(state.version);
-            w.u64(run.positions.len() as u64);
-            for (s, p) in &run.positions {
-                w.str(s);
-                w.u64(*p);
+        let chain = &self.chain;
+        let full = chain.base == 0
+            || chain.broken
+            || chain.delta_bytes > chain.base_bytes
+            || chain.deltas >= MAX_DELTAS;
+        let (base, seq) = if full {
+            (new_chain_id(chain.base), 0)
+        } else {
+            (chain.base, chain.deltas + 1)
+        };
+        let hint = if full {
+            self.chain.base_bytes.max(self.last_checkpoint_bytes)
+        } else {
+            self.last_checkpoint_bytes
+        };
+        let bytes = encode_checkpoint(&self.views, hint + hint / 8, base, seq);
+        for run in &mut self.views {
+            if let Some(node) = run.node.as_mut() {
+                node.forget_changes();
             }
-            w.u64(u64::from(run.node.is_some()));
-            let mut body = Writer::default();
-            if let Some(node) = &run.node {
-                node.save(&mut body);
-            }
-            state.output.save(&mut body);
-            w.bytes(&body.buf);
-            drop(state);
+            run.shared.state.write().output.forget_changes();
+            run.in_chain = true;
             update_gauges(&engine, run);
         }
-        let bytes = w.buf.len();
-        engine
-            .query_runtime()
-            .block_on(put(&engine, CHECKPOINT_FILE, w.buf))
-            .map_err(|e| format!("cannot write the view checkpoint: {e}"))?;
+        let paused = started.elapsed();
+        self.last_checkpoint_bytes = bytes.len();
+        let (file, stale) = if full {
+            let stale = (1..=self.chain.deltas)
+                .map(|n| delta_file(self.chain.base, n))
+                .collect();
+            self.chain = Chain {
+                base,
+                base_bytes: bytes.len(),
+                ..Chain::default()
+            };
+            (CHECKPOINT_FILE.to_owned(), stale)
+        } else {
+            self.chain.deltas = seq;
+            self.chain.delta_bytes += bytes.len();
+            (delta_file(base, seq), Vec::new())
+        };
+        let floor = self.floor();
+        let views = self.views.len();
+        let weak = engine.downgrade();
+        drop(engine);
         self.dirty = false;
-        self.set_floor(&engine);
-        if let Err(e) = engine.truncate_wal() {
-            warn!(error = %e, "WAL truncation after a view checkpoint failed");
-        }
-        let m = engine.metrics();
-        m.view_checkpoint_seconds
-            .observe(started.elapsed().as_secs_f64());
-        m.view_checkpoint_bytes.set(bytes as i64);
-        info!(
-            views = self.views.len(),
-            bytes,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "views checkpointed"
-        );
+        let handle = std::thread::Builder::new()
+            .name("quiver-views-checkpoint".into())
+            .spawn(move || {
+                let Some(engine) = weak.upgrade() else {
+                    return Ok(());
+                };
+                let len = bytes.len();
+                let written = Instant::now();
+                let rt = engine.query_runtime();
+                rt.block_on(put(&engine, &file, bytes))
+                    .map_err(|e| format!("cannot write the view checkpoint: {e}"))?;
+                *engine.views().floor.write() = Some(floor);
+                if let Err(e) = engine.truncate_wal() {
+                    warn!(error = %e, "WAL truncation after a view checkpoint failed");
+                }
+                // The deltas of the chain this full checkpoint replaces.
+                for old in stale {
+                    if let Err(e) = rt.block_on(delete(&engine, &old)) {
+                        warn!(file = %old, error = %e, "cannot delete an old view checkpoint delta");
+                    }
+                }
+                let m = engine.metrics();
+                m.view_checkpoint_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                m.view_checkpoint_pause_seconds
+                    .observe(paused.as_secs_f64());
+                m.view_checkpoint_bytes.set(len as i64);
+                info!(
+                    views,
+                    bytes = len,
+                    kind = if full { "full" } else { "delta" },
+                    pause_ms = paused.as_millis() as u64,
+                    write_ms = written.elapsed().as_millis() as u64,
+                    "views checkpointed"
+                );
+                Ok(())
+            })
+            .map_err(|e| {
+                self.dirty = true;
+                self.chain.broken = true;
+                format!("cannot start the view checkpoint writer: {e}")
+            })?;
+        self.writing = Some(handle);
         Ok(())
     }
 
-    fn set_floor(&self, engine: &Engine) {
+    /// Waits for the checkpoint being written, if any. A failed write leaves the
+    /// views dirty, so the next interval tries again.
+    fn finish_checkpoint(&mut self) -> Result<(), String> {
+        let Some(handle) = self.writing.take() else {
+            return Ok(());
+        };
+        let result = handle
+            .join()
+            .unwrap_or_else(|_| Err("the view checkpoint writer panicked".into()));
+        if result.is_err() {
+            // The changes it held are forgotten: only a full checkpoint has them all.
+            self.dirty = true;
+            self.chain.broken = true;
+        }
+        result
+    }
+
+    /// Per stream, the lowest WAL position any view has applied.
+    fn floor(&self) -> HashMap<String, u64> {
         let mut floor: HashMap<String, u64> = HashMap::new();
         for run in &self.views {
             for (s, p) in &run.positions {
@@ -1375,7 +1484,7 @@ impl Maintainer {
                 *e = (*e).min(*p);
             }
         }
-        *engine.views().floor.write() = Some(floor);
+        floor
     }
 }
 
@@ -1455,6 +1564,130 @@ fn update_gauges(engine: &Engine, run: &Running) {
     m.view_state_bytes.get_or_create(&label).set(bytes as i64);
 }
 
+/// A checkpoint file's bytes: its chain and place in it (`seq` 0 is the full
+/// checkpoint), then every view's name, SQL, version, positions and state, the state
+/// as a delta where the view is already in the chain and `seq` is not 0.
+fn encode_checkpoint(views: &[Running], capacity: usize, base: u64, seq: u64) -> Vec<u8> {
+    let mut w = Writer {
+        buf: Vec::with_capacity(capacity),
+    };
+    w.buf.extend_from_slice(MAGIC);
+    w.u64(base);
+    w.u64(seq);
+    w.u64(views.len() as u64);
+    let mut body = Writer::default();
+    for run in views {
+        w.str(&run.shared.name);
+        w.str(&run.shared.sql);
+        let state = run.shared.state.read();
+        w.u64(state.version);
+        w.u64(run.positions.len() as u64);
+        for (s, p) in &run.positions {
+            w.str(s);
+            w.u64(*p);
+        }
+        w.u64(u64::from(run.node.is_some()));
+        let delta = seq > 0 && run.in_chain;
+        w.u64(u64::from(delta));
+        // The body is length-prefixed: reserve the prefix, write in place, fill it in.
+        let at = w.buf.len();
+        w.u64(0);
+        body.buf = std::mem::take(&mut w.buf);
+        if let Some(node) = &run.node {
+            node.save(&mut body, delta);
+        }
+        state.output.save(&mut body, delta);
+        w.buf = std::mem::take(&mut body.buf);
+        let len = (w.buf.len() - at - 8) as u64;
+        w.buf[at..at + 8].copy_from_slice(&len.to_le_bytes());
+    }
+    w.buf
+}
+
+/// The checkpoint files in the store: a full checkpoint and the deltas written on it.
+#[derive(Debug, Default)]
+struct Chain {
+    /// The full checkpoint's id (0: none yet).
+    base: u64,
+    base_bytes: usize,
+    /// Deltas written on it, and their bytes together.
+    deltas: u64,
+    delta_bytes: usize,
+    /// A write failed: the next checkpoint must be full.
+    broken: bool,
+}
+
+/// Most deltas on one full checkpoint, however small they are.
+const MAX_DELTAS: u64 = 100;
+
+fn delta_file(base: u64, seq: u64) -> String {
+    format!("_quiver/views/checkpoint-{base}-{seq:06}.bin")
+}
+
+/// An id for a new chain: the time in nanoseconds, above the last one. Deltas of an
+/// older chain left in the store (a crash before they were deleted) are never read
+/// as this chain's.
+fn new_chain_id(last: u64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    now.max(last + 1)
+}
+
+/// Reads the full checkpoint and the deltas written on it, merged per view; `None`
+/// when there is no checkpoint. Any unreadable file fails the whole chain: the WAL
+/// may already have dropped what a later delta covered.
+async fn read_chain(engine: &Engine) -> crate::Result<Option<(Vec<SavedState>, Chain)>> {
+    let Some(bytes) = get(engine, CHECKPOINT_FILE).await? else {
+        return Ok(None);
+    };
+    let (base, seq, mut saved) = parse_checkpoint(&bytes)?;
+    if seq != 0 {
+        return Err(crate::Error::Config(
+            "the view checkpoint is not a full one".into(),
+        ));
+    }
+    let mut chain = Chain {
+        base,
+        base_bytes: bytes.len(),
+        ..Chain::default()
+    };
+    while let Some(bytes) = get(engine, &delta_file(base, chain.deltas + 1)).await? {
+        let (b, s, next) = parse_checkpoint(&bytes)?;
+        if b != base || s != chain.deltas + 1 {
+            return Err(crate::Error::Config(format!(
+                "{} is out of place in the view checkpoint chain",
+                delta_file(base, chain.deltas + 1)
+            )));
+        }
+        chain.deltas = s;
+        chain.delta_bytes += bytes.len();
+        saved = merge_delta(saved, next);
+    }
+    Ok(Some((saved, chain)))
+}
+
+/// The views as of a delta: each a delta on its earlier state, or whole. Views the
+/// delta does not list were dropped before it.
+fn merge_delta(mut saved: Vec<SavedState>, next: Vec<SavedState>) -> Vec<SavedState> {
+    next.into_iter()
+        .filter_map(|mut view| {
+            let delta = view.bodies.first().is_some_and(|(d, _)| *d);
+            if !delta {
+                return Some(view);
+            }
+            let i = saved.iter().position(|s| {
+                s.name == view.name && s.sql == view.sql && s.incremental == view.incremental
+            })?;
+            let mut earlier = saved.swap_remove(i);
+            earlier.version = view.version;
+            earlier.positions = std::mem::take(&mut view.positions);
+            earlier.bodies.append(&mut view.bodies);
+            Some(earlier)
+        })
+        .collect()
+}
+
 /// Every table a plan reads.
 fn collect_tables(plan: &datafusion::logical_expr::LogicalPlan, out: &mut Vec<String>) {
     let _ = plan.apply_with_subqueries(|p| {
@@ -1515,14 +1748,18 @@ struct SavedState {
     version: u64,
     positions: BTreeMap<String, u64>,
     incremental: bool,
-    state: Vec<u8>,
+    /// The state: whole, then the deltas on it (`true`), in order.
+    bodies: Vec<(bool, Vec<u8>)>,
 }
 
-fn parse_checkpoint(data: &[u8]) -> datafusion::common::Result<Vec<SavedState>> {
+/// One checkpoint file: its chain id, its place in the chain, and its views.
+fn parse_checkpoint(data: &[u8]) -> datafusion::common::Result<(u64, u64, Vec<SavedState>)> {
     let body = data
         .strip_prefix(MAGIC)
         .ok_or_else(|| DataFusionError::Execution("not a Quiver view checkpoint".into()))?;
     let mut r = Reader::new(body);
+    let base = r.u64()?;
+    let seq = r.u64()?;
     let n = r.u64()?;
     let mut out = Vec::new();
     for _ in 0..n {
@@ -1535,6 +1772,7 @@ fn parse_checkpoint(data: &[u8]) -> datafusion::common::Result<Vec<SavedState>> 
             positions.insert(s, r.u64()?);
         }
         let incremental = r.u64()? == 1;
+        let delta = r.u64()? == 1;
         let state = r.bytes()?.to_vec();
         out.push(SavedState {
             name,
@@ -1542,10 +1780,15 @@ fn parse_checkpoint(data: &[u8]) -> datafusion::common::Result<Vec<SavedState>> 
             version,
             positions,
             incremental,
-            state,
+            bodies: vec![(delta, state)],
         });
     }
-    Ok(out)
+    if !r.is_done() {
+        return Err(DataFusionError::Execution(
+            "the view checkpoint has trailing bytes".into(),
+        ));
+    }
+    Ok((base, seq, out))
 }
 
 async fn get(engine: &Engine, rel: &str) -> crate::Result<Option<bytes::Bytes>> {
@@ -1554,6 +1797,15 @@ async fn get(engine: &Engine, rel: &str) -> crate::Result<Option<bytes::Bytes>> 
     match store.object_store().get(&store.path(rel)?).await {
         Ok(got) => Ok(Some(got.bytes().await?)),
         Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn delete(engine: &Engine, rel: &str) -> crate::Result<()> {
+    use object_store::ObjectStoreExt;
+    let store = engine.store();
+    match store.object_store().delete(&store.path(rel)?).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }

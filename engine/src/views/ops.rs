@@ -9,6 +9,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
+use super::tracked::Tracked;
 use super::zset::{Codec, Map, ZBatch, decode_batch, evaluate, take_optional};
 
 /// Encoded bytes: a key, a sort position or a row.
@@ -28,7 +29,7 @@ pub(crate) struct DistinctOn {
     row_codec: Codec,
     schema: SchemaRef,
     /// Key → (sort position, output row).
-    latest: Map<Bytes, (Bytes, Bytes)>,
+    latest: Tracked<(Bytes, Bytes)>,
 }
 
 impl DistinctOn {
@@ -48,7 +49,7 @@ impl DistinctOn {
             order_codec,
             select,
             schema,
-            latest: Map::default(),
+            latest: Tracked::default(),
         })
     }
 
@@ -115,31 +116,27 @@ impl DistinctOn {
         Ok(ZBatch { batch, weights })
     }
 
-    pub(crate) fn save(&self, w: &mut Writer) {
-        w.u64(self.latest.len() as u64);
-        for (k, (o, r)) in &self.latest {
-            w.bytes(k);
+    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
+        self.latest.save(w, delta, |w, (o, r)| {
             w.bytes(o);
             w.bytes(r);
-        }
+        });
     }
 
-    pub(crate) fn load(&mut self, r: &mut Reader<'_>) -> Result<()> {
-        self.latest.clear();
-        for _ in 0..r.u64()? {
-            let k = r.boxed()?;
-            let o = r.boxed()?;
-            let row = r.boxed()?;
-            self.latest.insert(k, (o, row));
-        }
-        Ok(())
+    pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
+        self.latest.load(r, delta, |r| Ok((r.boxed()?, r.boxed()?)))
+    }
+
+    pub(crate) fn forget_changes(&mut self) {
+        self.latest.forget_changes();
     }
 
     pub(crate) fn state_bytes(&self) -> usize {
         self.latest
             .iter()
             .map(|(k, (o, r))| k.len() + o.len() + r.len() + 80)
-            .sum()
+            .sum::<usize>()
+            + self.latest.changed_bytes()
     }
 }
 
@@ -155,41 +152,37 @@ pub(crate) enum JoinKind {
 struct Side {
     keys: Vec<Arc<dyn PhysicalExpr>>,
     codec: Codec,
-    rows: Map<Bytes, Map<Bytes, i64>>,
+    rows: Tracked<Map<Bytes, i64>>,
 }
 
 impl Side {
-    fn save(&self, w: &mut Writer) {
-        w.u64(self.rows.len() as u64);
-        for (k, rows) in &self.rows {
-            w.bytes(k);
+    fn save(&self, w: &mut Writer, delta: bool) {
+        self.rows.save(w, delta, |w, rows| {
             w.u64(rows.len() as u64);
             for (r, c) in rows {
                 w.bytes(r);
                 w.i64(*c);
             }
-        }
+        });
     }
 
-    fn load(&mut self, r: &mut Reader<'_>) -> Result<()> {
-        self.rows.clear();
-        for _ in 0..r.u64()? {
-            let k = r.boxed()?;
+    fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
+        self.rows.load(r, delta, |r| {
             let mut rows = Map::default();
             for _ in 0..r.u64()? {
                 let row = r.boxed()?;
                 rows.insert(row, r.i64()?);
             }
-            self.rows.insert(k, rows);
-        }
-        Ok(())
+            Ok(rows)
+        })
     }
 
     fn state_bytes(&self) -> usize {
         self.rows
             .iter()
             .map(|(k, rows)| k.len() + 64 + rows.keys().map(|r| r.len() + 40).sum::<usize>())
-            .sum()
+            .sum::<usize>()
+            + self.rows.changed_bytes()
     }
 }
 
@@ -220,12 +213,12 @@ impl Join {
             left: Side {
                 keys: left_keys,
                 codec: super::zset::row_codec(left_schema)?,
-                rows: Map::default(),
+                rows: Tracked::default(),
             },
             right: Side {
                 keys: right_keys,
                 codec: super::zset::row_codec(right_schema)?,
-                rows: Map::default(),
+                rows: Tracked::default(),
             },
             schema,
         })
@@ -288,7 +281,12 @@ impl Join {
             } else {
                 &mut self.right
             };
-            let entry = side.rows.entry(key.clone()).or_default();
+            if !side.rows.contains_key(key) {
+                side.rows.insert(key.clone(), Map::default());
+            }
+            let Some(entry) = side.rows.get_mut(key) else {
+                continue;
+            };
             for &i in idx {
                 let row = rows.row(i);
                 let row = row.data();
@@ -341,14 +339,19 @@ impl Join {
         })
     }
 
-    pub(crate) fn save(&self, w: &mut Writer) {
-        self.left.save(w);
-        self.right.save(w);
+    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
+        self.left.save(w, delta);
+        self.right.save(w, delta);
     }
 
-    pub(crate) fn load(&mut self, r: &mut Reader<'_>) -> Result<()> {
-        self.left.load(r)?;
-        self.right.load(r)
+    pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
+        self.left.load(r, delta)?;
+        self.right.load(r, delta)
+    }
+
+    pub(crate) fn forget_changes(&mut self) {
+        self.left.rows.forget_changes();
+        self.right.rows.forget_changes();
     }
 
     pub(crate) fn state_bytes(&self) -> usize {

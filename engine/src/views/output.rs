@@ -8,6 +8,7 @@ use datafusion::common::Result;
 use tracing::warn;
 
 use super::codec::{Reader, Writer};
+use super::tracked::Tracked;
 use super::zset::{Codec, Map, ZBatch, decode_batch, row_codec};
 
 #[derive(Debug)]
@@ -43,7 +44,9 @@ pub(crate) struct Output {
     keyed: bool,
     row_codec: Codec,
     key_codec: Codec,
-    rows: Map<Box<[u8]>, Slot>,
+    rows: Tracked<Slot>,
+    /// The rows counted with their multiplicity, kept up to date by `apply`.
+    total: usize,
 }
 
 impl Output {
@@ -58,7 +61,8 @@ impl Output {
             key_schema,
             key_cols,
             keyed,
-            rows: Map::default(),
+            rows: Tracked::default(),
+            total: 0,
         })
     }
 
@@ -71,14 +75,15 @@ impl Output {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.rows.values().map(|s| s.count.max(0) as usize).sum()
+        self.total
     }
 
     pub(crate) fn state_bytes(&self) -> usize {
         self.rows
             .iter()
             .map(|(k, s)| k.len() + s.row.len() + 64)
-            .sum()
+            .sum::<usize>()
+            + self.rows.changed_bytes()
     }
 
     fn key_of<'a>(&self, key: &'a [u8], row: &'a [u8]) -> &'a [u8] {
@@ -115,6 +120,7 @@ impl Output {
             };
             if !before.contains_key(key) {
                 before.insert(key.into(), Some(slot.row.clone()));
+                self.total -= slot.count.max(0) as usize;
             }
             if &*slot.row != *row {
                 warn!("a view change removed a row the view holds with other values; ignored");
@@ -131,6 +137,7 @@ impl Output {
                 Some(slot) => {
                     if !before.contains_key(key) {
                         before.insert(key.into(), Some(slot.row.clone()));
+                        self.total -= slot.count.max(0) as usize;
                     }
                     if &*slot.row == *row {
                         slot.count += w;
@@ -158,6 +165,7 @@ impl Output {
         let mut deletes: Vec<&[u8]> = Vec::new();
         for (key, old) in &before {
             let new = self.rows.get(key);
+            self.total += new.map_or(0, |s| s.count.max(0) as usize);
             match new {
                 Some(slot) if old.as_deref() != Some(&*slot.row) || !self.keyed => {
                     upserts.push(&slot.row)
@@ -167,6 +175,14 @@ impl Output {
                 None => {}
             }
         }
+        debug_assert_eq!(
+            self.total,
+            self.rows
+                .values()
+                .map(|s| s.count.max(0) as usize)
+                .sum::<usize>(),
+            "the kept row count drifted"
+        );
         let upserts = decode_batch(&self.row_codec, &self.schema, upserts)?;
         let deletes = decode_batch(&self.key_codec, &self.key_schema, deletes)?;
         let mut changed: Vec<&[u8]> = Vec::new();
@@ -212,23 +228,27 @@ impl Output {
         )
     }
 
-    pub(crate) fn save(&self, w: &mut Writer) {
-        w.u64(self.rows.len() as u64);
-        for (k, s) in &self.rows {
-            w.bytes(k);
+    /// Writes the rows: all of them, or with `delta` those changed since the last
+    /// [`Output::forget_changes`].
+    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
+        self.rows.save(w, delta, |w, s| {
             w.bytes(&s.row);
             w.i64(s.count);
-        }
+        });
     }
 
-    pub(crate) fn load(&mut self, r: &mut Reader<'_>) -> Result<()> {
-        self.rows.clear();
-        for _ in 0..r.u64()? {
-            let k = r.boxed()?;
-            let row = r.boxed()?;
-            let count = r.i64()?;
-            self.rows.insert(k, Slot { row, count });
-        }
+    pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
+        self.rows.load(r, delta, |r| {
+            Ok(Slot {
+                row: r.boxed()?,
+                count: r.i64()?,
+            })
+        })?;
+        self.total = self.rows.values().map(|s| s.count.max(0) as usize).sum();
         Ok(())
+    }
+
+    pub(crate) fn forget_changes(&mut self) {
+        self.rows.forget_changes();
     }
 }

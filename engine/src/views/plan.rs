@@ -609,43 +609,66 @@ impl Node {
         })
     }
 
-    /// Writes the state of every stateful operator, depth first.
-    pub(crate) fn save(&self, w: &mut Writer) {
+    /// Writes the state of every stateful operator, depth first: all of it, or with
+    /// `delta` what changed since the last [`Node::forget_changes`].
+    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
         match &self.op {
             Op::Source { .. } => {}
-            Op::Filter { input, .. } | Op::Project { input, .. } => input.save(w),
+            Op::Filter { input, .. } | Op::Project { input, .. } => input.save(w, delta),
             Op::Aggregate { input, agg } => {
-                input.save(w);
-                agg.save(w);
+                input.save(w, delta);
+                agg.save(w, delta);
             }
             Op::DistinctOn { input, op } => {
-                input.save(w);
-                op.save(w);
+                input.save(w, delta);
+                op.save(w, delta);
             }
             Op::Join { left, right, op } => {
-                left.save(w);
-                right.save(w);
-                op.save(w);
+                left.save(w, delta);
+                right.save(w, delta);
+                op.save(w, delta);
             }
         }
     }
 
-    pub(crate) fn load(&mut self, r: &mut Reader<'_>) -> Result<()> {
+    /// Reads what [`Node::save`] wrote; a delta is applied on the state held.
+    pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
         match &mut self.op {
             Op::Source { .. } => Ok(()),
-            Op::Filter { input, .. } | Op::Project { input, .. } => input.load(r),
+            Op::Filter { input, .. } | Op::Project { input, .. } => input.load(r, delta),
             Op::Aggregate { input, agg } => {
-                input.load(r)?;
-                agg.load(r)
+                input.load(r, delta)?;
+                agg.load(r, delta)
             }
             Op::DistinctOn { input, op } => {
-                input.load(r)?;
-                op.load(r)
+                input.load(r, delta)?;
+                op.load(r, delta)
             }
             Op::Join { left, right, op } => {
-                left.load(r)?;
-                right.load(r)?;
-                op.load(r)
+                left.load(r, delta)?;
+                right.load(r, delta)?;
+                op.load(r, delta)
+            }
+        }
+    }
+
+    /// A checkpoint has taken the changes: every operator starts counting again.
+    pub(crate) fn forget_changes(&mut self) {
+        match &mut self.op {
+            Op::Source { .. } => {}
+            Op::Filter { input, .. } | Op::Project { input, .. } => input.forget_changes(),
+            Op::Aggregate { input, agg } => {
+                input.forget_changes();
+                agg.forget_changes();
+            }
+            Op::DistinctOn { input, op } => {
+                input.forget_changes();
+                op.forget_changes();
+            }
+            Op::Join { left, right, op } => {
+                left.forget_changes();
+                right.forget_changes();
+                op.forget_changes();
             }
         }
     }

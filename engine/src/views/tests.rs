@@ -449,6 +449,39 @@ async fn views_come_back_after_a_clean_restart_and_after_a_crash() {
     );
     check_all(&engine, "after a clean restart").await.unwrap();
 
+    // Checkpoints after the restart write only what changed (deltas on the full one the
+    // clean stop wrote); the restore after the crash below reads the chain.
+    let views_dir = store.path().join("_quiver/views");
+    let deltas = || {
+        std::fs::read_dir(&views_dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with("checkpoint-")
+            })
+            .count()
+    };
+    assert_eq!(
+        deltas(),
+        0,
+        "a clean stop with no chain yet writes a full checkpoint"
+    );
+    for round in 10..13 {
+        let (o, i) = batches(&fixed_events(20, round), &mut next_id);
+        engine.ingest("orders", o.unwrap(), None).await.unwrap();
+        engine.ingest("inventory", i.unwrap(), None).await.unwrap();
+        engine.views_settled().await;
+        engine.checkpoint_views().await.unwrap();
+        if round == 10 {
+            assert_eq!(
+                deltas(),
+                1,
+                "the first checkpoint after the restart is a delta"
+            );
+        }
+    }
+    check_all(&engine, "after delta checkpoints").await.unwrap();
+
     // Events after the checkpoint, then a crash (no shutdown, no new checkpoint): the
     // WAL still holds them, and each view replays what its checkpoint lacks.
     let (o, i) = batches(&fixed_events(80, 7), &mut next_id);

@@ -1,0 +1,204 @@
+//! Operator state that remembers which keys changed since the last checkpoint, so a
+//! checkpoint can write only those (a delta on the last full checkpoint) instead of
+//! every entry. Writing a view of millions of rows then costs what changed since the
+//! last checkpoint, not the view's size, and the maintainer's pause stays short.
+
+use datafusion::common::Result;
+
+use super::codec::{Reader, Writer};
+use super::zset::Map;
+
+/// A map from encoded keys to state, with the keys changed since the last save.
+#[derive(Debug)]
+pub(crate) struct Tracked<V> {
+    map: Map<Box<[u8]>, V>,
+    changed: Map<Box<[u8]>, ()>,
+}
+
+impl<V> Default for Tracked<V> {
+    fn default() -> Self {
+        Self {
+            map: Map::default(),
+            changed: Map::default(),
+        }
+    }
+}
+
+impl<V> Tracked<V> {
+    fn mark(changed: &mut Map<Box<[u8]>, ()>, key: &[u8]) {
+        if !changed.contains_key(key) {
+            changed.insert(key.into(), ());
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub(crate) fn contains_key(&self, key: &[u8]) -> bool {
+        self.map.contains_key(key)
+    }
+
+    pub(crate) fn get(&self, key: &[u8]) -> Option<&V> {
+        self.map.get(key)
+    }
+
+    /// The entry for changing; it counts as changed.
+    pub(crate) fn get_mut(&mut self, key: &[u8]) -> Option<&mut V> {
+        let value = self.map.get_mut(key)?;
+        Self::mark(&mut self.changed, key);
+        Some(value)
+    }
+
+    pub(crate) fn insert(&mut self, key: Box<[u8]>, value: V) {
+        Self::mark(&mut self.changed, &key);
+        self.map.insert(key, value);
+    }
+
+    pub(crate) fn remove(&mut self, key: &[u8]) -> Option<V> {
+        let value = self.map.remove(key)?;
+        Self::mark(&mut self.changed, key);
+        Some(value)
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Box<[u8]>, &V)> {
+        self.map.iter()
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
+        self.map.values()
+    }
+
+    /// Writes every entry, or with `delta` only the changed keys (a removed key as
+    /// absent). Either way: a count, then `key, present, [value]` per entry.
+    pub(crate) fn save(&self, w: &mut Writer, delta: bool, mut value: impl FnMut(&mut Writer, &V)) {
+        if delta {
+            w.u64(self.changed.len() as u64);
+            for key in self.changed.keys() {
+                w.bytes(key);
+                match self.map.get(key) {
+                    Some(v) => {
+                        w.u64(1);
+                        value(w, v);
+                    }
+                    None => w.u64(0),
+                }
+            }
+        } else {
+            w.u64(self.map.len() as u64);
+            for (key, v) in &self.map {
+                w.bytes(key);
+                w.u64(1);
+                value(w, v);
+            }
+        }
+    }
+
+    /// Reads what [`Tracked::save`] wrote: a full save replaces every entry, a delta
+    /// is applied on top of what is held. Nothing counts as changed afterwards.
+    pub(crate) fn load(
+        &mut self,
+        r: &mut Reader<'_>,
+        delta: bool,
+        mut value: impl FnMut(&mut Reader<'_>) -> Result<V>,
+    ) -> Result<()> {
+        if !delta {
+            self.map.clear();
+        }
+        for _ in 0..r.u64()? {
+            let key = r.boxed()?;
+            if r.u64()? == 1 {
+                let v = value(r)?;
+                self.map.insert(key, v);
+            } else {
+                self.map.remove(&key);
+            }
+        }
+        self.changed.clear();
+        Ok(())
+    }
+
+    /// After a checkpoint has taken the changes: start counting again.
+    pub(crate) fn forget_changes(&mut self) {
+        self.changed.clear();
+        // A burst of changes should not pin its set's memory until the next one.
+        if self.changed.capacity() > 4096 {
+            self.changed.shrink_to(4096);
+        }
+    }
+
+    /// Approximate bytes of the changed-key set.
+    pub(crate) fn changed_bytes(&self) -> usize {
+        self.changed.keys().map(|k| k.len() + 24).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn save(t: &Tracked<i64>, delta: bool) -> Vec<u8> {
+        let mut w = Writer::default();
+        t.save(&mut w, delta, |w, v| w.i64(*v));
+        w.buf
+    }
+
+    fn load(t: &mut Tracked<i64>, bytes: &[u8], delta: bool) {
+        let mut r = Reader::new(bytes);
+        t.load(&mut r, delta, |r| r.i64()).unwrap();
+        assert!(r.is_done());
+    }
+
+    fn entries(t: &Tracked<i64>) -> Vec<(Vec<u8>, i64)> {
+        let mut v: Vec<_> = t.iter().map(|(k, v)| (k.to_vec(), *v)).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_full_save_and_its_deltas_rebuild_the_map() {
+        let mut live = Tracked::default();
+        for i in 0..100u8 {
+            live.insert(vec![i].into(), i64::from(i));
+        }
+        let base = save(&live, false);
+        live.forget_changes();
+        // Changes: updates, removals, new keys, and a key removed then added again.
+        *live.get_mut(&[3]).unwrap() += 1000;
+        live.remove(&[4]);
+        live.insert(vec![200].into(), 7);
+        live.remove(&[5]);
+        live.insert(vec![5].into(), 55);
+        let d1 = save(&live, true);
+        live.forget_changes();
+        live.remove(&[200]);
+        *live.get_mut(&[6]).unwrap() = -6;
+        let d2 = save(&live, true);
+        live.forget_changes();
+
+        let mut restored = Tracked::default();
+        load(&mut restored, &base, false);
+        load(&mut restored, &d1, true);
+        load(&mut restored, &d2, true);
+        assert_eq!(entries(&restored), entries(&live));
+        // A delta holds only what changed.
+        assert!(d2.len() < base.len() / 10, "{} vs {}", d2.len(), base.len());
+    }
+
+    #[test]
+    fn reading_without_changing_marks_nothing() {
+        let mut t = Tracked::default();
+        t.insert(vec![1].into(), 1);
+        t.forget_changes();
+        assert!(t.get(&[1]).is_some());
+        assert!(t.get_mut(&[9]).is_none());
+        assert!(t.remove(&[9]).is_none());
+        let delta = save(&t, true);
+        let mut r = Reader::new(&delta);
+        assert_eq!(r.u64().unwrap(), 0);
+    }
+}
