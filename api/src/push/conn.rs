@@ -737,7 +737,17 @@ async fn write(
                 vec![Bytes::from(c.frame(&id))]
             }
             Work::Snapshot(id, id_json, group) => {
-                snapshot_frame(conn, push, engine, &id, &id_json, &group).await
+                send_snapshot(
+                    socket,
+                    conn,
+                    push,
+                    engine,
+                    (&id, &id_json),
+                    &group,
+                    &mut delivered,
+                )
+                .await?;
+                continue;
             }
             Work::CatchUp(id, id_json, group, from) => match group.recent_since(from) {
                 Some(deltas) => {
@@ -752,7 +762,17 @@ async fn write(
                 }
                 None => {
                     push.metrics.resnapshots.inc();
-                    snapshot_frame(conn, push, engine, &id, &id_json, &group).await
+                    send_snapshot(
+                        socket,
+                        conn,
+                        push,
+                        engine,
+                        (&id, &id_json),
+                        &group,
+                        &mut delivered,
+                    )
+                    .await?;
+                    continue;
                 }
             },
             Work::Resume(id, id_json, group, from) => {
@@ -779,7 +799,19 @@ async fn write(
                         conn.caught_up(&id, last, push);
                         continue;
                     }
-                    None => snapshot_frame(conn, push, engine, &id, &id_json, &group).await,
+                    None => {
+                        send_snapshot(
+                            socket,
+                            conn,
+                            push,
+                            engine,
+                            (&id, &id_json),
+                            &group,
+                            &mut delivered,
+                        )
+                        .await?;
+                        continue;
+                    }
                 }
             }
         };
@@ -798,24 +830,39 @@ async fn write(
     Ok(())
 }
 
-/// The snapshot frame for subscription `id` (or an error frame if the view is gone).
-async fn snapshot_frame(
+/// Writes subscription `id`'s snapshot and the kept deltas after it (or an error frame
+/// if the view is gone).
+async fn send_snapshot(
+    socket: &mut Socket,
     conn: &Conn,
     push: &Push,
     engine: &Engine,
-    id: &str,
-    id_json: &str,
+    (id, id_json): (&str, &str),
     group: &Group,
-) -> Vec<Bytes> {
+    delivered: &mut Vec<Instant>,
+) -> Result<(), End> {
     match group.snapshot(engine).await {
-        Ok(snap) => {
-            conn.caught_up(id, snap.version, push);
+        Ok((snap, after)) => {
+            feed(socket, push, snap.message(id_json, &group.view)).await?;
             push.metrics.snapshots_sent.inc();
-            snap.message(id_json, &group.view)
+            let mut last = snap.version;
+            for d in &after {
+                feed(socket, push, d.message(id_json)).await?;
+                push.metrics.deltas_sent.inc();
+                delivered.extend(d.acked_at);
+                last = d.version;
+            }
+            conn.caught_up(id, last, push);
+            Ok(())
         }
         Err((code, message)) => {
             push.metrics.error(code);
-            vec![Bytes::from(error_frame(Some(id), code, &message))]
+            feed(
+                socket,
+                push,
+                vec![Bytes::from(error_frame(Some(id), code, &message))],
+            )
+            .await
         }
     }
 }

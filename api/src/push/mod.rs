@@ -174,8 +174,11 @@ pub(crate) struct Group {
     key: Vec<String>,
     /// Key column positions in the view's rows.
     key_idx: Vec<usize>,
-    /// The last snapshot encoded for this group.
-    snapshot: tokio::sync::Mutex<Option<Arc<SnapshotRows>>>,
+    /// The last snapshot encoded for this group, with the epoch it was taken in.
+    snapshot: tokio::sync::Mutex<Option<(u64, Arc<SnapshotRows>)>>,
+    /// Bumped when the view's versions start again (dropped and created anew), so a
+    /// snapshot of the old view is never served with the new view's deltas.
+    epoch: AtomicU64,
     /// The last change set's version.
     last_version: AtomicU64,
     /// The deltas of the last change sets, shared with subscribers catching up:
@@ -216,10 +219,25 @@ impl Group {
         )
     }
 
-    /// The view's rows through this group's filter, encoded; shared while the view's
-    /// version stays the same.
-    async fn snapshot(&self, engine: &Engine) -> Result<Arc<SnapshotRows>, (&'static str, String)> {
+    /// The view's rows through this group's filter, encoded, and the kept deltas that
+    /// follow them. A snapshot is encoded once and served again, with the deltas since
+    /// it, for as long as the group keeps those deltas: a large view that changes every
+    /// few milliseconds is not decoded and encoded again for every subscriber that
+    /// needs a snapshot (the resnapshot storm of slow subscribers).
+    async fn snapshot(
+        &self,
+        engine: &Engine,
+    ) -> Result<(Arc<SnapshotRows>, Vec<Arc<Delta>>), (&'static str, String)> {
         let mut cached = self.snapshot.lock().await;
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if let Some((taken_in, c)) = cached.as_ref()
+            && *taken_in == epoch
+            && c.version <= self.last_version.load(Ordering::Acquire)
+            && let Some(after) = self.recent_since(c.version)
+            && engine.view_version(&self.view).is_some()
+        {
+            return Ok((Arc::clone(c), after));
+        }
         let snap = match engine.view_snapshot(&self.view) {
             None => {
                 return Err((
@@ -230,16 +248,11 @@ impl Group {
             Some(Err(e)) => return Err(("internal", format!("reading the view failed: {e}"))),
             Some(Ok(s)) => s,
         };
-        if let Some(c) = cached.as_ref()
-            && c.version == snap.version
-        {
-            return Ok(Arc::clone(c));
-        }
         let rows = SnapshotRows::encode(snap.version, &snap.key, &snap.rows, &self.filter)
             .map_err(|e| ("internal", format!("encoding the view failed: {e}")))?;
         let rows = Arc::new(rows);
-        *cached = Some(Arc::clone(&rows));
-        Ok(rows)
+        *cached = Some((epoch, Arc::clone(&rows)));
+        Ok((rows, Vec::new()))
     }
 }
 
@@ -344,7 +357,7 @@ impl Push {
         let gone: Vec<String> = hub
             .views
             .keys()
-            .filter(|v| engine.view_info(v).is_none())
+            .filter(|v| engine.view_version(v).is_none())
             .cloned()
             .collect();
         for view in gone {
@@ -382,16 +395,14 @@ impl Push {
 
     /// One change set to one group: filtered and encoded once, queued for each member.
     fn deliver(&self, engine: &Engine, group: &Group, members: &Members, change: &ChangeSet) {
-        // A cached snapshot is now out of date.
-        if let Ok(mut cached) = group.snapshot.try_lock() {
-            *cached = None;
-        }
         let last = group.last_version.load(Ordering::Relaxed);
         if change.version <= last {
             // Either a change already delivered while catching up after a lag, or the
             // view was dropped and created anew, so its versions started again.
-            let current = engine.view_info(&group.view).map_or(0, |v| v.version);
+            let current = engine.view_version(&group.view).unwrap_or(0);
             if current < last {
+                group.epoch.fetch_add(1, Ordering::AcqRel);
+                group.recent.lock().clear();
                 group.last_version.store(change.version, Ordering::Relaxed);
                 for ((_, sub), conn) in &members.subs {
                     conn.restart(sub, self);
@@ -552,6 +563,7 @@ impl Push {
                     key: info.key.clone(),
                     key_idx,
                     snapshot: tokio::sync::Mutex::new(None),
+                    epoch: AtomicU64::new(0),
                     last_version: AtomicU64::new(info.version),
                     recent: Mutex::new(VecDeque::new()),
                 });
