@@ -871,14 +871,42 @@ async fn send_snapshot(
 /// their bodies with other subscribers instead of copying them.
 const ONE_FRAME_BYTES: usize = 16 << 10;
 
+/// The largest fragment. The socket writer copies a frame into its buffer and takes
+/// the next only once that has drained, so this bounds what a connection holds: a
+/// snapshot of a large view goes out piece by piece, not as one copy per slow client.
+const FRAGMENT_BYTES: usize = 256 << 10;
+
+/// `part` cut into pieces of at most [`FRAGMENT_BYTES`] (sharing its memory), each cut
+/// before a UTF-8 character, so every fragment of a text message is valid text.
+fn fragments(part: Bytes) -> Vec<Bytes> {
+    let mut out = Vec::with_capacity(part.len() / FRAGMENT_BYTES + 1);
+    let mut at = 0;
+    while part.len() - at > FRAGMENT_BYTES {
+        let mut cut = at + FRAGMENT_BYTES;
+        // Back up over continuation bytes (10xxxxxx) to a character's first byte.
+        while cut > at + 1 && part[cut] & 0xC0 == 0x80 {
+            cut -= 1;
+        }
+        out.push(part.slice(at..cut));
+        at = cut;
+    }
+    out.push(part.slice(at..));
+    out
+}
+
 async fn feed(socket: &mut Socket, push: &Push, parts: Vec<Bytes>) -> Result<(), End> {
     let len: usize = parts.iter().map(Bytes::len).sum();
     push.metrics.frames_sent.inc();
     push.metrics.bytes_sent.inc_by(len as u64);
-    let frames: Vec<Frame> = if len <= ONE_FRAME_BYTES || parts.len() == 1 {
+    let frames: Vec<Frame> = if len <= ONE_FRAME_BYTES || parts.len() == 1 && len <= FRAGMENT_BYTES
+    {
         vec![Frame::text(Bytes::from(parts.concat()))]
     } else {
-        let parts: Vec<Bytes> = parts.into_iter().filter(|p| !p.is_empty()).collect();
+        let parts: Vec<Bytes> = parts
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .flat_map(fragments)
+            .collect();
         let last = parts.len() - 1;
         parts
             .into_iter()
@@ -901,4 +929,35 @@ async fn feed(socket: &mut Socket, push: &Push, parts: Vec<Bytes>) -> Result<(),
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod fragment_tests {
+    use super::*;
+
+    #[test]
+    fn fragments_share_the_part_and_never_split_a_character() {
+        // 'é' is two bytes: a cut at every multiple of the fragment size would land
+        // inside one of them somewhere.
+        let text = "aé".repeat(FRAGMENT_BYTES);
+        let part = Bytes::from(text.clone());
+        let pieces = fragments(part.clone());
+        assert!(pieces.len() > 2);
+        assert!(
+            pieces
+                .iter()
+                .all(|p| p.len() <= FRAGMENT_BYTES && !p.is_empty())
+        );
+        for p in &pieces {
+            assert!(
+                std::str::from_utf8(p).is_ok(),
+                "a fragment split a character"
+            );
+            // Slices of the part, not copies.
+            let offset = p.as_ptr() as usize - part.as_ptr() as usize;
+            assert!(offset < part.len());
+        }
+        assert_eq!(pieces.concat(), text.as_bytes());
+        assert_eq!(fragments(Bytes::from_static(b"small")).len(), 1);
+    }
 }

@@ -499,6 +499,62 @@ async fn subscribers_follow_views_through_random_batches_and_resume() {
     assert!(metrics.contains("quiver_ws_connections 2"), "{metrics}");
 }
 
+#[tokio::test]
+async fn a_later_subscriber_gets_the_shared_snapshot_and_the_deltas_since() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), &[]).await;
+    let mut rng = StdRng::seed_from_u64(0xCAFE);
+    ingest_round(&server, &mut rng, 0, 40).await;
+    let cases: Vec<Case> = cases()
+        .into_iter()
+        .filter(|c| c.id == "w1" || c.id == "open")
+        .collect();
+    // The first subscriber of each (view, filter) has its snapshot encoded.
+    let mut first = Client::connect(&server, ADMIN, true).await;
+    for case in &cases {
+        first
+            .subscribe(case.id, case.view, case.filter.clone(), None)
+            .await;
+    }
+    check_converged(&server, &mut [&mut first], &cases, 0).await;
+    // The views move on.
+    for round in 1..=3 {
+        ingest_round(&server, &mut rng, round, 30).await;
+        check_converged(&server, &mut [&mut first], &cases, round).await;
+    }
+    // A later subscriber of the same (view, filter) is served that snapshot, older than
+    // the view now, followed by the kept deltas since: it must still equal SQL.
+    let mut later = Client::connect(&server, ADMIN, true).await;
+    for case in &cases {
+        let now = view_version(&server, case.view).await;
+        later
+            .subscribe(case.id, case.view, case.filter.clone(), None)
+            .await;
+        assert!(
+            later.until(10, |c| c.subs[case.id].snapshots == 1).await,
+            "{}: no snapshot",
+            case.id
+        );
+        let snapshot_version = later.subs[case.id].version;
+        assert!(
+            snapshot_version < now,
+            "{}: the snapshot (version {snapshot_version}) was encoded again, not shared (view at {now})",
+            case.id
+        );
+    }
+    check_converged(&server, &mut [&mut later], &cases, 4).await;
+    assert!(
+        later
+            .subs
+            .values()
+            .all(|s| s.deltas > 0 && s.snapshots == 1),
+        "the shared snapshot is followed by deltas"
+    );
+    // And both keep following new changes.
+    ingest_round(&server, &mut rng, 5, 30).await;
+    check_converged(&server, &mut [&mut first, &mut later], &cases, 5).await;
+}
+
 /// A client whose socket reads nothing: a tiny receive buffer, so the server's writes
 /// block and its queue fills.
 async fn stalled_client(server: &TestServer) -> Ws {

@@ -18,7 +18,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::tracked::Tracked;
+use super::tracked::{Footprint, Tracked};
 use super::zset::{Codec, Map, ZBatch, evaluate};
 
 /// What an aggregate computes.
@@ -436,23 +436,22 @@ impl Aggregate {
 
     /// Approximate bytes held.
     pub(crate) fn state_bytes(&self) -> usize {
-        self.groups
+        self.groups.footprint()
+    }
+}
+
+impl Footprint for Group {
+    fn footprint(&self) -> usize {
+        48 + self
+            .accs
             .iter()
-            .map(|(k, g)| {
-                k.len()
-                    + 48
-                    + g.accs
-                        .iter()
-                        .map(|a| match a {
-                            Acc::Extreme(v) => 24 + v.as_ref().map_or(0, |b| b.len()),
-                            Acc::Values(m) => 24 + m.keys().map(|k| k.len() + 40).sum::<usize>(),
-                            Acc::Distinct(m) => 48 + m.keys().map(|k| k.len() + 32).sum::<usize>(),
-                            _ => 24,
-                        })
-                        .sum::<usize>()
+            .map(|a| match a {
+                Acc::Extreme(v) => 24 + v.as_ref().map_or(0, |b| b.len()),
+                Acc::Values(m) => 24 + m.keys().map(|k| k.len() + 40).sum::<usize>(),
+                Acc::Distinct(m) => 48 + m.keys().map(|k| k.len() + 32).sum::<usize>(),
+                _ => 24,
             })
             .sum::<usize>()
-            + self.groups.changed_bytes()
     }
 }
 

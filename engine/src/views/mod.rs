@@ -1382,6 +1382,7 @@ impl Maintainer {
             self.last_checkpoint_bytes
         };
         let bytes = encode_checkpoint(&self.views, hint + hint / 8, base, seq);
+        let encoded = started.elapsed();
         for run in &mut self.views {
             if let Some(node) = run.node.as_mut() {
                 node.forget_changes();
@@ -1444,6 +1445,7 @@ impl Maintainer {
                     bytes = len,
                     kind = if full { "full" } else { "delta" },
                     pause_ms = paused.as_millis() as u64,
+                    encode_ms = encoded.as_millis() as u64,
                     write_ms = written.elapsed().as_millis() as u64,
                     "views checkpointed"
                 );

@@ -9,7 +9,21 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::tracked::Tracked;
+use super::tracked::{Footprint, Tracked};
+
+/// A sort position and a row, as `DISTINCT ON` keeps per key.
+impl Footprint for (Bytes, Bytes) {
+    fn footprint(&self) -> usize {
+        self.0.len() + self.1.len() + 80
+    }
+}
+
+/// A join side's rows (with counts) under one join key.
+impl Footprint for Map<Bytes, i64> {
+    fn footprint(&self) -> usize {
+        64 + self.keys().map(|r| r.len() + 40).sum::<usize>()
+    }
+}
 use super::zset::{Codec, Map, ZBatch, decode_batch, evaluate, take_optional};
 
 /// Encoded bytes: a key, a sort position or a row.
@@ -132,11 +146,7 @@ impl DistinctOn {
     }
 
     pub(crate) fn state_bytes(&self) -> usize {
-        self.latest
-            .iter()
-            .map(|(k, (o, r))| k.len() + o.len() + r.len() + 80)
-            .sum::<usize>()
-            + self.latest.changed_bytes()
+        self.latest.footprint()
     }
 }
 
@@ -178,11 +188,7 @@ impl Side {
     }
 
     fn state_bytes(&self) -> usize {
-        self.rows
-            .iter()
-            .map(|(k, rows)| k.len() + 64 + rows.keys().map(|r| r.len() + 40).sum::<usize>())
-            .sum::<usize>()
-            + self.rows.changed_bytes()
+        self.rows.footprint()
     }
 }
 

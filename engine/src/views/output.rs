@@ -8,13 +8,19 @@ use datafusion::common::Result;
 use tracing::warn;
 
 use super::codec::{Reader, Writer};
-use super::tracked::Tracked;
+use super::tracked::{Footprint, Tracked};
 use super::zset::{Codec, Map, ZBatch, decode_batch, row_codec};
 
 #[derive(Debug)]
 struct Slot {
     row: Box<[u8]>,
     count: i64,
+}
+
+impl Footprint for Slot {
+    fn footprint(&self) -> usize {
+        self.row.len() + 64
+    }
 }
 
 /// What one batch of changes did to a view.
@@ -79,11 +85,7 @@ impl Output {
     }
 
     pub(crate) fn state_bytes(&self) -> usize {
-        self.rows
-            .iter()
-            .map(|(k, s)| k.len() + s.row.len() + 64)
-            .sum::<usize>()
-            + self.rows.changed_bytes()
+        self.rows.footprint()
     }
 
     fn key_of<'a>(&self, key: &'a [u8], row: &'a [u8]) -> &'a [u8] {

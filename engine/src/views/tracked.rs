@@ -8,11 +8,20 @@ use datafusion::common::Result;
 use super::codec::{Reader, Writer};
 use super::zset::Map;
 
+/// Approximate bytes an entry's value holds (besides its key), for
+/// `quiver_view_state_bytes`.
+pub(crate) trait Footprint {
+    fn footprint(&self) -> usize;
+}
+
 /// A map from encoded keys to state, with the keys changed since the last save.
 #[derive(Debug)]
 pub(crate) struct Tracked<V> {
     map: Map<Box<[u8]>, V>,
     changed: Map<Box<[u8]>, ()>,
+    /// The footprint of the entries whose keys are not in `changed`, so the whole
+    /// footprint costs what changed to compute, not the map's size.
+    settled: usize,
 }
 
 impl<V> Default for Tracked<V> {
@@ -20,14 +29,23 @@ impl<V> Default for Tracked<V> {
         Self {
             map: Map::default(),
             changed: Map::default(),
+            settled: 0,
         }
     }
 }
 
-impl<V> Tracked<V> {
-    fn mark(changed: &mut Map<Box<[u8]>, ()>, key: &[u8]) {
-        if !changed.contains_key(key) {
-            changed.insert(key.into(), ());
+fn entry_bytes<V: Footprint>(key: &[u8], value: &V) -> usize {
+    key.len() + value.footprint()
+}
+
+impl<V: Footprint> Tracked<V> {
+    /// Counts `key` as changed; the first time, its entry leaves the settled footprint.
+    fn mark(&mut self, key: &[u8]) {
+        if !self.changed.contains_key(key) {
+            if let Some(v) = self.map.get(key) {
+                self.settled -= entry_bytes(key, v);
+            }
+            self.changed.insert(key.into(), ());
         }
     }
 
@@ -49,22 +67,27 @@ impl<V> Tracked<V> {
 
     /// The entry for changing; it counts as changed.
     pub(crate) fn get_mut(&mut self, key: &[u8]) -> Option<&mut V> {
-        let value = self.map.get_mut(key)?;
-        Self::mark(&mut self.changed, key);
-        Some(value)
+        if !self.map.contains_key(key) {
+            return None;
+        }
+        self.mark(key);
+        self.map.get_mut(key)
     }
 
     pub(crate) fn insert(&mut self, key: Box<[u8]>, value: V) {
-        Self::mark(&mut self.changed, &key);
+        self.mark(&key);
         self.map.insert(key, value);
     }
 
     pub(crate) fn remove(&mut self, key: &[u8]) -> Option<V> {
-        let value = self.map.remove(key)?;
-        Self::mark(&mut self.changed, key);
-        Some(value)
+        if !self.map.contains_key(key) {
+            return None;
+        }
+        self.mark(key);
+        self.map.remove(key)
     }
 
+    #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&Box<[u8]>, &V)> {
         self.map.iter()
     }
@@ -119,11 +142,17 @@ impl<V> Tracked<V> {
             }
         }
         self.changed.clear();
+        self.settled = self.map.iter().map(|(k, v)| entry_bytes(k, v)).sum();
         Ok(())
     }
 
     /// After a checkpoint has taken the changes: start counting again.
     pub(crate) fn forget_changes(&mut self) {
+        self.settled += self
+            .changed
+            .keys()
+            .filter_map(|k| self.map.get(&**k).map(|v| entry_bytes(k, v)))
+            .sum::<usize>();
         self.changed.clear();
         // A burst of changes should not pin its set's memory until the next one.
         if self.changed.capacity() > 4096 {
@@ -131,15 +160,27 @@ impl<V> Tracked<V> {
         }
     }
 
-    /// Approximate bytes of the changed-key set.
-    pub(crate) fn changed_bytes(&self) -> usize {
-        self.changed.keys().map(|k| k.len() + 24).sum()
+    /// Approximate bytes held: every entry's footprint, and the changed keys. Costs
+    /// what changed since the last checkpoint, not the map's size.
+    pub(crate) fn footprint(&self) -> usize {
+        self.settled
+            + self
+                .changed
+                .keys()
+                .map(|k| k.len() + 24 + self.map.get(&**k).map_or(0, |v| entry_bytes(k, v)))
+                .sum::<usize>()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Footprint for i64 {
+        fn footprint(&self) -> usize {
+            8
+        }
+    }
 
     fn save(t: &Tracked<i64>, delta: bool) -> Vec<u8> {
         let mut w = Writer::default();
@@ -187,6 +228,10 @@ mod tests {
         assert_eq!(entries(&restored), entries(&live));
         // A delta holds only what changed.
         assert!(d2.len() < base.len() / 10, "{} vs {}", d2.len(), base.len());
+        // The footprint kept up to date equals one counted from scratch.
+        let counted: usize = live.iter().map(|(k, v)| k.len() + v.footprint()).sum();
+        assert_eq!(live.footprint(), counted);
+        assert_eq!(restored.footprint(), counted);
     }
 
     #[test]
