@@ -18,7 +18,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Tracked};
+use super::tracked::{Footprint, Spent, Tracked};
 use super::zset::{Codec, Map, ZBatch, evaluate};
 
 /// What an aggregate computes.
@@ -430,8 +430,8 @@ impl Aggregate {
         })
     }
 
-    pub(crate) fn forget_changes(&mut self) {
-        self.groups.forget_changes();
+    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
+        self.groups.forget_changes(spent);
     }
 
     /// Approximate bytes held.

@@ -1383,11 +1383,12 @@ impl Maintainer {
         };
         let bytes = encode_checkpoint(&self.views, hint + hint / 8, base, seq);
         let encoded = started.elapsed();
+        let mut spent = Vec::new();
         for run in &mut self.views {
             if let Some(node) = run.node.as_mut() {
-                node.forget_changes();
+                node.forget_changes(&mut spent);
             }
-            run.shared.state.write().output.forget_changes();
+            run.shared.state.write().output.forget_changes(&mut spent);
             run.in_chain = true;
             update_gauges(&engine, run);
         }
@@ -1419,6 +1420,7 @@ impl Maintainer {
                 let Some(engine) = weak.upgrade() else {
                     return Ok(());
                 };
+                drop(spent);
                 let len = bytes.len();
                 let written = Instant::now();
                 let rt = engine.query_runtime();

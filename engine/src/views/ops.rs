@@ -9,7 +9,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Tracked};
+use super::tracked::{Footprint, Spent, Tracked};
 
 /// A sort position and a row, as `DISTINCT ON` keeps per key.
 impl Footprint for (Bytes, Bytes) {
@@ -141,8 +141,8 @@ impl DistinctOn {
         self.latest.load(r, delta, |r| Ok((r.boxed()?, r.boxed()?)))
     }
 
-    pub(crate) fn forget_changes(&mut self) {
-        self.latest.forget_changes();
+    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
+        self.latest.forget_changes(spent);
     }
 
     pub(crate) fn state_bytes(&self) -> usize {
@@ -355,9 +355,9 @@ impl Join {
         self.right.load(r, delta)
     }
 
-    pub(crate) fn forget_changes(&mut self) {
-        self.left.rows.forget_changes();
-        self.right.rows.forget_changes();
+    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
+        self.left.rows.forget_changes(spent);
+        self.right.rows.forget_changes(spent);
     }
 
     pub(crate) fn state_bytes(&self) -> usize {

@@ -8,7 +8,7 @@ use datafusion::common::Result;
 use tracing::warn;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Tracked};
+use super::tracked::{Footprint, Spent, Tracked};
 use super::zset::{Codec, Map, ZBatch, decode_batch, row_codec};
 
 #[derive(Debug)]
@@ -250,7 +250,7 @@ impl Output {
         Ok(())
     }
 
-    pub(crate) fn forget_changes(&mut self) {
-        self.rows.forget_changes();
+    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
+        self.rows.forget_changes(spent);
     }
 }

@@ -26,6 +26,7 @@ use datafusion::physical_expr::expressions::Column as PhysColumn;
 use super::agg::{AggKind, AggSpec, Aggregate, Num};
 use super::codec::{Reader, Writer};
 use super::ops::{DistinctOn, Join, JoinKind};
+use super::tracked::Spent;
 use super::zset::{Codec, ZBatch, evaluate};
 
 /// What a view reads.
@@ -653,22 +654,22 @@ impl Node {
     }
 
     /// A checkpoint has taken the changes: every operator starts counting again.
-    pub(crate) fn forget_changes(&mut self) {
+    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
         match &mut self.op {
             Op::Source { .. } => {}
-            Op::Filter { input, .. } | Op::Project { input, .. } => input.forget_changes(),
+            Op::Filter { input, .. } | Op::Project { input, .. } => input.forget_changes(spent),
             Op::Aggregate { input, agg } => {
-                input.forget_changes();
-                agg.forget_changes();
+                input.forget_changes(spent);
+                agg.forget_changes(spent);
             }
             Op::DistinctOn { input, op } => {
-                input.forget_changes();
-                op.forget_changes();
+                input.forget_changes(spent);
+                op.forget_changes(spent);
             }
             Op::Join { left, right, op } => {
-                left.forget_changes();
-                right.forget_changes();
-                op.forget_changes();
+                left.forget_changes(spent);
+                right.forget_changes(spent);
+                op.forget_changes(spent);
             }
         }
     }

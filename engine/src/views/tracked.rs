@@ -3,6 +3,8 @@
 //! every entry. Writing a view of millions of rows then costs what changed since the
 //! last checkpoint, not the view's size, and the maintainer's pause stays short.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use datafusion::common::Result;
 
 use super::codec::{Reader, Writer};
@@ -22,7 +24,13 @@ pub(crate) struct Tracked<V> {
     /// The footprint of the entries whose keys are not in `changed`, so the whole
     /// footprint costs what changed to compute, not the map's size.
     settled: usize,
+    /// The footprint of the entries the last save wrote, and whether it wrote all.
+    saved: AtomicUsize,
+    saved_full: AtomicBool,
 }
+
+/// Changed-key sets a checkpoint has taken, to be freed off the maintainer thread.
+pub(crate) type Spent = Vec<Map<Box<[u8]>, ()>>;
 
 impl<V> Default for Tracked<V> {
     fn default() -> Self {
@@ -30,6 +38,8 @@ impl<V> Default for Tracked<V> {
             map: Map::default(),
             changed: Map::default(),
             settled: 0,
+            saved: AtomicUsize::new(0),
+            saved_full: AtomicBool::new(false),
         }
     }
 }
@@ -99,6 +109,7 @@ impl<V: Footprint> Tracked<V> {
     /// Writes every entry, or with `delta` only the changed keys (a removed key as
     /// absent). Either way: a count, then `key, present, [value]` per entry.
     pub(crate) fn save(&self, w: &mut Writer, delta: bool, mut value: impl FnMut(&mut Writer, &V)) {
+        let mut present = 0;
         if delta {
             w.u64(self.changed.len() as u64);
             for key in self.changed.keys() {
@@ -107,6 +118,7 @@ impl<V: Footprint> Tracked<V> {
                     Some(v) => {
                         w.u64(1);
                         value(w, v);
+                        present += entry_bytes(key, v);
                     }
                     None => w.u64(0),
                 }
@@ -117,8 +129,13 @@ impl<V: Footprint> Tracked<V> {
                 w.bytes(key);
                 w.u64(1);
                 value(w, v);
+                present += entry_bytes(key, v);
             }
         }
+        // Counted here, where each entry is at hand, so that forgetting the changes
+        // need not look every changed key up again.
+        self.saved.store(present, Ordering::Relaxed);
+        self.saved_full.store(!delta, Ordering::Relaxed);
     }
 
     /// Reads what [`Tracked::save`] wrote: a full save replaces every entry, a delta
@@ -146,18 +163,16 @@ impl<V: Footprint> Tracked<V> {
         Ok(())
     }
 
-    /// After a checkpoint has taken the changes: start counting again.
-    pub(crate) fn forget_changes(&mut self) {
-        self.settled += self
-            .changed
-            .keys()
-            .filter_map(|k| self.map.get(&**k).map(|v| entry_bytes(k, v)))
-            .sum::<usize>();
-        self.changed.clear();
-        // A burst of changes should not pin its set's memory until the next one.
-        if self.changed.capacity() > 4096 {
-            self.changed.shrink_to(4096);
-        }
+    /// After a checkpoint has saved the changes: start counting again. The taken set
+    /// goes to `spent`, to be freed elsewhere (a million keys take a while to free).
+    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
+        let saved = *self.saved.get_mut();
+        self.settled = if *self.saved_full.get_mut() {
+            saved
+        } else {
+            self.settled + saved
+        };
+        spent.push(std::mem::take(&mut self.changed));
     }
 
     /// Approximate bytes held: every entry's footprint, and the changed keys. Costs
@@ -207,7 +222,7 @@ mod tests {
             live.insert(vec![i].into(), i64::from(i));
         }
         let base = save(&live, false);
-        live.forget_changes();
+        live.forget_changes(&mut Vec::new());
         // Changes: updates, removals, new keys, and a key removed then added again.
         *live.get_mut(&[3]).unwrap() += 1000;
         live.remove(&[4]);
@@ -215,11 +230,11 @@ mod tests {
         live.remove(&[5]);
         live.insert(vec![5].into(), 55);
         let d1 = save(&live, true);
-        live.forget_changes();
+        live.forget_changes(&mut Vec::new());
         live.remove(&[200]);
         *live.get_mut(&[6]).unwrap() = -6;
         let d2 = save(&live, true);
-        live.forget_changes();
+        live.forget_changes(&mut Vec::new());
 
         let mut restored = Tracked::default();
         load(&mut restored, &base, false);
@@ -238,7 +253,8 @@ mod tests {
     fn reading_without_changing_marks_nothing() {
         let mut t = Tracked::default();
         t.insert(vec![1].into(), 1);
-        t.forget_changes();
+        save(&t, false);
+        t.forget_changes(&mut Vec::new());
         assert!(t.get(&[1]).is_some());
         assert!(t.get_mut(&[9]).is_none());
         assert!(t.remove(&[9]).is_none());
