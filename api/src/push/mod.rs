@@ -201,6 +201,12 @@ impl Group {
     /// The kept deltas after `version`, if they reach back that far.
     fn recent_since(&self, version: u64) -> Option<Vec<Arc<Delta>>> {
         let recent = self.recent.lock();
+        if recent.is_empty() {
+            // Nothing kept (a new group, or the ring was cleared): only a subscriber
+            // already at the last version is caught up.
+            let last = self.last_version.load(Ordering::Acquire);
+            return (version >= last).then(Vec::new);
+        }
         let first = recent.front().map_or(u64::MAX, |(v, _)| *v);
         let newest = recent.back().map_or(0, |(v, _)| *v);
         if version >= newest {
@@ -421,7 +427,15 @@ impl Push {
             }
             Ok(None) => group.remember(change.version, None),
             Err(e) => {
-                warn!(view = %change.view, error = %e, "encoding a change for subscribers failed")
+                warn!(view = %change.view, error = %e, "encoding a change for subscribers failed");
+                // The kept deltas now have a gap: nobody may catch up across it, the
+                // cached snapshot may not be served with them, and every member needs a
+                // fresh snapshot to stay whole.
+                group.epoch.fetch_add(1, Ordering::AcqRel);
+                group.recent.lock().clear();
+                for ((_, sub), conn) in &members.subs {
+                    conn.resnapshot(sub, self);
+                }
             }
         }
     }
