@@ -635,6 +635,7 @@ struct Maintainer {
 /// Largest micro-batch, in rows.
 const MAX_BATCH_ROWS: usize = 100_000;
 
+const CHECKPOINT_DIR: &str = "_quiver/views";
 const CHECKPOINT_FILE: &str = "_quiver/views/checkpoint.bin";
 const DEFINITIONS_FILE: &str = "_quiver/views.json";
 const MAGIC: &[u8] = b"QUIVER-VIEWS-2";
@@ -1394,20 +1395,17 @@ impl Maintainer {
         }
         let paused = started.elapsed();
         self.last_checkpoint_bytes = bytes.len();
-        let (file, stale) = if full {
-            let stale = (1..=self.chain.deltas)
-                .map(|n| delta_file(self.chain.base, n))
-                .collect();
+        let file = if full {
             self.chain = Chain {
                 base,
                 base_bytes: bytes.len(),
                 ..Chain::default()
             };
-            (CHECKPOINT_FILE.to_owned(), stale)
+            CHECKPOINT_FILE.to_owned()
         } else {
             self.chain.deltas = seq;
             self.chain.delta_bytes += bytes.len();
-            (delta_file(base, seq), Vec::new())
+            delta_file(base, seq)
         };
         let floor = self.floor();
         let views = self.views.len();
@@ -1430,11 +1428,10 @@ impl Maintainer {
                 if let Err(e) = engine.truncate_wal() {
                     warn!(error = %e, "WAL truncation after a view checkpoint failed");
                 }
-                // The deltas of the chain this full checkpoint replaces.
-                for old in stale {
-                    if let Err(e) = rt.block_on(delete(&engine, &old)) {
-                        warn!(file = %old, error = %e, "cannot delete an old view checkpoint delta");
-                    }
+                // A full checkpoint replaces every older chain: its deltas, and any a
+                // crash left behind, go.
+                if full && let Err(e) = rt.block_on(delete_other_chains(&engine, base)) {
+                    warn!(error = %e, "cannot delete old view checkpoint deltas");
                 }
                 let m = engine.metrics();
                 m.view_checkpoint_seconds
@@ -1625,7 +1622,7 @@ struct Chain {
 const MAX_DELTAS: u64 = 100;
 
 fn delta_file(base: u64, seq: u64) -> String {
-    format!("_quiver/views/checkpoint-{base}-{seq:06}.bin")
+    format!("{CHECKPOINT_DIR}/checkpoint-{base}-{seq:06}.bin")
 }
 
 /// An id for a new chain: the time in nanoseconds, above the last one. Deltas of an
@@ -1805,13 +1802,29 @@ async fn get(engine: &Engine, rel: &str) -> crate::Result<Option<bytes::Bytes>> 
     }
 }
 
-async fn delete(engine: &Engine, rel: &str) -> crate::Result<()> {
+/// Deletes every checkpoint delta that does not belong to chain `base`.
+async fn delete_other_chains(engine: &Engine, base: u64) -> crate::Result<()> {
     use object_store::ObjectStoreExt;
     let store = engine.store();
-    match store.object_store().delete(&store.path(rel)?).await {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-        Err(e) => Err(e.into()),
+    let ours = format!("checkpoint-{base}-");
+    let mut listed = store
+        .object_store()
+        .list(Some(&store.path(CHECKPOINT_DIR)?));
+    let mut stale = Vec::new();
+    while let Some(meta) = listed.next().await {
+        let meta = meta?;
+        let name = meta.location.filename().unwrap_or_default();
+        if name.starts_with("checkpoint-") && !name.starts_with(&ours) {
+            stale.push(meta.location);
+        }
     }
+    for path in stale {
+        match store.object_store().delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 async fn put(engine: &Engine, rel: &str, body: Vec<u8>) -> crate::Result<()> {
