@@ -251,6 +251,18 @@ impl QuiverFlight {
             .with_descriptor(descriptor);
         Ok(Response::new(info))
     }
+
+    /// The answer to a catalog call's GetFlightInfo: its result schema, and a ticket
+    /// that is the command itself, for a caller with the read scope.
+    fn catalog_info(
+        &self,
+        schema: &Schema,
+        command: Any,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.principal(&request)?;
+        self.info(schema, command.encode_to_vec(), request.into_inner())
+    }
 }
 
 /// The token in `Bearer <token>` or `Basic base64(user:token)`.
@@ -608,13 +620,8 @@ impl FlightSqlService for QuiverFlight {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.principal(&request)?;
         let schema = query.into_builder().schema();
-        self.info(
-            &schema,
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        self.catalog_info(&schema, query.as_any(), request)
     }
 
     async fn do_get_catalogs(
@@ -633,13 +640,8 @@ impl FlightSqlService for QuiverFlight {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.principal(&request)?;
         let schema = query.clone().into_builder().schema();
-        self.info(
-            &schema,
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        self.catalog_info(&schema, query.as_any(), request)
     }
 
     async fn do_get_schemas(
@@ -658,13 +660,8 @@ impl FlightSqlService for QuiverFlight {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.principal(&request)?;
         let schema = query.clone().into_builder().schema();
-        self.info(
-            &schema,
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        self.catalog_info(&schema, query.as_any(), request)
     }
 
     async fn do_get_tables(
@@ -694,13 +691,8 @@ impl FlightSqlService for QuiverFlight {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.principal(&request)?;
         let schema = query.into_builder().schema();
-        self.info(
-            &schema,
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        self.catalog_info(&schema, query.as_any(), request)
     }
 
     async fn do_get_table_types(
@@ -720,13 +712,8 @@ impl FlightSqlService for QuiverFlight {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.principal(&request)?;
         let schema = query.clone().into_builder(&self.sql_info).schema();
-        self.info(
-            &schema,
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        self.catalog_info(&schema, query.as_any(), request)
     }
 
     async fn do_get_sql_info(

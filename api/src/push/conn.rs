@@ -724,11 +724,7 @@ async fn write(
         let message = match w {
             Work::Control(bytes) => vec![Bytes::from(bytes)],
             Work::Frames(id, deltas) => {
-                for d in &deltas {
-                    feed(socket, push, d.message(&id)).await?;
-                    push.metrics.deltas_sent.inc();
-                    delivered.extend(d.acked_at);
-                }
+                feed_deltas(socket, push, &id, &deltas, &mut delivered).await?;
                 continue;
             }
             Work::Coalesced(id, c) => {
@@ -752,11 +748,7 @@ async fn write(
             Work::CatchUp(id, id_json, group, from) => match group.recent_since(from) {
                 Some(deltas) => {
                     let last = deltas.last().map_or(from, |d| d.version);
-                    for d in &deltas {
-                        feed(socket, push, d.message(&id_json)).await?;
-                        push.metrics.deltas_sent.inc();
-                        delivered.extend(d.acked_at);
-                    }
+                    feed_deltas(socket, push, &id_json, &deltas, &mut delivered).await?;
                     conn.caught_up(&id, last, push);
                     continue;
                 }
@@ -830,6 +822,23 @@ async fn write(
     Ok(())
 }
 
+/// Writes delta frames for one subscription, counting them and noting when the
+/// events behind each were acknowledged.
+async fn feed_deltas(
+    socket: &mut Socket,
+    push: &Push,
+    id: &str,
+    deltas: &[Arc<Delta>],
+    delivered: &mut Vec<Instant>,
+) -> Result<(), End> {
+    for d in deltas {
+        feed(socket, push, d.message(id)).await?;
+        push.metrics.deltas_sent.inc();
+        delivered.extend(d.acked_at);
+    }
+    Ok(())
+}
+
 /// Writes subscription `id`'s snapshot and the kept deltas after it (or an error frame
 /// if the view is gone).
 async fn send_snapshot(
@@ -845,13 +854,8 @@ async fn send_snapshot(
         Ok((snap, after)) => {
             feed(socket, push, snap.message(id_json, &group.view)).await?;
             push.metrics.snapshots_sent.inc();
-            let mut last = snap.version;
-            for d in &after {
-                feed(socket, push, d.message(id_json)).await?;
-                push.metrics.deltas_sent.inc();
-                delivered.extend(d.acked_at);
-                last = d.version;
-            }
+            feed_deltas(socket, push, id_json, &after, delivered).await?;
+            let last = after.last().map_or(snap.version, |d| d.version);
             conn.caught_up(id, last, push);
             Ok(())
         }
