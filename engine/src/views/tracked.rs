@@ -49,14 +49,14 @@ fn entry_bytes<V: Footprint>(key: &[u8], value: &V) -> usize {
 }
 
 impl<V: Footprint> Tracked<V> {
-    /// Counts `key` as changed; the first time, its entry leaves the settled footprint.
-    fn mark(&mut self, key: &[u8]) {
-        if !self.changed.contains_key(key) {
-            if let Some(v) = self.map.get(key) {
-                self.settled -= entry_bytes(key, v);
-            }
-            self.changed.insert(key.into(), ());
+    /// Counts `key` as changed. True the first time since the last checkpoint: the
+    /// caller then takes the entry's old footprint out of the settled one.
+    fn mark(changed: &mut Map<Box<[u8]>, ()>, key: &[u8]) -> bool {
+        if changed.contains_key(key) {
+            return false;
         }
+        changed.insert(key.into(), ());
+        true
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -77,24 +77,29 @@ impl<V: Footprint> Tracked<V> {
 
     /// The entry for changing; it counts as changed.
     pub(crate) fn get_mut(&mut self, key: &[u8]) -> Option<&mut V> {
-        if !self.map.contains_key(key) {
-            return None;
+        let value = self.map.get_mut(key)?;
+        if Self::mark(&mut self.changed, key) {
+            self.settled -= entry_bytes(key, value);
         }
-        self.mark(key);
-        self.map.get_mut(key)
+        Some(value)
     }
 
     pub(crate) fn insert(&mut self, key: Box<[u8]>, value: V) {
-        self.mark(&key);
-        self.map.insert(key, value);
+        let first = Self::mark(&mut self.changed, &key);
+        let len = key.len();
+        if let Some(old) = self.map.insert(key, value)
+            && first
+        {
+            self.settled -= len + old.footprint();
+        }
     }
 
     pub(crate) fn remove(&mut self, key: &[u8]) -> Option<V> {
-        if !self.map.contains_key(key) {
-            return None;
+        let value = self.map.remove(key)?;
+        if Self::mark(&mut self.changed, key) {
+            self.settled -= entry_bytes(key, &value);
         }
-        self.mark(key);
-        self.map.remove(key)
+        Some(value)
     }
 
     #[cfg(test)]
