@@ -7,6 +7,7 @@
 #   benches/fetch.sh 5000000 3
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 rows="${1:-5000000}"
 rounds="${2:-3}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/quiver-target}"
@@ -24,10 +25,7 @@ QUIVER_ADMIN_TOKEN="$token" QUIVER_LOG=warn "$bin/quiver" serve \
   --kpi-dir none --upkeep-interval 0s --query-timeout 10m \
   --max-result-bytes 17179869184 >"$scratch/server.log" 2>&1 &
 pid=$!
-for _ in $(seq 1 300); do
-  curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
-  sleep 0.1
-done
+wait_ready "$port"
 
 echo "== loading $rows order events"
 "$bin/quiver" generate --events "$((rows * 8 / 5))" --format arrow --out "$scratch/gen" --seed 7 \

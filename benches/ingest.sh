@@ -6,6 +6,7 @@
 #   benches/ingest.sh [duration] [concurrency]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 duration="${1:-20s}"
 concurrency="${2:-16}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/quiver-target}"
@@ -23,10 +24,7 @@ for format in ndjson arrow; do
     --store "file://$scratch/store" --http-addr "127.0.0.1:$port" \
     --upkeep-interval 0s >"$scratch/server-$format.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 200); do
-    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
-    sleep 0.1
-  done
+  wait_ready "$port"
   "$bin/ingest-load" --url "http://127.0.0.1:$port" --token "$token" --format "$format" \
     --batch 1000 --concurrency "$concurrency" --duration "$duration" --server-pid "$pid"
   curl -s "http://127.0.0.1:$port/metrics" | grep -E '^quiver_(flush_events_total|flush_seconds_(sum|count)|wal_fsync_seconds_(sum|count))' | sed 's/^/  /'

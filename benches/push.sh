@@ -10,6 +10,7 @@
 # Extra server flags: QUIVER_BENCH_SERVER_FLAGS="--view-checkpoint-interval 10m" benches/push.sh …
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 duration="${1:-5m}"
 rate="${2:-20000}"
 shift 2 || true
@@ -32,10 +33,7 @@ for n in "${counts[@]}"; do
     --ws-max-connections-per-token 20000 --ws-max-subscriptions-per-token 20000 \
     ${QUIVER_BENCH_SERVER_FLAGS:-} >"$scratch/server-$n.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 300); do
-    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
-    sleep 0.1
-  done
+  wait_ready "$port"
   echo "== $n subscribers, $rate events/s, $duration"
   "$bin/push-bench" --url "http://127.0.0.1:$port" --token "$token" --subscribers "$n" \
     --rate "$rate" --duration "$duration" --server-pid "$pid"

@@ -7,6 +7,7 @@
 #   benches/sql_vs_duckdb.sh [events] [runs]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 events="${1:-10000000}"
 runs="${2:-5}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/quiver-target}"
@@ -26,11 +27,7 @@ serve() {
     --store "file://$scratch/store" --http-addr "127.0.0.1:$port" \
     --upkeep-interval 0s --query-timeout 10m >>"$scratch/server.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 600); do
-    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && return
-    sleep 0.1
-  done
-  echo "server did not become ready" >&2; exit 1
+  wait_ready "$port"
 }
 
 "$bin" generate --events "$events" --format arrow --out "$scratch/gen" --seed 7
