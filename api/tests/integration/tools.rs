@@ -175,11 +175,18 @@ async fn upkeep_compacts_checkpoints_and_vacuums() {
         checkpoint && parquet_files(&part) == 1
     })
     .await;
-    let metrics = s.metrics_text().await;
-    assert!(
-        metrics.contains("quiver_table_compactions_total{stream=\"orders\"} 1"),
-        "{metrics}"
-    );
+    // Upkeep counts its work once the whole pass (compaction, checkpoint, vacuum) has
+    // returned, a moment after the files show it.
+    let want = "quiver_table_compactions_total{stream=\"orders\"} 1";
+    let mut metrics = s.metrics_text().await;
+    for _ in 0..100 {
+        if metrics.contains(want) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        metrics = s.metrics_text().await;
+    }
+    assert!(metrics.contains(want), "{metrics}");
     let n = query_table(&s.store, s.table_url("orders"), "SELECT COUNT(*) FROM t").await;
     assert_eq!(single_i64(&n), 8);
 }
