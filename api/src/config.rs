@@ -179,6 +179,13 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_WS_TOTAL_QUEUE_BYTES", default_value_t = 256 << 20)]
     pub ws_total_queue_bytes: usize,
 
+    /// Bytes of encoded snapshots held at once, cached or being written to clients.
+    /// Past it, a subscriber that needs a new snapshot waits until older ones are
+    /// written (a large view's snapshot is hundreds of MB; slow clients would otherwise
+    /// keep one per version alive).
+    #[arg(long, env = "QUIVER_WS_SNAPSHOT_BYTES", default_value_t = 256 << 20)]
+    pub ws_snapshot_bytes: usize,
+
     /// How often the server pings an idle connection.
     #[arg(long, env = "QUIVER_WS_PING_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub ws_ping_interval: Duration,
@@ -274,6 +281,7 @@ impl ServeConfig {
             max_message_bytes: self.ws_max_message_bytes,
             queue_bytes: self.ws_queue_bytes,
             total_queue_bytes: self.ws_total_queue_bytes,
+            snapshot_bytes: self.ws_snapshot_bytes,
             ping_interval: self.ws_ping_interval,
             idle_timeout: self.ws_idle_timeout,
             write_timeout: self.ws_write_timeout,

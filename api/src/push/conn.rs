@@ -850,7 +850,7 @@ async fn send_snapshot(
     group: &Group,
     delivered: &mut Vec<Instant>,
 ) -> Result<(), End> {
-    match group.snapshot(engine).await {
+    match group.snapshot(engine, push).await {
         Ok((snap, after)) => {
             feed(socket, push, snap.message(id_json, &group.view)).await?;
             push.metrics.snapshots_sent.inc();

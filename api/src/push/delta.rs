@@ -246,6 +246,11 @@ impl SnapshotRows {
         })
     }
 
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.rows.len() + self.columns.len() + self.key.len()
+    }
+
     /// The snapshot message for subscription `id`, in parts; the rows are shared.
     pub(crate) fn message(&self, id: &str, view: &str) -> Vec<Bytes> {
         let mut head = Vec::with_capacity(self.columns.len() + 256);

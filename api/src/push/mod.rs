@@ -16,7 +16,7 @@ mod filter;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -53,6 +53,8 @@ pub(crate) struct PushConfig {
     pub(crate) queue_bytes: usize,
     /// Bytes of pending deltas all connections together may hold.
     pub(crate) total_queue_bytes: usize,
+    /// Bytes of encoded snapshots held at once (cached or being written).
+    pub(crate) snapshot_bytes: usize,
     pub(crate) ping_interval: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) write_timeout: Duration,
@@ -77,6 +79,8 @@ pub(crate) struct PushMetrics {
     frames_sent: Counter,
     bytes_sent: Counter,
     queue_bytes: Gauge<i64, AtomicI64>,
+    snapshot_bytes: Gauge<i64, AtomicI64>,
+    snapshot_waits: Counter,
     coalesced: Counter,
     catch_ups: Counter,
     resnapshots: Counter,
@@ -95,6 +99,8 @@ impl PushMetrics {
             frames_sent: Counter::default(),
             bytes_sent: Counter::default(),
             queue_bytes: Gauge::default(),
+            snapshot_bytes: Gauge::default(),
+            snapshot_waits: Counter::default(),
             coalesced: Counter::default(),
             catch_ups: Counter::default(),
             resnapshots: Counter::default(),
@@ -133,6 +139,16 @@ impl PushMetrics {
             "queue_bytes",
             "Bytes of deltas waiting in connection queues",
             m.queue_bytes.clone(),
+        );
+        r.register(
+            "snapshot_bytes",
+            "Bytes of encoded snapshots held, cached or being written",
+            m.snapshot_bytes.clone(),
+        );
+        r.register(
+            "snapshot_waits",
+            "Times a new snapshot waited for older ones to be written (--ws-snapshot-bytes)",
+            m.snapshot_waits.clone(),
         );
         r.register(
             "coalesced",
@@ -175,7 +191,7 @@ pub(crate) struct Group {
     /// Key column positions in the view's rows.
     key_idx: Vec<usize>,
     /// The last snapshot encoded for this group, with the epoch it was taken in.
-    snapshot: tokio::sync::Mutex<Option<(u64, Arc<SnapshotRows>)>>,
+    snapshot: tokio::sync::Mutex<Option<(u64, Arc<Charged>)>>,
     /// Bumped when the view's versions start again (dropped and created anew), so a
     /// snapshot of the old view is never served with the new view's deltas.
     epoch: AtomicU64,
@@ -229,11 +245,13 @@ impl Group {
     /// follow them. A snapshot is encoded once and served again, with the deltas since
     /// it, for as long as the group keeps those deltas: a large view that changes every
     /// few milliseconds is not decoded and encoded again for every subscriber that
-    /// needs a snapshot (the resnapshot storm of slow subscribers).
+    /// needs a snapshot (the resnapshot storm of slow subscribers). A new one waits for
+    /// room in the snapshot budget.
     async fn snapshot(
         &self,
         engine: &Engine,
-    ) -> Result<(Arc<SnapshotRows>, Vec<Arc<Delta>>), (&'static str, String)> {
+        push: &Push,
+    ) -> Result<(Arc<Charged>, Vec<Arc<Delta>>), (&'static str, String)> {
         let mut cached = self.snapshot.lock().await;
         let epoch = self.epoch.load(Ordering::Acquire);
         if let Some((taken_in, c)) = cached.as_ref()
@@ -244,6 +262,9 @@ impl Group {
         {
             return Ok((Arc::clone(c), after));
         }
+        // The old one is of no more use here; it goes before the new one is made.
+        *cached = None;
+        push.room_for_a_snapshot().await;
         let snap = match engine.view_snapshot(&self.view) {
             None => {
                 return Err((
@@ -256,9 +277,55 @@ impl Group {
         };
         let rows = SnapshotRows::encode(snap.version, &snap.key, &snap.rows, &self.filter)
             .map_err(|e| ("internal", format!("encoding the view failed: {e}")))?;
-        let rows = Arc::new(rows);
+        let rows = Arc::new(push.snapshots.charge(rows, &push.metrics));
         *cached = Some((epoch, Arc::clone(&rows)));
         Ok((rows, Vec::new()))
+    }
+}
+
+/// The bytes of encoded snapshots alive: cached by a group or being written.
+#[derive(Debug, Default)]
+struct SnapshotBudget {
+    used: AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+impl SnapshotBudget {
+    fn charge(self: &Arc<Self>, rows: SnapshotRows, metrics: &PushMetrics) -> Charged {
+        let bytes = rows.bytes();
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+        metrics.snapshot_bytes.inc_by(bytes as i64);
+        Charged {
+            rows,
+            bytes,
+            budget: Arc::clone(self),
+            gauge: metrics.snapshot_bytes.clone(),
+        }
+    }
+}
+
+/// An encoded snapshot, counted in the snapshot budget until the last holder lets go.
+#[derive(Debug)]
+pub(crate) struct Charged {
+    rows: SnapshotRows,
+    bytes: usize,
+    budget: Arc<SnapshotBudget>,
+    gauge: Gauge<i64, AtomicI64>,
+}
+
+impl std::ops::Deref for Charged {
+    type Target = SnapshotRows;
+
+    fn deref(&self) -> &SnapshotRows {
+        &self.rows
+    }
+}
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.gauge.dec_by(self.bytes as i64);
+        self.budget.freed.notify_waiters();
     }
 }
 
@@ -289,6 +356,7 @@ pub(crate) struct Push {
     pub(crate) config: PushConfig,
     pub(crate) metrics: PushMetrics,
     hub: Mutex<Hub>,
+    snapshots: Arc<SnapshotBudget>,
     next_conn: AtomicU64,
     /// Turns true when the server shuts down: every connection says goodbye.
     stop: tokio::sync::watch::Sender<bool>,
@@ -317,6 +385,7 @@ impl Push {
             config,
             metrics: PushMetrics::new(registry),
             hub: Mutex::new(Hub::default()),
+            snapshots: Arc::default(),
             next_conn: AtomicU64::new(1),
             stop: tokio::sync::watch::channel(false).0,
         })
@@ -325,6 +394,52 @@ impl Push {
     /// Starts feeding change sets to subscribers.
     pub(crate) fn start(self: &Arc<Self>, engine: Engine) {
         self.runtime.spawn(Arc::clone(self).run(engine));
+    }
+
+    /// Returns once the snapshots held are under `snapshot_bytes`. Cached snapshots
+    /// no subscriber is writing are let go first; then it waits for writes to end (a
+    /// client too slow to take its frames is dropped after `write_timeout`). One
+    /// snapshot may be encoded per push thread past the budget.
+    async fn room_for_a_snapshot(&self) {
+        let limit = self.config.snapshot_bytes;
+        let budget = &self.snapshots;
+        if budget.used.load(Ordering::Acquire) < limit {
+            return;
+        }
+        self.evict_snapshots();
+        let mut counted = false;
+        loop {
+            let freed = budget.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if budget.used.load(Ordering::Acquire) < limit {
+                return;
+            }
+            if !counted {
+                self.metrics.snapshot_waits.inc();
+                counted = true;
+            }
+            // (A timeout too, so a wake-up missed for any reason costs a second.)
+            let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
+        }
+    }
+
+    /// Drops every group's cached snapshot (those being written stay until written).
+    fn evict_snapshots(&self) {
+        let groups: Vec<Arc<Group>> = self
+            .hub
+            .lock()
+            .views
+            .values()
+            .flat_map(HashMap::values)
+            .filter_map(|m| m.group.clone())
+            .collect();
+        for group in groups {
+            // A group whose lock is held is making a new snapshot: it dropped its own.
+            if let Ok(mut cached) = group.snapshot.try_lock() {
+                *cached = None;
+            }
+        }
     }
 
     /// Closes every connection with a goodbye.

@@ -26,7 +26,7 @@ mod zset;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -623,6 +623,9 @@ impl Running {
 /// written.
 struct Writing {
     handle: std::thread::JoinHandle<Result<usize, String>>,
+    /// Set once the state is encoded: the maintainer may take it back.
+    encoded: Arc<AtomicBool>,
+    thawed: bool,
     full: bool,
     /// Its chain, and its place in it.
     base: u64,
@@ -742,6 +745,17 @@ impl Maintainer {
                 .any(|v| v.node.is_none() && v.next_recompute <= now)
             {
                 self.recompute_due();
+            }
+            // The state comes back as soon as it is encoded, not once it is stored.
+            if self
+                .writing
+                .as_ref()
+                .is_some_and(|w| !w.thawed && w.encoded.load(Ordering::Acquire))
+            {
+                self.thaw();
+                if let Some(w) = self.writing.as_mut() {
+                    w.thawed = true;
+                }
             }
             if self
                 .writing
@@ -1411,14 +1425,18 @@ impl Maintainer {
         let weak = engine.downgrade();
         drop(engine);
         self.dirty = false;
+        let encoded_flag = Arc::new(AtomicBool::new(false));
+        let done = Arc::clone(&encoded_flag);
         let spawned = std::thread::Builder::new()
             .name("quiver-views-checkpoint".into())
             .spawn(move || {
                 let Some(engine) = weak.upgrade() else {
                     return Err("the engine has stopped".to_owned());
                 };
+                lowest_priority();
                 let encoding = Instant::now();
                 let bytes = parts.finish(hint + hint / 8);
+                done.store(true, Ordering::Release);
                 let encoded = encoding.elapsed();
                 let len = bytes.len();
                 let written = Instant::now();
@@ -1455,6 +1473,8 @@ impl Maintainer {
             Ok(handle) => {
                 self.writing = Some(Writing {
                     handle,
+                    encoded: encoded_flag,
+                    thawed: false,
                     full,
                     base,
                     seq,
@@ -1482,7 +1502,9 @@ impl Maintainer {
             .handle
             .join()
             .unwrap_or_else(|_| Err("the view checkpoint writer panicked".into()));
-        self.thaw();
+        if !writing.thawed {
+            self.thaw();
+        }
         match result {
             Ok(len) => {
                 self.last_checkpoint_bytes = len;
@@ -1507,9 +1529,10 @@ impl Maintainer {
         }
     }
 
-    /// Folds what changed while a checkpoint was written back into every view's
+    /// Folds what changed while a checkpoint was encoded back into every view's
     /// state (see `tracked`), and updates the state gauges.
     fn thaw(&mut self) {
+        let started = Instant::now();
         let engine = self.engine();
         for run in &mut self.views {
             if let Some(node) = run.node.as_mut() {
@@ -1520,6 +1543,10 @@ impl Maintainer {
                 update_gauges(engine, run);
             }
         }
+        info!(
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "view state taken back from the checkpoint"
+        );
     }
 
     /// Per stream, the lowest WAL position any view has applied.
@@ -1609,6 +1636,23 @@ fn update_gauges(engine: &Engine, run: &Running) {
         .get_or_create(&label)
         .set(state.output.len() as i64);
     m.view_state_bytes.get_or_create(&label).set(bytes as i64);
+}
+
+/// Puts the calling thread (the checkpoint encoder) at the lowest CPU priority, so it
+/// runs on what the views, ingest and push leave idle instead of slowing them.
+#[allow(unsafe_code)]
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: plain syscalls on the calling thread's own id.
+        let failed = unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19) != 0
+        };
+        if failed {
+            warn!("cannot lower the view checkpoint thread's priority");
+        }
+    }
 }
 
 /// A checkpoint file's layout: its chain and place in it (`seq` 0 is the full
