@@ -710,6 +710,83 @@ async fn a_slow_reader_converges_while_a_fast_one_keeps_up() {
     );
 }
 
+/// Encoded snapshots are held within `--ws-snapshot-bytes`: while a stalled client is
+/// still being written a large snapshot, a new snapshot waits, and goes out once that
+/// client has been dropped for slowness. The waiting subscriber still equals SQL, and
+/// no snapshot stays held once nobody is being written one.
+#[tokio::test]
+async fn a_new_snapshot_waits_while_the_snapshot_budget_is_spent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(
+        dir.path(),
+        &["--ws-snapshot-bytes", "1", "--ws-write-timeout", "2s"],
+    )
+    .await;
+    let mut rng = StdRng::seed_from_u64(0xB0D6E7);
+    // About 110,000 order lines: a snapshot of about 8 MB, more than the socket
+    // buffers between the server and a client that reads nothing can take.
+    for round in 0..12 {
+        ingest_skus(&server, &mut rng, round, 10_000, 120_000).await;
+    }
+    settled(
+        &server,
+        "orders_current",
+        "SELECT count(*) FROM orders_current",
+    )
+    .await;
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+
+    let mut stalled = Client::new(stalled_client(&server).await);
+    stalled
+        .subscribe("all", "orders_current", Value::Null, None)
+        .await;
+    // Its snapshot is encoded, and stuck in the socket until the write timeout.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&server.metrics_text().await, "quiver_ws_snapshot_bytes ") == 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled client's snapshot was never made"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let case = cases().into_iter().find(|c| c.id == "open").unwrap();
+    let mut waiting = Client::connect(&server, ADMIN, true).await;
+    let asked = Instant::now();
+    waiting
+        .subscribe(case.id, case.view, case.filter.clone(), None)
+        .await;
+    assert!(
+        waiting.until(30, |c| c.subs[case.id].snapshots == 1).await,
+        "no snapshot once the stalled client was dropped"
+    );
+    let waited = asked.elapsed();
+    let metrics = server.metrics_text().await;
+    assert!(
+        metric(&metrics, "quiver_ws_snapshot_waits_total ") >= 1.0,
+        "the new snapshot did not wait:\n{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("quiver_ws_closed_total{code=\"slow\"}") && !l.ends_with(" 0")),
+        "the stalled client was not dropped as slow:\n{metrics}"
+    );
+    // It waited for the stalled client's write timeout (2 s), less the time taken
+    // before it asked.
+    assert!(
+        waited >= Duration::from_millis(500),
+        "waited only {waited:?}"
+    );
+    check_converged(&server, &mut [&mut waiting], std::slice::from_ref(&case), 0).await;
+}
+
 /// Opens a TCP connection and sends a WebSocket upgrade request with `extra_headers`
 /// (each ending in CRLF).
 async fn send_upgrade(server: &TestServer, extra_headers: &str) -> tokio::net::TcpStream {

@@ -37,7 +37,7 @@ use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::engine::{Engine, WeakEngine};
 use crate::metrics::ViewLabel;
@@ -1543,7 +1543,7 @@ impl Maintainer {
                 update_gauges(engine, run);
             }
         }
-        info!(
+        debug!(
             ms = started.elapsed().as_secs_f64() * 1e3,
             "view state taken back from the checkpoint"
         );

@@ -10,8 +10,8 @@
 //! maintainer's pause is then the time to swap two pointers per map, whatever the size
 //! of the state or of the delta.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, mpsc};
 
 use datafusion::common::Result;
 use tracing::warn;
@@ -62,6 +62,24 @@ impl<V> Default for Tracked<V> {
             frozen_len: 0,
             saved: Arc::default(),
         }
+    }
+}
+
+/// Drops `garbage` on a thread of its own, off the maintainer's.
+fn free_elsewhere(garbage: Box<dyn Send>) {
+    type Garbage = Box<dyn Send>;
+    static FREER: OnceLock<Option<mpsc::Sender<Garbage>>> = OnceLock::new();
+    let freer = FREER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Garbage>();
+        std::thread::Builder::new()
+            .name("quiver-views-free".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(tx) = freer {
+        // (Should that thread be gone, the garbage comes back and is dropped here.)
+        let _ = tx.send(garbage);
     }
 }
 
@@ -257,6 +275,7 @@ impl<V: Entry> Tracked<V> {
         // Every entry was settled as of the save; those changed since are not (their
         // keys are in `changed`, and the overlay holds exactly those).
         let mut settled = self.saved.load(Ordering::Acquire);
+        let mut replaced = Vec::with_capacity(self.overlay.len());
         for (key, value) in self.overlay.drain() {
             let key_len = key.len();
             let old = match value {
@@ -265,7 +284,13 @@ impl<V: Entry> Tracked<V> {
             };
             if let Some(old) = old {
                 settled = settled.saturating_sub(key_len + old.footprint());
+                replaced.push(old);
             }
+        }
+        // The entries replaced may hold much (a group's distinct values): freeing them
+        // here would hold the views up.
+        if !replaced.is_empty() {
+            free_elsewhere(Box::new(replaced));
         }
         self.settled = settled;
         self.map = map;
