@@ -18,7 +18,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Tracked};
+use super::tracked::{Footprint, Spent, Tracked};
 use super::zset::{Codec, Map, ZBatch, evaluate};
 
 /// What an aggregate computes.
@@ -149,7 +149,7 @@ impl PartialEq for Cell {
 /// One group's output values.
 type Row = Vec<Cell>;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Group {
     rows: i64,
     epoch: u64,
@@ -405,7 +405,7 @@ impl Aggregate {
         Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)?)
     }
 
-    pub(crate) fn save(&mut self, w: &mut Writer, delta: bool) {
+    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
         self.groups.save(w, delta, |w, g| {
             w.i64(g.rows);
             for acc in &g.accs {
@@ -430,8 +430,8 @@ impl Aggregate {
         })
     }
 
-    pub(crate) fn thaw(&mut self) {
-        self.groups.thaw();
+    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
+        self.groups.forget_changes(spent);
     }
 
     /// Approximate bytes held.

@@ -26,7 +26,7 @@ mod zset;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,7 @@ use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::engine::{Engine, WeakEngine};
 use crate::metrics::ViewLabel;
@@ -619,26 +619,13 @@ impl Running {
     }
 }
 
-/// A checkpoint being encoded and written on its own thread; it returns the bytes
-/// written.
-struct Writing {
-    handle: std::thread::JoinHandle<Result<usize, String>>,
-    /// Set once the state is encoded: the maintainer may take it back.
-    encoded: Arc<AtomicBool>,
-    thawed: bool,
-    full: bool,
-    /// Its chain, and its place in it.
-    base: u64,
-    seq: u64,
-}
-
 struct Maintainer {
     engine: WeakEngine,
     views: Vec<Running>,
     rx: mpsc::Receiver<Msg>,
     dirty: bool,
     /// The checkpoint being written to the store, off this thread.
-    writing: Option<Writing>,
+    writing: Option<std::thread::JoinHandle<Result<(), String>>>,
     /// The size of the last checkpoint, to size the next one's buffer at once.
     last_checkpoint_bytes: usize,
     /// The checkpoint files in the store.
@@ -746,21 +733,7 @@ impl Maintainer {
             {
                 self.recompute_due();
             }
-            // The state comes back as soon as it is encoded, not once it is stored.
-            if self
-                .writing
-                .as_ref()
-                .is_some_and(|w| !w.thawed && w.encoded.load(Ordering::Acquire))
-            {
-                self.thaw();
-                if let Some(w) = self.writing.as_mut() {
-                    w.thawed = true;
-                }
-            }
-            if self
-                .writing
-                .as_ref()
-                .is_some_and(|w| w.handle.is_finished())
+            if self.writing.as_ref().is_some_and(|h| h.is_finished())
                 && let Err(e) = self.finish_checkpoint()
             {
                 warn!(error = %e, "view checkpoint failed; will retry");
@@ -1379,11 +1352,10 @@ impl Maintainer {
         self.finish_checkpoint()
     }
 
-    /// Starts a checkpoint: lays out every view's state and positions on this thread,
-    /// freezing the state maps (the only pause the views see, a few pointer swaps per
-    /// map), then encodes and writes it to the store on another thread, after which the
-    /// WAL may drop what it covers. One checkpoint is written at a time, so an older one
-    /// can never land over a newer one.
+    /// Starts a checkpoint: encodes every view's state and positions on this thread
+    /// (the only pause the views see), then writes it to the store on another thread,
+    /// after which the WAL may drop what it covers. One checkpoint is written at a time,
+    /// so an older one can never land over a newer one.
     ///
     /// Most checkpoints are deltas: per view, only the state that changed since the
     /// last checkpoint, stored beside the last full one. A full checkpoint starts a new
@@ -1410,14 +1382,29 @@ impl Maintainer {
         } else {
             self.last_checkpoint_bytes
         };
-        let parts = encode_checkpoint(&mut self.views, base, seq);
+        let bytes = encode_checkpoint(&self.views, hint + hint / 8, base, seq);
+        let encoded = started.elapsed();
+        let mut spent = Vec::new();
         for run in &mut self.views {
+            if let Some(node) = run.node.as_mut() {
+                node.forget_changes(&mut spent);
+            }
+            run.shared.state.write().output.forget_changes(&mut spent);
             run.in_chain = true;
+            update_gauges(&engine, run);
         }
         let paused = started.elapsed();
+        self.last_checkpoint_bytes = bytes.len();
         let file = if full {
+            self.chain = Chain {
+                base,
+                base_bytes: bytes.len(),
+                ..Chain::default()
+            };
             CHECKPOINT_FILE.to_owned()
         } else {
+            self.chain.deltas = seq;
+            self.chain.delta_bytes += bytes.len();
             delta_file(base, seq)
         };
         let floor = self.floor();
@@ -1425,19 +1412,13 @@ impl Maintainer {
         let weak = engine.downgrade();
         drop(engine);
         self.dirty = false;
-        let encoded_flag = Arc::new(AtomicBool::new(false));
-        let done = Arc::clone(&encoded_flag);
-        let spawned = std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("quiver-views-checkpoint".into())
             .spawn(move || {
                 let Some(engine) = weak.upgrade() else {
-                    return Err("the engine has stopped".to_owned());
+                    return Ok(());
                 };
-                lowest_priority();
-                let encoding = Instant::now();
-                let bytes = parts.finish(hint + hint / 8);
-                done.store(true, Ordering::Release);
-                let encoded = encoding.elapsed();
+                drop(spent);
                 let len = bytes.len();
                 let written = Instant::now();
                 let rt = engine.query_runtime();
@@ -1462,91 +1443,37 @@ impl Maintainer {
                     views,
                     bytes = len,
                     kind = if full { "full" } else { "delta" },
-                    pause_ms = paused.as_secs_f64() * 1e3,
+                    pause_ms = paused.as_millis() as u64,
                     encode_ms = encoded.as_millis() as u64,
                     write_ms = written.elapsed().as_millis() as u64,
                     "views checkpointed"
                 );
-                Ok(len)
-            });
-        match spawned {
-            Ok(handle) => {
-                self.writing = Some(Writing {
-                    handle,
-                    encoded: encoded_flag,
-                    thawed: false,
-                    full,
-                    base,
-                    seq,
-                });
                 Ok(())
-            }
-            Err(e) => {
-                // The changes the checkpoint took are gone with it: only a full
-                // checkpoint has them all.
+            })
+            .map_err(|e| {
                 self.dirty = true;
                 self.chain.broken = true;
-                self.thaw();
-                Err(format!("cannot start the view checkpoint writer: {e}"))
-            }
-        }
+                format!("cannot start the view checkpoint writer: {e}")
+            })?;
+        self.writing = Some(handle);
+        Ok(())
     }
 
-    /// Waits for the checkpoint being written, if any, and gives the views their state
-    /// back. A failed write leaves the views dirty, so the next interval tries again.
+    /// Waits for the checkpoint being written, if any. A failed write leaves the
+    /// views dirty, so the next interval tries again.
     fn finish_checkpoint(&mut self) -> Result<(), String> {
-        let Some(writing) = self.writing.take() else {
+        let Some(handle) = self.writing.take() else {
             return Ok(());
         };
-        let result = writing
-            .handle
+        let result = handle
             .join()
             .unwrap_or_else(|_| Err("the view checkpoint writer panicked".into()));
-        if !writing.thawed {
-            self.thaw();
+        if result.is_err() {
+            // The changes it held are forgotten: only a full checkpoint has them all.
+            self.dirty = true;
+            self.chain.broken = true;
         }
-        match result {
-            Ok(len) => {
-                self.last_checkpoint_bytes = len;
-                if writing.full {
-                    self.chain = Chain {
-                        base: writing.base,
-                        base_bytes: len,
-                        ..Chain::default()
-                    };
-                } else {
-                    self.chain.deltas = writing.seq;
-                    self.chain.delta_bytes += len;
-                }
-                Ok(())
-            }
-            Err(e) => {
-                // The changes it held are forgotten: only a full checkpoint has them all.
-                self.dirty = true;
-                self.chain.broken = true;
-                Err(e)
-            }
-        }
-    }
-
-    /// Folds what changed while a checkpoint was encoded back into every view's
-    /// state (see `tracked`), and updates the state gauges.
-    fn thaw(&mut self) {
-        let started = Instant::now();
-        let engine = self.engine();
-        for run in &mut self.views {
-            if let Some(node) = run.node.as_mut() {
-                node.thaw();
-            }
-            run.shared.state.write().output.thaw();
-            if let Some(engine) = &engine {
-                update_gauges(engine, run);
-            }
-        }
-        debug!(
-            ms = started.elapsed().as_secs_f64() * 1e3,
-            "view state taken back from the checkpoint"
-        );
+        result
     }
 
     /// Per stream, the lowest WAL position any view has applied.
@@ -1638,37 +1565,22 @@ fn update_gauges(engine: &Engine, run: &Running) {
     m.view_state_bytes.get_or_create(&label).set(bytes as i64);
 }
 
-/// Puts the calling thread (the checkpoint encoder) at the lowest CPU priority, so it
-/// runs on what the views, ingest and push leave idle instead of slowing them.
-#[allow(unsafe_code)]
-fn lowest_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: plain syscalls on the calling thread's own id.
-        let failed = unsafe {
-            let tid = libc::gettid();
-            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19) != 0
-        };
-        if failed {
-            warn!("cannot lower the view checkpoint thread's priority");
-        }
-    }
-}
-
-/// A checkpoint file's layout: its chain and place in it (`seq` 0 is the full
+/// A checkpoint file's bytes: its chain and place in it (`seq` 0 is the full
 /// checkpoint), then every view's name, SQL, version, positions and state, the state
-/// as a delta where the view is already in the chain and `seq` is not 0. The state
-/// maps are frozen and written later, by [`Writer::finish`] on the checkpoint thread.
-fn encode_checkpoint(views: &mut [Running], base: u64, seq: u64) -> Writer {
-    let mut w = Writer::default();
+/// as a delta where the view is already in the chain and `seq` is not 0.
+fn encode_checkpoint(views: &[Running], capacity: usize, base: u64, seq: u64) -> Vec<u8> {
+    let mut w = Writer {
+        buf: Vec::with_capacity(capacity),
+    };
     w.buf.extend_from_slice(MAGIC);
     w.u64(base);
     w.u64(seq);
     w.u64(views.len() as u64);
+    let mut body = Writer::default();
     for run in views {
         w.str(&run.shared.name);
         w.str(&run.shared.sql);
-        let mut state = run.shared.state.write();
+        let state = run.shared.state.read();
         w.u64(state.version);
         w.u64(run.positions.len() as u64);
         for (s, p) in &run.positions {
@@ -1678,14 +1590,19 @@ fn encode_checkpoint(views: &mut [Running], base: u64, seq: u64) -> Writer {
         w.u64(u64::from(run.node.is_some()));
         let delta = seq > 0 && run.in_chain;
         w.u64(u64::from(delta));
-        w.prefixed(|body| {
-            if let Some(node) = &mut run.node {
-                node.save(body, delta);
-            }
-            state.output.save(body, delta);
-        });
+        // The body is length-prefixed: reserve the prefix, write in place, fill it in.
+        let at = w.buf.len();
+        w.u64(0);
+        body.buf = std::mem::take(&mut w.buf);
+        if let Some(node) = &run.node {
+            node.save(&mut body, delta);
+        }
+        state.output.save(&mut body, delta);
+        w.buf = std::mem::take(&mut body.buf);
+        let len = (w.buf.len() - at - 8) as u64;
+        w.buf[at..at + 8].copy_from_slice(&len.to_le_bytes());
     }
-    w
+    w.buf
 }
 
 /// The checkpoint files in the store: a full checkpoint and the deltas written on it.

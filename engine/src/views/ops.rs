@@ -9,7 +9,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Tracked};
+use super::tracked::{Footprint, Spent, Tracked};
 
 /// A sort position and a row, as `DISTINCT ON` keeps per key.
 impl Footprint for (Bytes, Bytes) {
@@ -130,7 +130,7 @@ impl DistinctOn {
         Ok(ZBatch { batch, weights })
     }
 
-    pub(crate) fn save(&mut self, w: &mut Writer, delta: bool) {
+    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
         self.latest.save(w, delta, |w, (o, r)| {
             w.bytes(o);
             w.bytes(r);
@@ -141,8 +141,8 @@ impl DistinctOn {
         self.latest.load(r, delta, |r| Ok((r.boxed()?, r.boxed()?)))
     }
 
-    pub(crate) fn thaw(&mut self) {
-        self.latest.thaw();
+    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
+        self.latest.forget_changes(spent);
     }
 
     pub(crate) fn state_bytes(&self) -> usize {
@@ -166,7 +166,7 @@ struct Side {
 }
 
 impl Side {
-    fn save(&mut self, w: &mut Writer, delta: bool) {
+    fn save(&self, w: &mut Writer, delta: bool) {
         self.rows.save(w, delta, |w, rows| {
             w.u64(rows.len() as u64);
             for (r, c) in rows {
@@ -345,7 +345,7 @@ impl Join {
         })
     }
 
-    pub(crate) fn save(&mut self, w: &mut Writer, delta: bool) {
+    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
         self.left.save(w, delta);
         self.right.save(w, delta);
     }
@@ -355,9 +355,9 @@ impl Join {
         self.right.load(r, delta)
     }
 
-    pub(crate) fn thaw(&mut self) {
-        self.left.rows.thaw();
-        self.right.rows.thaw();
+    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
+        self.left.rows.forget_changes(spent);
+        self.right.rows.forget_changes(spent);
     }
 
     pub(crate) fn state_bytes(&self) -> usize {

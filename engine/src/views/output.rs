@@ -8,10 +8,10 @@ use datafusion::common::Result;
 use tracing::warn;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Tracked};
+use super::tracked::{Footprint, Spent, Tracked};
 use super::zset::{Codec, Map, ZBatch, decode_batch, row_codec};
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Slot {
     row: Box<[u8]>,
     count: i64,
@@ -230,9 +230,9 @@ impl Output {
         )
     }
 
-    /// Lays out the rows: all of them, or with `delta` those changed since the last
-    /// save. They are frozen until [`Output::thaw`] (see `tracked`).
-    pub(crate) fn save(&mut self, w: &mut Writer, delta: bool) {
+    /// Writes the rows: all of them, or with `delta` those changed since the last
+    /// [`Output::forget_changes`].
+    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
         self.rows.save(w, delta, |w, s| {
             w.bytes(&s.row);
             w.i64(s.count);
@@ -250,7 +250,7 @@ impl Output {
         Ok(())
     }
 
-    pub(crate) fn thaw(&mut self) {
-        self.rows.thaw();
+    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
+        self.rows.forget_changes(spent);
     }
 }

@@ -26,6 +26,7 @@ use datafusion::physical_expr::expressions::Column as PhysColumn;
 use super::agg::{AggKind, AggSpec, Aggregate, Num};
 use super::codec::{Reader, Writer};
 use super::ops::{DistinctOn, Join, JoinKind};
+use super::tracked::Spent;
 use super::zset::{Codec, ZBatch, evaluate};
 
 /// What a view reads.
@@ -609,11 +610,10 @@ impl Node {
         })
     }
 
-    /// Lays out the state of every stateful operator, depth first: all of it, or with
-    /// `delta` what changed since the last save. The state is frozen until
-    /// [`Node::thaw`] (see `tracked`).
-    pub(crate) fn save(&mut self, w: &mut Writer, delta: bool) {
-        match &mut self.op {
+    /// Writes the state of every stateful operator, depth first: all of it, or with
+    /// `delta` what changed since the last [`Node::forget_changes`].
+    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
+        match &self.op {
             Op::Source { .. } => {}
             Op::Filter { input, .. } | Op::Project { input, .. } => input.save(w, delta),
             Op::Aggregate { input, agg } => {
@@ -653,23 +653,23 @@ impl Node {
         }
     }
 
-    /// The last save is written: every operator takes its state back.
-    pub(crate) fn thaw(&mut self) {
+    /// A checkpoint has taken the changes: every operator starts counting again.
+    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
         match &mut self.op {
             Op::Source { .. } => {}
-            Op::Filter { input, .. } | Op::Project { input, .. } => input.thaw(),
+            Op::Filter { input, .. } | Op::Project { input, .. } => input.forget_changes(spent),
             Op::Aggregate { input, agg } => {
-                input.thaw();
-                agg.thaw();
+                input.forget_changes(spent);
+                agg.forget_changes(spent);
             }
             Op::DistinctOn { input, op } => {
-                input.thaw();
-                op.thaw();
+                input.forget_changes(spent);
+                op.forget_changes(spent);
             }
             Op::Join { left, right, op } => {
-                left.thaw();
-                right.thaw();
-                op.thaw();
+                left.forget_changes(spent);
+                right.forget_changes(spent);
+                op.forget_changes(spent);
             }
         }
     }

@@ -350,13 +350,12 @@ fn config(store: &str, wal: &std::path::Path) -> EngineConfig {
 
 async fn run_case(plan: Vec<(Vec<Ev>, bool)>) -> Result<(), TestCaseError> {
     let wal = tempfile::tempdir().unwrap();
-    let mut config = config("memory://", wal.path());
-    // A checkpoint after every batch, written while the next batches apply: the state
-    // maps are often frozen under their overlays (see `tracked`) when changes come.
-    config.views.checkpoint_interval = Duration::ZERO;
-    let engine = Engine::open(config, Arc::new(EngineMetrics::unregistered()))
-        .await
-        .unwrap();
+    let engine = Engine::open(
+        config("memory://", wal.path()),
+        Arc::new(EngineMetrics::unregistered()),
+    )
+    .await
+    .unwrap();
     let mut next_id = 0;
     for (step, (events, flush)) in plan.into_iter().enumerate() {
         let (orders, inventory) = batches(&events, &mut next_id);
