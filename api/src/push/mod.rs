@@ -192,6 +192,8 @@ pub(crate) struct Group {
     key_idx: Vec<usize>,
     /// The last snapshot encoded for this group, with the epoch it was taken in.
     snapshot: tokio::sync::Mutex<Option<(u64, Arc<Charged>)>>,
+    /// The size of the last snapshot encoded, to guess the next one's.
+    snapshot_bytes: AtomicUsize,
     /// Bumped when the view's versions start again (dropped and created anew), so a
     /// snapshot of the old view is never served with the new view's deltas.
     epoch: AtomicU64,
@@ -264,7 +266,8 @@ impl Group {
         }
         // The old one is of no more use here; it goes before the new one is made.
         *cached = None;
-        push.room_for_a_snapshot().await;
+        push.room_for_a_snapshot(self.snapshot_bytes.load(Ordering::Relaxed))
+            .await;
         let snap = match engine.view_snapshot(&self.view) {
             None => {
                 return Err((
@@ -277,6 +280,7 @@ impl Group {
         };
         let rows = SnapshotRows::encode(snap.version, &snap.key, &snap.rows, &self.filter)
             .map_err(|e| ("internal", format!("encoding the view failed: {e}")))?;
+        self.snapshot_bytes.store(rows.bytes(), Ordering::Relaxed);
         let rows = Arc::new(push.snapshots.charge(rows, &push.metrics));
         *cached = Some((epoch, Arc::clone(&rows)));
         Ok((rows, Vec::new()))
@@ -396,14 +400,20 @@ impl Push {
         self.runtime.spawn(Arc::clone(self).run(engine));
     }
 
-    /// Returns once the snapshots held are under `snapshot_bytes`. Cached snapshots
-    /// no subscriber is writing are let go first; then it waits for writes to end (a
-    /// client too slow to take its frames is dropped after `write_timeout`). One
-    /// snapshot may be encoded per push thread past the budget.
-    async fn room_for_a_snapshot(&self) {
+    /// Returns once a snapshot of about `expect` bytes fits beside those held within
+    /// `snapshot_bytes`, or none is held (so a snapshot larger than the budget still
+    /// goes, alone); a small view's snapshot does not wait for a large one's writes.
+    /// Cached snapshots no subscriber is writing are let go first; then it waits for
+    /// writes to end (a client too slow to take its frames is dropped after
+    /// `write_timeout`). One snapshot may be encoded per push thread past the budget.
+    async fn room_for_a_snapshot(&self, expect: usize) {
         let limit = self.config.snapshot_bytes;
         let budget = &self.snapshots;
-        if budget.used.load(Ordering::Acquire) < limit {
+        let fits = || {
+            let used = budget.used.load(Ordering::Acquire);
+            used == 0 || used.saturating_add(expect) <= limit
+        };
+        if fits() {
             return;
         }
         self.evict_snapshots();
@@ -412,7 +422,7 @@ impl Push {
             let freed = budget.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if budget.used.load(Ordering::Acquire) < limit {
+            if fits() {
                 return;
             }
             if !counted {
@@ -692,6 +702,7 @@ impl Push {
                     key: info.key.clone(),
                     key_idx,
                     snapshot: tokio::sync::Mutex::new(None),
+                    snapshot_bytes: AtomicUsize::new(0),
                     epoch: AtomicU64::new(0),
                     last_version: AtomicU64::new(info.version),
                     recent: Mutex::new(VecDeque::new()),
