@@ -875,16 +875,10 @@ async fn send_snapshot(
 /// their bodies with other subscribers instead of copying them.
 const ONE_FRAME_BYTES: usize = 16 << 10;
 
-/// The largest fragment. The socket writer copies a frame into its buffer, and past
-/// this many bytes there ([`WRITE_BUFFER_BYTES`]) writes them out before it takes the
-/// next, so a connection's buffer stays under about two fragments (it keeps the
-/// largest size it reached, for as long as the connection lives: at 10,000 slow
-/// connections, fragments of 256 KiB held 2.5 GiB). A snapshot of a large view goes
-/// out piece by piece, not as one copy per slow client.
-const FRAGMENT_BYTES: usize = 16 << 10;
-
-/// Bytes a connection's writer buffers before it writes them out.
-pub(crate) const WRITE_BUFFER_BYTES: usize = FRAGMENT_BYTES;
+/// The largest fragment. The socket writer copies a frame into its buffer and takes
+/// the next only once that has drained, so this bounds what a connection holds: a
+/// snapshot of a large view goes out piece by piece, not as one copy per slow client.
+const FRAGMENT_BYTES: usize = 256 << 10;
 
 /// `part` cut into pieces of at most [`FRAGMENT_BYTES`] (sharing its memory), each cut
 /// before a UTF-8 character, so every fragment of a text message is valid text.

@@ -789,9 +789,7 @@ pub(crate) async fn ws(
         })?),
         None => None,
     };
-    let mut options = yawc::Options::default()
-        .with_max_payload_read(push.config.max_message_bytes)
-        .with_backpressure_boundary(conn::WRITE_BUFFER_BYTES);
+    let mut options = yawc::Options::default().with_max_payload_read(push.config.max_message_bytes);
     if push.config.compression {
         options = options
             .with_low_latency_compression()
