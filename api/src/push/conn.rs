@@ -293,7 +293,9 @@ impl Conn {
                 out.push(match need {
                     Need::Snapshot => Work::Snapshot(id, s.id_json.clone(), group),
                     Need::Resume(v) => Work::Resume(id, s.id_json.clone(), group, v),
-                    Need::CatchUp(v) => Work::CatchUp(id, s.id_json.clone(), group, v),
+                    // The bound may have passed while a snapshot was being written,
+                    // with `sent` still before it: replay only after what that sent.
+                    Need::CatchUp(v) => Work::CatchUp(id, s.id_json.clone(), group, v.max(s.sent)),
                 });
                 continue;
             }

@@ -28,11 +28,19 @@ pub(crate) struct TestServer {
     env: Vec<(String, String)>,
 }
 
+/// A port no listener holds, below the kernel's ephemeral range (32768 up by default):
+/// a server restarted on its old ports must not find one taken by some client
+/// connection's local end, as a port from the ephemeral range can be (seen once in CI).
 pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use rand::Rng;
+    let mut rng = rand::rng();
+    for _ in 0..1000 {
+        let port = rng.random_range(20_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range")
 }
 
 impl TestServer {
