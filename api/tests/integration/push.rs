@@ -723,17 +723,21 @@ async fn a_new_snapshot_waits_while_the_snapshot_budget_is_spent() {
     )
     .await;
     let mut rng = StdRng::seed_from_u64(0xB0D6E7);
-    // About 110,000 order lines: a snapshot of about 8 MB, more than the socket
+    // About 140,000 order lines: a snapshot of about 10 MB, more than the socket
     // buffers between the server and a client that reads nothing can take.
-    for round in 0..12 {
-        ingest_skus(&server, &mut rng, round, 10_000, 120_000).await;
+    for round in 0..16 {
+        ingest_skus(&server, &mut rng, round, 10_000, 160_000).await;
     }
-    settled(
-        &server,
-        "orders_current",
-        "SELECT count(*) FROM orders_current",
-    )
-    .await;
+    // The view must hold them all before the snapshot is taken.
+    let lines = server
+        .sql_rows("SELECT count(*) FROM (SELECT DISTINCT order_id, sku FROM orders)")
+        .await[0][0]
+        .clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.sql_rows("SELECT count(*) FROM orders_current").await[0][0] != lines {
+        assert!(Instant::now() < deadline, "the view never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let metric = |text: &str, name: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(name))
