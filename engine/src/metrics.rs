@@ -119,6 +119,9 @@ pub struct EngineMetrics {
     pub view_checkpoint_pause_seconds: Histogram,
     /// Size of the last view checkpoint.
     pub view_checkpoint_bytes: Gauge,
+    /// Change sets published and not yet taken by every subscriber of the change feed
+    /// (push), as of the last one published.
+    pub view_changes_queued: Gauge,
 }
 
 impl EngineMetrics {
@@ -156,6 +159,7 @@ impl EngineMetrics {
             view_checkpoint_seconds: seconds_histogram(),
             view_checkpoint_pause_seconds: seconds_histogram(),
             view_checkpoint_bytes: Gauge::default(),
+            view_changes_queued: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("quiver");
         r.register(
@@ -308,6 +312,11 @@ impl EngineMetrics {
             "view_checkpoint_bytes",
             "Size of the last view checkpoint",
             m.view_checkpoint_bytes.clone(),
+        );
+        r.register(
+            "view_changes_queued",
+            "Change sets published and not yet taken by every reader of the change feed (push), as of the last one",
+            m.view_changes_queued.clone(),
         );
         m
     }

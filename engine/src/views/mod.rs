@@ -1547,7 +1547,9 @@ fn finish(
             history.pop_front();
         }
     }
-    let _ = engine.views().changes.send(change);
+    let changes = &engine.views().changes;
+    let _ = changes.send(change);
+    m.view_changes_queued.set(changes.len() as i64);
     applied.diff
 }
 
