@@ -281,29 +281,30 @@ impl Group {
         let rows = SnapshotRows::encode(snap.version, &snap.key, &snap.rows, &self.filter)
             .map_err(|e| ("internal", format!("encoding the view failed: {e}")))?;
         self.snapshot_bytes.store(rows.bytes(), Ordering::Relaxed);
-        let rows = Arc::new(push.snapshots.charge(rows, &push.metrics));
+        let rows = Arc::new(push.snapshots.charge(rows));
         *cached = Some((epoch, Arc::clone(&rows)));
         Ok((rows, Vec::new()))
     }
 }
 
-/// The bytes of encoded snapshots alive: cached by a group or being written.
-#[derive(Debug, Default)]
+/// The bytes of encoded snapshots alive: cached by a group or being written (shown as
+/// `quiver_ws_snapshot_bytes`).
+#[derive(Debug)]
 struct SnapshotBudget {
     used: AtomicUsize,
     freed: tokio::sync::Notify,
+    gauge: Gauge<i64, AtomicI64>,
 }
 
 impl SnapshotBudget {
-    fn charge(self: &Arc<Self>, rows: SnapshotRows, metrics: &PushMetrics) -> Charged {
+    fn charge(self: &Arc<Self>, rows: SnapshotRows) -> Charged {
         let bytes = rows.bytes();
         self.used.fetch_add(bytes, Ordering::AcqRel);
-        metrics.snapshot_bytes.inc_by(bytes as i64);
+        self.gauge.inc_by(bytes as i64);
         Charged {
             rows,
             bytes,
             budget: Arc::clone(self),
-            gauge: metrics.snapshot_bytes.clone(),
         }
     }
 }
@@ -314,7 +315,6 @@ pub(crate) struct Charged {
     rows: SnapshotRows,
     bytes: usize,
     budget: Arc<SnapshotBudget>,
-    gauge: Gauge<i64, AtomicI64>,
 }
 
 impl std::ops::Deref for Charged {
@@ -328,7 +328,7 @@ impl std::ops::Deref for Charged {
 impl Drop for Charged {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
-        self.gauge.dec_by(self.bytes as i64);
+        self.budget.gauge.dec_by(self.bytes as i64);
         self.budget.freed.notify_waiters();
     }
 }
@@ -384,12 +384,17 @@ impl Push {
         std::thread::Builder::new()
             .name("quiver-push-rt".into())
             .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+        let metrics = PushMetrics::new(registry);
         Ok(Self {
             runtime: handle,
             config,
-            metrics: PushMetrics::new(registry),
+            snapshots: Arc::new(SnapshotBudget {
+                used: AtomicUsize::new(0),
+                freed: tokio::sync::Notify::new(),
+                gauge: metrics.snapshot_bytes.clone(),
+            }),
+            metrics,
             hub: Mutex::new(Hub::default()),
-            snapshots: Arc::default(),
             next_conn: AtomicU64::new(1),
             stop: tokio::sync::watch::channel(false).0,
         })

@@ -555,6 +555,15 @@ async fn a_later_subscriber_gets_the_shared_snapshot_and_the_deltas_since() {
     check_converged(&server, &mut [&mut first, &mut later], &cases, 5).await;
 }
 
+/// The value of the first line of the metrics text that starts with `name` (0 if none).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A client whose socket reads nothing: a tiny receive buffer, so the server's writes
 /// block and its queue fills.
 async fn stalled_client(server: &TestServer) -> Ws {
@@ -667,14 +676,7 @@ async fn a_slow_reader_converges_while_a_fast_one_keeps_up() {
     assert!(*worst_ingest < 15_000, "an ingest took {worst_ingest} ms");
 
     let metrics = server.metrics_text().await;
-    let count = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let count = |name: &str| metric(&metrics, name);
     assert!(
         count("quiver_ws_coalesced_total")
             + count("quiver_ws_catch_ups_total")
@@ -738,14 +740,6 @@ async fn a_new_snapshot_waits_while_the_snapshot_budget_is_spent() {
         assert!(Instant::now() < deadline, "the view never caught up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let metric = |text: &str, name: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
-
     let mut stalled = Client::new(stalled_client(&server).await);
     stalled
         .subscribe("all", "orders_current", Value::Null, None)
