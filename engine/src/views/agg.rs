@@ -405,6 +405,32 @@ impl Aggregate {
         Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)?)
     }
 
+    /// Every group's output row, as inserts, in batches of at most `chunk` rows.
+    pub(crate) fn emit_all(
+        &self,
+        chunk: usize,
+        f: &mut dyn FnMut(ZBatch) -> Result<()>,
+    ) -> Result<()> {
+        let mut keys: Vec<&[u8]> = Vec::new();
+        let mut rows: Vec<Vec<Cell>> = Vec::new();
+        for (key, group) in self.groups.iter() {
+            if group.rows == 0 && !self.scalar {
+                continue;
+            }
+            keys.push(key);
+            rows.push(cells(&self.specs, group));
+            if keys.len() >= chunk {
+                f(ZBatch::inserts(self.build(&keys, &rows)?))?;
+                keys.clear();
+                rows.clear();
+            }
+        }
+        if !keys.is_empty() {
+            f(ZBatch::inserts(self.build(&keys, &rows)?))?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
         self.groups.save(w, delta, |w, g| {
             w.i64(g.rows);

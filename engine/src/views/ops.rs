@@ -130,6 +130,20 @@ impl DistinctOn {
         Ok(ZBatch { batch, weights })
     }
 
+    /// Every row it holds, as inserts, in batches of at most `chunk` rows.
+    pub(crate) fn emit_all(
+        &self,
+        chunk: usize,
+        f: &mut dyn FnMut(ZBatch) -> Result<()>,
+    ) -> Result<()> {
+        let rows: Vec<&[u8]> = self.latest.values().map(|(_, r)| &**r).collect();
+        for part in rows.chunks(chunk.max(1)) {
+            let batch = decode_batch(&self.row_codec, &self.schema, part.iter().copied())?;
+            f(ZBatch::inserts(batch))?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
         self.latest.save(w, delta, |w, (o, r)| {
             w.bytes(o);
@@ -320,6 +334,40 @@ impl Join {
         }
         changes.retain(|_, w| *w != 0);
         self.build(changes)
+    }
+
+    /// Every output pair with its count, in batches of about `chunk` pairs. Only an
+    /// inner join can: a left join's rows with a NULL key are not kept.
+    pub(crate) fn emit_all(
+        &self,
+        chunk: usize,
+        f: &mut dyn FnMut(ZBatch) -> Result<()>,
+    ) -> Result<()> {
+        if self.kind != JoinKind::Inner {
+            return Err(DataFusionError::Internal(
+                "only an inner join can list its output from its state".into(),
+            ));
+        }
+        let mut pairs: Map<Pair, i64> = Map::default();
+        for key in self.left.rows.keys() {
+            for (pair, c) in self.output(key) {
+                *pairs.entry(pair).or_insert(0) += c;
+            }
+            if pairs.len() >= chunk {
+                pairs.retain(|_, c| *c != 0);
+                f(self.build(std::mem::take(&mut pairs))?)?;
+            }
+        }
+        pairs.retain(|_, c| *c != 0);
+        if !pairs.is_empty() {
+            f(self.build(pairs)?)?;
+        }
+        Ok(())
+    }
+
+    /// Whether [`Join::emit_all`] can list the output.
+    pub(crate) fn can_emit_all(&self) -> bool {
+        self.kind == JoinKind::Inner
     }
 
     fn build(&self, changes: Map<Pair, i64>) -> Result<ZBatch> {

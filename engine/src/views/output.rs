@@ -17,9 +17,12 @@ struct Slot {
     count: i64,
 }
 
+/// What a slot holds besides its row's bytes.
+const SLOT_BYTES: usize = 64;
+
 impl Footprint for Slot {
     fn footprint(&self) -> usize {
-        self.row.len() + 64
+        self.row.len() + SLOT_BYTES
     }
 }
 
@@ -53,10 +56,20 @@ pub(crate) struct Output {
     rows: Tracked<Slot>,
     /// The rows counted with their multiplicity, kept up to date by `apply`.
     total: usize,
+    /// The approximate bytes the rows hold, kept up to date by `apply`.
+    bytes: usize,
+    /// Checkpoints hold the rows. When the view's operators can list its rows from
+    /// their own state ([`super::plan::Node::can_emit_all`]) they do not: the rows are
+    /// rebuilt on restore, and no change to them is remembered.
+    saved: bool,
+}
+
+fn slot_bytes(key: &[u8], slot: &Slot) -> usize {
+    key.len() + slot.footprint()
 }
 
 impl Output {
-    pub(crate) fn new(schema: SchemaRef, key: Option<Vec<usize>>) -> Result<Self> {
+    pub(crate) fn new(schema: SchemaRef, key: Option<Vec<usize>>, saved: bool) -> Result<Self> {
         let keyed = key.is_some();
         let key_cols = key.unwrap_or_else(|| (0..schema.fields().len()).collect());
         let key_schema = Arc::new(schema.project(&key_cols)?);
@@ -67,8 +80,14 @@ impl Output {
             key_schema,
             key_cols,
             keyed,
-            rows: Tracked::default(),
+            rows: if saved {
+                Tracked::default()
+            } else {
+                Tracked::untracked()
+            },
             total: 0,
+            bytes: 0,
+            saved,
         })
     }
 
@@ -85,7 +104,12 @@ impl Output {
     }
 
     pub(crate) fn state_bytes(&self) -> usize {
-        self.rows.footprint()
+        self.bytes
+    }
+
+    /// Whether checkpoints hold the rows (see [`Output::save`]).
+    pub(crate) fn is_saved(&self) -> bool {
+        self.saved
     }
 
     fn key_of<'a>(&self, key: &'a [u8], row: &'a [u8]) -> &'a [u8] {
@@ -168,6 +192,8 @@ impl Output {
         for (key, old) in &before {
             let new = self.rows.get(key);
             self.total += new.map_or(0, |s| s.count.max(0) as usize);
+            self.bytes -= old.as_ref().map_or(0, |r| key.len() + r.len() + SLOT_BYTES);
+            self.bytes += new.map_or(0, |s| slot_bytes(key, s));
             match new {
                 Some(slot) if old.as_deref() != Some(&*slot.row) || !self.keyed => {
                     upserts.push(&slot.row)
@@ -177,6 +203,14 @@ impl Output {
                 None => {}
             }
         }
+        debug_assert_eq!(
+            self.bytes,
+            self.rows
+                .iter()
+                .map(|(k, s)| slot_bytes(k, s))
+                .sum::<usize>(),
+            "the kept byte count drifted"
+        );
         debug_assert_eq!(
             self.total,
             self.rows
@@ -231,8 +265,11 @@ impl Output {
     }
 
     /// Writes the rows: all of them, or with `delta` those changed since the last
-    /// [`Output::forget_changes`].
+    /// [`Output::forget_changes`]. Nothing when the rows are not saved.
     pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
+        if !self.saved {
+            return;
+        }
         self.rows.save(w, delta, |w, s| {
             w.bytes(&s.row);
             w.i64(s.count);
@@ -240,6 +277,9 @@ impl Output {
     }
 
     pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
+        if !self.saved {
+            return Ok(());
+        }
         self.rows.load(r, delta, |r| {
             Ok(Slot {
                 row: r.boxed()?,
@@ -247,6 +287,7 @@ impl Output {
             })
         })?;
         self.total = self.rows.values().map(|s| s.count.max(0) as usize).sum();
+        self.bytes = self.rows.iter().map(|(k, s)| slot_bytes(k, s)).sum();
         Ok(())
     }
 

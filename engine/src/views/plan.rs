@@ -514,6 +514,36 @@ fn aggregate_node(
     })
 }
 
+/// The rows of `d` for which `predicate` holds.
+fn filter(predicate: &Arc<dyn PhysicalExpr>, d: ZBatch) -> Result<ZBatch> {
+    if d.is_empty() {
+        return Ok(d);
+    }
+    let mask = predicate.evaluate(&d.batch)?.into_array(d.len())?;
+    let mask = mask
+        .as_boolean_opt()
+        .ok_or_else(|| DataFusionError::Internal("a filter did not give booleans".into()))?;
+    d.filter(mask)
+}
+
+/// `exprs` evaluated over the rows of `d`, with their weights.
+fn project(schema: &SchemaRef, exprs: &[Arc<dyn PhysicalExpr>], d: ZBatch) -> Result<ZBatch> {
+    let columns = evaluate(exprs, &d.batch)?;
+    let batch = if columns.is_empty() {
+        RecordBatch::try_new_with_options(
+            Arc::clone(schema),
+            columns,
+            &arrow::array::RecordBatchOptions::new().with_row_count(Some(d.len())),
+        )?
+    } else {
+        RecordBatch::try_new(Arc::clone(schema), columns)?
+    };
+    Ok(ZBatch {
+        batch,
+        weights: d.weights,
+    })
+}
+
 impl Node {
     /// Streams and views this node reads, in the order they appear.
     pub(crate) fn sources(&self, out: &mut Vec<String>) {
@@ -556,32 +586,11 @@ impl Node {
                 })
             }
             Op::Filter { input, predicate } => match input.apply(source, delta)? {
-                Some(d) if !d.is_empty() => {
-                    let mask = predicate.evaluate(&d.batch)?.into_array(d.len())?;
-                    let mask = mask.as_boolean_opt().ok_or_else(|| {
-                        DataFusionError::Internal("a filter did not give booleans".into())
-                    })?;
-                    Some(d.filter(mask)?)
-                }
-                other => other,
+                Some(d) => Some(filter(predicate, d)?),
+                None => None,
             },
             Op::Project { input, exprs } => match input.apply(source, delta)? {
-                Some(d) => {
-                    let columns = evaluate(exprs, &d.batch)?;
-                    let batch = if columns.is_empty() {
-                        RecordBatch::try_new_with_options(
-                            Arc::clone(&self.schema),
-                            columns,
-                            &arrow::array::RecordBatchOptions::new().with_row_count(Some(d.len())),
-                        )?
-                    } else {
-                        RecordBatch::try_new(Arc::clone(&self.schema), columns)?
-                    };
-                    Some(ZBatch {
-                        batch,
-                        weights: d.weights,
-                    })
-                }
+                Some(d) => Some(project(&self.schema, exprs, d)?),
                 None => None,
             },
             Op::Aggregate { input, agg } => match input.apply(source, delta)? {
@@ -608,6 +617,41 @@ impl Node {
                 }
             }
         })
+    }
+
+    /// Whether [`Node::emit_all`] can list this node's whole output from operator
+    /// state. Then a checkpoint need not hold the view's rows: they are rebuilt from
+    /// the state on restore.
+    pub(crate) fn can_emit_all(&self) -> bool {
+        match &self.op {
+            Op::Source { .. } => false,
+            Op::Filter { input, .. } | Op::Project { input, .. } => input.can_emit_all(),
+            Op::Aggregate { .. } | Op::DistinctOn { .. } => true,
+            Op::Join { op, .. } => op.can_emit_all(),
+        }
+    }
+
+    /// Lists this node's whole output as weighted rows, in batches of about `chunk`
+    /// rows, from the state of the nearest stateful operators.
+    pub(crate) fn emit_all(
+        &self,
+        chunk: usize,
+        f: &mut dyn FnMut(ZBatch) -> Result<()>,
+    ) -> Result<()> {
+        match &self.op {
+            Op::Source { name, .. } => Err(DataFusionError::Internal(format!(
+                "the rows read from {name} are not kept"
+            ))),
+            Op::Filter { input, predicate } => {
+                input.emit_all(chunk, &mut |d| f(filter(predicate, d)?))
+            }
+            Op::Project { input, exprs } => {
+                input.emit_all(chunk, &mut |d| f(project(&self.schema, exprs, d)?))
+            }
+            Op::Aggregate { agg, .. } => agg.emit_all(chunk, f),
+            Op::DistinctOn { op, .. } => op.emit_all(chunk, f),
+            Op::Join { op, .. } => op.emit_all(chunk, f),
+        }
     }
 
     /// Writes the state of every stateful operator, depth first: all of it, or with

@@ -27,6 +27,9 @@ pub(crate) struct Tracked<V> {
     /// The footprint of the entries the last save wrote, and whether it wrote all.
     saved: AtomicUsize,
     saved_full: AtomicBool,
+    /// False: nothing is checkpointed from this map, so changes are not remembered
+    /// (and the footprint is not kept either).
+    track: bool,
 }
 
 /// Changed-key sets a checkpoint has taken, to be freed off the maintainer thread.
@@ -40,6 +43,17 @@ impl<V> Default for Tracked<V> {
             settled: 0,
             saved: AtomicUsize::new(0),
             saved_full: AtomicBool::new(false),
+            track: true,
+        }
+    }
+}
+
+impl<V> Tracked<V> {
+    /// A map whose changes are not remembered: for state no checkpoint holds.
+    pub(crate) fn untracked() -> Self {
+        Self {
+            track: false,
+            ..Self::default()
         }
     }
 }
@@ -51,8 +65,8 @@ fn entry_bytes<V: Footprint>(key: &[u8], value: &V) -> usize {
 impl<V: Footprint> Tracked<V> {
     /// Counts `key` as changed. True the first time since the last checkpoint: the
     /// caller then takes the entry's old footprint out of the settled one.
-    fn mark(changed: &mut Map<Box<[u8]>, ()>, key: &[u8]) -> bool {
-        if changed.contains_key(key) {
+    fn mark(track: bool, changed: &mut Map<Box<[u8]>, ()>, key: &[u8]) -> bool {
+        if !track || changed.contains_key(key) {
             return false;
         }
         changed.insert(key.into(), ());
@@ -78,14 +92,14 @@ impl<V: Footprint> Tracked<V> {
     /// The entry for changing; it counts as changed.
     pub(crate) fn get_mut(&mut self, key: &[u8]) -> Option<&mut V> {
         let value = self.map.get_mut(key)?;
-        if Self::mark(&mut self.changed, key) {
+        if Self::mark(self.track, &mut self.changed, key) {
             self.settled -= entry_bytes(key, value);
         }
         Some(value)
     }
 
     pub(crate) fn insert(&mut self, key: Box<[u8]>, value: V) {
-        let first = Self::mark(&mut self.changed, &key);
+        let first = Self::mark(self.track, &mut self.changed, &key);
         let len = key.len();
         if let Some(old) = self.map.insert(key, value)
             && first
@@ -96,15 +110,18 @@ impl<V: Footprint> Tracked<V> {
 
     pub(crate) fn remove(&mut self, key: &[u8]) -> Option<V> {
         let value = self.map.remove(key)?;
-        if Self::mark(&mut self.changed, key) {
+        if Self::mark(self.track, &mut self.changed, key) {
             self.settled -= entry_bytes(key, &value);
         }
         Some(value)
     }
 
-    #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&Box<[u8]>, &V)> {
         self.map.iter()
+    }
+
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &Box<[u8]>> {
+        self.map.keys()
     }
 
     pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
