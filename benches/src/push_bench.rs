@@ -87,6 +87,20 @@ impl Histogram {
     }
 }
 
+/// Where a subscriber records latency: the windowed histogram of all subscribers, and
+/// the whole-run one of its view.
+struct Latency {
+    all: Arc<Histogram>,
+    view: Arc<Histogram>,
+}
+
+impl Latency {
+    fn record(&self, ms: f64) {
+        self.all.record(ms);
+        self.view.record(ms);
+    }
+}
+
 fn percentile(counts: &[u64], p: f64) -> f64 {
     let total: u64 = counts.iter().sum();
     if total == 0 {
@@ -125,7 +139,7 @@ async fn subscriber(
     token: String,
     view: String,
     filter: Option<serde_json::Value>,
-    hist: Arc<Histogram>,
+    latency: Latency,
     counts: Arc<Counts>,
     ready: tokio::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<()> {
@@ -162,7 +176,7 @@ async fn subscriber(
                 let rest = &head[at + 11..];
                 let end = rest.find([',', '}']).unwrap_or(rest.len());
                 if let Ok(t) = rest[..end].parse::<f64>() {
-                    hist.record(now_ms() - t);
+                    latency.record(now_ms() - t);
                 }
             }
         } else if head.starts_with(r#"{"type":"snapshot""#) {
@@ -292,6 +306,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let ws_url = format!("{}/v1/ws", base.replacen("http", "ws", 1));
     let hist = Arc::new(Histogram::new());
+    // Per view, over the whole run: whether one view's subscribers hold up another's.
+    let view_hists: Vec<Arc<Histogram>> =
+        views.iter().map(|_| Arc::new(Histogram::new())).collect();
     let counts = Arc::new(Counts::default());
 
     // Connect everyone, a few hundred at a time, and wait for every snapshot.
@@ -308,9 +325,16 @@ async fn main() -> anyhow::Result<()> {
         let permit = Arc::clone(&gate).acquire_owned().await?;
         let (url, token) = (ws_url.clone(), args.target.token.clone());
         let (hist, counts, ready) = (Arc::clone(&hist), Arc::clone(&counts), ready_tx.clone());
+        let view_hist = Arc::clone(&view_hists[i % views.len()]);
         tokio::spawn(async move {
             let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(1);
-            let run = tokio::spawn(subscriber(url, token, view, filter, hist, counts, done_tx));
+            let latency = Latency {
+                all: hist,
+                view: view_hist,
+            };
+            let run = tokio::spawn(subscriber(
+                url, token, view, filter, latency, counts, done_tx,
+            ));
             // Hold the permit until this one has its snapshot.
             let _ = done_rx.recv().await;
             drop(permit);
@@ -346,6 +370,9 @@ async fn main() -> anyhow::Result<()> {
         Arc::clone(&failed),
     ));
     hist.take();
+    for h in &view_hists {
+        h.take();
+    }
     let mut all = vec![0u64; Histogram::BUCKETS + 1];
     let mut all_max: f64 = 0.0;
     let mut rss = Vec::new();
@@ -406,6 +433,17 @@ async fn main() -> anyhow::Result<()> {
         percentile(&all, 0.99),
         all_max
     );
+    println!("per view: subscribers  deltas  p50_ms  p99_ms  max_ms");
+    for (i, ((name, _), h)) in views.iter().zip(&view_hists).enumerate() {
+        let (c, max) = h.take();
+        let subs = (i..args.subscribers).step_by(views.len()).count();
+        println!(
+            "  {name:<22} {subs:>6}  {:>9}  {:>7.1}  {:>7.1}  {max:>8.1}",
+            c.iter().sum::<u64>(),
+            percentile(&c, 0.50),
+            percentile(&c, 0.99),
+        );
+    }
     if let (Some(first), Some(last)) = (rss.first(), rss.last()) {
         let peak = rss.iter().copied().fold(0.0, f64::max);
         println!("server RSS: first window {first:.0} MiB, last {last:.0} MiB, peak {peak:.0} MiB");

@@ -1393,7 +1393,7 @@ impl Maintainer {
         } else {
             self.last_checkpoint_bytes
         };
-        let bytes = encode_checkpoint(&self.views, hint + hint / 8, base, seq);
+        let (bytes, sizes) = encode_checkpoint(&self.views, hint + hint / 8, base, seq);
         let encoded = started.elapsed();
         let mut spent = Vec::new();
         for run in &mut self.views {
@@ -1457,6 +1457,7 @@ impl Maintainer {
                     pause_ms = paused.as_millis() as u64,
                     encode_ms = encoded.as_millis() as u64,
                     write_ms = written.elapsed().as_millis() as u64,
+                    largest = %sizes,
                     "views checkpointed"
                 );
                 Ok(())
@@ -1589,8 +1590,10 @@ fn new_output(schema: &SchemaRef, node: Option<&plan::Node>) -> Result<Output, Q
 
 /// A checkpoint file's bytes: its chain and place in it (`seq` 0 is the full
 /// checkpoint), then every view's name, SQL, version, positions and state, the state
-/// as a delta where the view is already in the chain and `seq` is not 0.
-fn encode_checkpoint(views: &[Running], capacity: usize, base: u64, seq: u64) -> Vec<u8> {
+/// as a delta where the view is already in the chain and `seq` is not 0. Also returns
+/// the three views whose state took the most bytes, for the log.
+fn encode_checkpoint(views: &[Running], capacity: usize, base: u64, seq: u64) -> (Vec<u8>, String) {
+    let mut sizes: Vec<(usize, &str)> = Vec::with_capacity(views.len());
     let mut w = Writer {
         buf: Vec::with_capacity(capacity),
     };
@@ -1621,10 +1624,18 @@ fn encode_checkpoint(views: &[Running], capacity: usize, base: u64, seq: u64) ->
         }
         state.output.save(&mut body, delta);
         w.buf = std::mem::take(&mut body.buf);
-        let len = (w.buf.len() - at - 8) as u64;
-        w.buf[at..at + 8].copy_from_slice(&len.to_le_bytes());
+        let len = w.buf.len() - at - 8;
+        w.buf[at..at + 8].copy_from_slice(&(len as u64).to_le_bytes());
+        sizes.push((len, &run.shared.name));
     }
-    w.buf
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    let largest = sizes
+        .iter()
+        .take(3)
+        .map(|(len, name)| format!("{name} {len}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (w.buf, largest)
 }
 
 /// The checkpoint files in the store: a full checkpoint and the deltas written on it.
