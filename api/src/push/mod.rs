@@ -266,8 +266,20 @@ impl Group {
         }
         // The old one is of no more use here; it goes before the new one is made.
         *cached = None;
-        push.room_for_a_snapshot(self.snapshot_bytes.load(Ordering::Relaxed))
+        let reserved = push
+            .room_for_a_snapshot(self.snapshot_bytes.load(Ordering::Relaxed))
             .await;
+        // Reading and encoding a large view takes seconds: off the push threads, so
+        // the fan-out and every other connection go on meanwhile.
+        let rows = off_the_push_threads(|| self.encode_snapshot(engine))?;
+        self.snapshot_bytes.store(rows.bytes(), Ordering::Relaxed);
+        let rows = Arc::new(push.snapshots.charge(rows));
+        drop(reserved);
+        *cached = Some((epoch, Arc::clone(&rows)));
+        Ok((rows, Vec::new()))
+    }
+
+    fn encode_snapshot(&self, engine: &Engine) -> Result<SnapshotRows, (&'static str, String)> {
         let snap = match engine.view_snapshot(&self.view) {
             None => {
                 return Err((
@@ -278,12 +290,17 @@ impl Group {
             Some(Err(e)) => return Err(("internal", format!("reading the view failed: {e}"))),
             Some(Ok(s)) => s,
         };
-        let rows = SnapshotRows::encode(snap.version, &snap.key, &snap.rows, &self.filter)
-            .map_err(|e| ("internal", format!("encoding the view failed: {e}")))?;
-        self.snapshot_bytes.store(rows.bytes(), Ordering::Relaxed);
-        let rows = Arc::new(push.snapshots.charge(rows));
-        *cached = Some((epoch, Arc::clone(&rows)));
-        Ok((rows, Vec::new()))
+        SnapshotRows::encode(snap.version, &snap.key, &snap.rows, &self.filter)
+            .map_err(|e| ("internal", format!("encoding the view failed: {e}")))
+    }
+}
+
+/// Runs `f`, which blocks for a while, where the push runtime's other tasks do not
+/// wait for it (its worker hands them to another thread meanwhile).
+fn off_the_push_threads<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
@@ -297,6 +314,26 @@ struct SnapshotBudget {
 }
 
 impl SnapshotBudget {
+    /// Holds `bytes` if they fit beside those held within `limit`, or if none are held.
+    fn reserve(self: &Arc<Self>, bytes: usize, limit: usize) -> Option<Reserved> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used == 0 || used.saturating_add(bytes) <= limit).then(|| used + bytes)
+            })
+            .ok()?;
+        self.gauge.inc_by(bytes as i64);
+        Some(Reserved {
+            bytes,
+            budget: Arc::clone(self),
+        })
+    }
+
+    fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+        self.gauge.dec_by(bytes as i64);
+        self.freed.notify_waiters();
+    }
+
     fn charge(self: &Arc<Self>, rows: SnapshotRows) -> Charged {
         let bytes = rows.bytes();
         self.used.fetch_add(bytes, Ordering::AcqRel);
@@ -327,9 +364,22 @@ impl std::ops::Deref for Charged {
 
 impl Drop for Charged {
     fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
-        self.budget.gauge.dec_by(self.bytes as i64);
-        self.budget.freed.notify_waiters();
+        self.budget.release(self.bytes);
+    }
+}
+
+/// Room held in the snapshot budget for a snapshot being made, at the size guessed
+/// for it, until the snapshot itself is charged; so snapshots made at once on
+/// several threads stay within the budget together.
+#[derive(Debug)]
+struct Reserved {
+    bytes: usize,
+    budget: Arc<SnapshotBudget>,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
     }
 }
 
@@ -410,16 +460,14 @@ impl Push {
     /// goes, alone); a small view's snapshot does not wait for a large one's writes.
     /// Cached snapshots no subscriber is writing are let go first; then it waits for
     /// writes to end (a client too slow to take its frames is dropped after
-    /// `write_timeout`). One snapshot may be encoded per push thread past the budget.
-    async fn room_for_a_snapshot(&self, expect: usize) {
+    /// `write_timeout`). The room is held until the snapshot is charged; a snapshot
+    /// larger than its guess may go past the budget by the difference.
+    async fn room_for_a_snapshot(&self, expect: usize) -> Reserved {
         let limit = self.config.snapshot_bytes;
         let budget = &self.snapshots;
-        let fits = || {
-            let used = budget.used.load(Ordering::Acquire);
-            used == 0 || used.saturating_add(expect) <= limit
-        };
-        if fits() {
-            return;
+        let fits = || budget.reserve(expect, limit);
+        if let Some(r) = fits() {
+            return r;
         }
         self.evict_snapshots();
         let mut counted = false;
@@ -427,8 +475,8 @@ impl Push {
             let freed = budget.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if fits() {
-                return;
+            if let Some(r) = fits() {
+                return r;
             }
             if !counted {
                 self.metrics.snapshot_waits.inc();
