@@ -21,7 +21,8 @@ use super::{Group, Push};
 use crate::auth::{Principal, Scope};
 use crate::server::AppState;
 
-/// Frames a subscription may queue before its deltas are coalesced, whatever their size.
+/// Frames a subscription may queue before it is caught up from its group's kept
+/// deltas instead, whatever their size.
 const MAX_QUEUED_FRAMES: usize = 256;
 /// Control frames (errors, pongs) a client may leave unread before it is disconnected.
 const MAX_CONTROL_FRAMES: usize = 1024;
@@ -40,12 +41,6 @@ enum Need {
 }
 
 #[derive(Debug)]
-enum Pending {
-    Frames(VecDeque<Arc<Delta>>),
-    Coalesced(Coalesced),
-}
-
-#[derive(Debug)]
 struct Sub {
     /// The id, JSON-quoted, as frames carry it.
     id_json: String,
@@ -53,7 +48,7 @@ struct Sub {
     need: Option<Need>,
     /// A snapshot or resume for it is being written.
     in_flight: bool,
-    pending: Pending,
+    pending: VecDeque<Arc<Delta>>,
     /// Bytes held in `pending`.
     bytes: usize,
     /// The last version sent.
@@ -79,7 +74,6 @@ enum Work {
     Resume(Arc<str>, String, Arc<Group>, u64),
     CatchUp(Arc<str>, String, Arc<Group>, u64),
     Frames(String, Vec<Arc<Delta>>),
-    Coalesced(String, Coalesced),
 }
 
 /// A connection as the hub sees it.
@@ -105,8 +99,10 @@ impl Conn {
     }
 
     /// Queues `delta` for subscription `sub`; never waits. Past the queue's bound the
-    /// subscription's deltas are coalesced per key, and past it again it is marked for a
-    /// fresh snapshot and its deltas dropped.
+    /// subscription's pending deltas are dropped and it is marked to catch up from its
+    /// group's kept deltas when the client is ready (folded per key there if they are
+    /// many). Nothing here costs more for a slow client than for a fast one: the
+    /// fan-out does this for every subscriber of every change.
     pub(crate) fn push(&self, sub: &Arc<str>, delta: &Arc<Delta>, push: &Push) {
         let limit = push.config.queue_bytes;
         // Past the budget all connections share, a subscription that already has
@@ -121,34 +117,14 @@ impl Conn {
         }
         let before = s.bytes;
         let size = delta.size();
-        let mut overflow = false;
-        match &mut s.pending {
-            // One delta is always queued into an empty queue, however large.
-            Pending::Frames(frames)
-                if total == 0
-                    || (!squeeze && total + size <= limit && frames.len() < MAX_QUEUED_FRAMES) =>
-            {
-                frames.push_back(Arc::clone(delta));
-                s.bytes += size;
-            }
-            Pending::Frames(frames) => {
-                let mut c = Coalesced::default();
-                let folded = frames
-                    .drain(..)
-                    .chain(std::iter::once(Arc::clone(delta)))
-                    .try_for_each(|d| c.fold(&d));
-                push.metrics.coalesced.inc();
-                overflow = folded.is_err();
-                s.bytes = c.bytes();
-                s.pending = Pending::Coalesced(c);
-            }
-            Pending::Coalesced(c) => {
-                overflow = c.fold(delta).is_err();
-                s.bytes = c.bytes();
-            }
-        }
-        if overflow || (total > 0 && (squeeze || total - before + s.bytes > limit)) {
-            s.pending = Pending::Frames(VecDeque::new());
+        // One delta is always queued into an empty queue, however large.
+        if total == 0 || (!squeeze && total + size <= limit && s.pending.len() < MAX_QUEUED_FRAMES)
+        {
+            s.pending.push_back(Arc::clone(delta));
+            s.bytes += size;
+        } else {
+            // What it drops is in the group's kept deltas, shared by every subscriber.
+            s.pending.clear();
             s.bytes = 0;
             s.need = Some(Need::CatchUp(s.sent));
             push.metrics.catch_ups.inc();
@@ -185,7 +161,7 @@ impl Conn {
             s.sent = 0;
         }
         let freed = std::mem::take(&mut s.bytes);
-        s.pending = Pending::Frames(VecDeque::new());
+        s.pending.clear();
         s.need = Some(Need::Snapshot);
         let wake = !std::mem::replace(&mut s.queued, true);
         q.bytes -= freed;
@@ -216,7 +192,7 @@ impl Conn {
                 group,
                 need: Some(from_version.map_or(Need::Snapshot, Need::Resume)),
                 in_flight: false,
-                pending: Pending::Frames(VecDeque::new()),
+                pending: VecDeque::new(),
                 bytes: 0,
                 sent: 0,
                 queued: true,
@@ -300,24 +276,13 @@ impl Conn {
                 continue;
             }
             freed += std::mem::take(&mut s.bytes);
-            match std::mem::replace(&mut s.pending, Pending::Frames(VecDeque::new())) {
-                Pending::Frames(frames) => {
-                    let sent = s.sent;
-                    let deltas: Vec<Arc<Delta>> =
-                        frames.into_iter().filter(|d| d.version > sent).collect();
-                    if let Some(last) = deltas.last() {
-                        s.sent = last.version;
-                        bytes += deltas.iter().map(|d| d.size()).sum::<usize>();
-                        out.push(Work::Frames(s.id_json.clone(), deltas));
-                    }
-                }
-                Pending::Coalesced(c) => {
-                    if c.version > s.sent {
-                        s.sent = c.version;
-                        bytes += c.bytes();
-                        out.push(Work::Coalesced(s.id_json.clone(), c));
-                    }
-                }
+            let sent = s.sent;
+            let deltas: Vec<Arc<Delta>> =
+                s.pending.drain(..).filter(|d| d.version > sent).collect();
+            if let Some(last) = deltas.last() {
+                s.sent = last.version;
+                bytes += deltas.iter().map(|d| d.size()).sum::<usize>();
+                out.push(Work::Frames(s.id_json.clone(), deltas));
             }
         }
         q.bytes -= freed;
@@ -333,23 +298,12 @@ impl Conn {
         s.in_flight = false;
         s.sent = s.sent.max(version);
         let before = s.bytes;
-        match &mut s.pending {
-            Pending::Frames(frames) => {
-                while frames.front().is_some_and(|d| d.version <= s.sent) {
-                    if let Some(d) = frames.pop_front() {
-                        s.bytes -= d.size();
-                    }
-                }
+        while s.pending.front().is_some_and(|d| d.version <= s.sent) {
+            if let Some(d) = s.pending.pop_front() {
+                s.bytes -= d.size();
             }
-            Pending::Coalesced(c) if c.version <= s.sent => {
-                s.pending = Pending::Frames(VecDeque::new());
-                s.bytes = 0;
-            }
-            Pending::Coalesced(_) => {}
         }
-        let has_work = s.need.is_some()
-            || s.bytes > 0
-            || matches!(&s.pending, Pending::Frames(f) if !f.is_empty());
+        let has_work = s.need.is_some() || s.bytes > 0 || !s.pending.is_empty();
         let freed = before - s.bytes;
         let wake = has_work && !s.queued;
         if wake {
@@ -729,11 +683,6 @@ async fn write(
                 feed_deltas(socket, push, &id, &deltas, &mut delivered).await?;
                 continue;
             }
-            Work::Coalesced(id, c) => {
-                push.metrics.deltas_sent.inc();
-                delivered.extend(c.acked_at);
-                vec![Bytes::from(c.frame(&id))]
-            }
             Work::Snapshot(id, id_json, group) => {
                 send_snapshot(
                     socket,
@@ -750,7 +699,17 @@ async fn write(
             Work::CatchUp(id, id_json, group, from) => match group.recent_since(from) {
                 Some(deltas) => {
                     let last = deltas.last().map_or(from, |d| d.version);
-                    feed_deltas(socket, push, &id_json, &deltas, &mut delivered).await?;
+                    let bytes: usize = deltas.iter().map(|d| d.size()).sum();
+                    match (bytes > push.config.queue_bytes).then(|| coalesce(&deltas)) {
+                        // More than the client's bound: each key's last state, once.
+                        Some(Ok(c)) => {
+                            push.metrics.coalesced.inc();
+                            push.metrics.deltas_sent.inc();
+                            delivered.extend(c.acked_at);
+                            feed(socket, push, vec![Bytes::from(c.frame(&id_json))]).await?;
+                        }
+                        _ => feed_deltas(socket, push, &id_json, &deltas, &mut delivered).await?,
+                    }
                     conn.caught_up(&id, last, push);
                     continue;
                 }
@@ -839,6 +798,16 @@ async fn feed_deltas(
         delivered.extend(d.acked_at);
     }
     Ok(())
+}
+
+/// The deltas folded into one per key, off the push threads' other work (a backlog of
+/// large deltas takes a while).
+fn coalesce(deltas: &[Arc<Delta>]) -> Result<Coalesced, arrow::error::ArrowError> {
+    super::off_the_push_threads(|| {
+        let mut c = Coalesced::default();
+        deltas.iter().try_for_each(|d| c.fold(d))?;
+        Ok(c)
+    })
 }
 
 /// Writes subscription `id`'s snapshot and the kept deltas after it (or an error frame

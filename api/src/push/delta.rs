@@ -136,10 +136,6 @@ pub(crate) struct Coalesced {
 }
 
 impl Coalesced {
-    pub(crate) fn bytes(&self) -> usize {
-        self.bytes
-    }
-
     /// Folds `delta` in.
     pub(crate) fn fold(&mut self, delta: &Delta) -> Result<(), ArrowError> {
         self.version = self.version.max(delta.version);

@@ -611,16 +611,20 @@ async fn a_slow_reader_converges_while_a_fast_one_keeps_up() {
 
     // Rounds while the slow reader reads nothing and the fast one reads all along, until
     // the socket buffers between the server and the slow reader are full and its queue
-    // passes the bound.
+    // passes the bound (it is then marked to catch up from the kept deltas).
     let mut ingest_ms = Vec::new();
     let backed_up = |metrics: &str| {
-        ["quiver_ws_coalesced_total ", "quiver_ws_resnapshots_total "]
-            .iter()
-            .any(|name| {
-                metrics
-                    .lines()
-                    .any(|l| l.starts_with(name) && !l.ends_with(" 0"))
-            })
+        [
+            "quiver_ws_catch_ups_total ",
+            "quiver_ws_coalesced_total ",
+            "quiver_ws_resnapshots_total ",
+        ]
+        .iter()
+        .any(|name| {
+            metrics
+                .lines()
+                .any(|l| l.starts_with(name) && !l.ends_with(" 0"))
+        })
     };
     for round in 1..=400 {
         let t = Instant::now();
@@ -628,7 +632,7 @@ async fn a_slow_reader_converges_while_a_fast_one_keeps_up() {
         ingest_ms.push(t.elapsed().as_millis());
         while fast.step(Duration::from_millis(5)).await.is_some() {}
         if round % 10 == 0 && backed_up(&server.metrics_text().await) {
-            // A few more rounds with the slow reader coalesced.
+            // A few more rounds with the slow reader marked to catch up.
             for extra in 1..=10 {
                 ingest_skus(&server, &mut rng, 1000 + extra, 400, 3000).await;
                 while fast.step(Duration::from_millis(5)).await.is_some() {}
