@@ -169,8 +169,8 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_WS_MAX_MESSAGE_BYTES", default_value_t = 64 << 10)]
     pub ws_max_message_bytes: usize,
 
-    /// Bytes of pending deltas per connection before a slow client's deltas are
-    /// coalesced per key, and then replaced by a fresh snapshot.
+    /// Bytes of pending deltas per connection; past it a slow client catches up from
+    /// its group's kept deltas (folded per key when more than this) or a snapshot.
     #[arg(long, env = "QUIVER_WS_QUEUE_BYTES", default_value_t = 1 << 20)]
     pub ws_queue_bytes: usize,
 

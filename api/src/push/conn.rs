@@ -700,15 +700,10 @@ async fn write(
                 Some(deltas) => {
                     let last = deltas.last().map_or(from, |d| d.version);
                     let bytes: usize = deltas.iter().map(|d| d.size()).sum();
-                    match (bytes > push.config.queue_bytes).then(|| coalesce(&deltas)) {
-                        // More than the client's bound: each key's last state, once.
-                        Some(Ok(c)) => {
-                            push.metrics.coalesced.inc();
-                            push.metrics.deltas_sent.inc();
-                            delivered.extend(c.acked_at);
-                            feed(socket, push, vec![Bytes::from(c.frame(&id_json))]).await?;
-                        }
-                        _ => feed_deltas(socket, push, &id_json, &deltas, &mut delivered).await?,
+                    if bytes > push.config.queue_bytes {
+                        feed_folded(socket, push, &id_json, &deltas, &mut delivered).await?;
+                    } else {
+                        feed_deltas(socket, push, &id_json, &deltas, &mut delivered).await?;
                     }
                     conn.caught_up(&id, last, push);
                     continue;
@@ -800,14 +795,53 @@ async fn feed_deltas(
     Ok(())
 }
 
-/// The deltas folded into one per key, off the push threads' other work (a backlog of
-/// large deltas takes a while).
-fn coalesce(deltas: &[Arc<Delta>]) -> Result<Coalesced, arrow::error::ArrowError> {
-    super::off_the_push_threads(|| {
-        let mut c = Coalesced::default();
-        deltas.iter().try_for_each(|d| c.fold(d))?;
-        Ok(c)
-    })
+/// The most a folded frame holds before it is written and folding starts again: what
+/// a connection holds of its own while catching up (deltas are otherwise shared).
+const FOLD_BYTES: usize = 64 << 10;
+
+/// Writes a backlog of deltas folded per key (`"coalesced":true` frames): consecutive
+/// deltas are folded until the frame reaches [`FOLD_BYTES`], so a view whose changes
+/// hit the same keys goes out as one frame of their last states, while one whose keys
+/// are all new goes out in frames of bounded size rather than one copy of the backlog.
+async fn feed_folded(
+    socket: &mut Socket,
+    push: &Push,
+    id: &str,
+    deltas: &[Arc<Delta>],
+    delivered: &mut Vec<Instant>,
+) -> Result<(), End> {
+    let mut c = Coalesced::default();
+    for d in deltas {
+        if c.fold(d).is_err() {
+            // (Keys that cannot be read back: this one goes as it is.)
+            flush_folded(socket, push, id, &mut c, delivered).await?;
+            feed_deltas(socket, push, id, std::slice::from_ref(d), delivered).await?;
+            continue;
+        }
+        if c.bytes() >= FOLD_BYTES {
+            flush_folded(socket, push, id, &mut c, delivered).await?;
+        }
+    }
+    flush_folded(socket, push, id, &mut c, delivered).await
+}
+
+async fn flush_folded(
+    socket: &mut Socket,
+    push: &Push,
+    id: &str,
+    c: &mut Coalesced,
+    delivered: &mut Vec<Instant>,
+) -> Result<(), End> {
+    if c.is_empty() {
+        return Ok(());
+    }
+    let c = std::mem::take(c);
+    let frame = Bytes::from(c.frame(id));
+    push.metrics.coalesced.inc();
+    push.metrics.deltas_sent.inc();
+    delivered.extend(c.acked_at);
+    drop(c);
+    feed(socket, push, vec![frame]).await
 }
 
 /// Writes subscription `id`'s snapshot and the kept deltas after it (or an error frame

@@ -136,6 +136,15 @@ pub(crate) struct Coalesced {
 }
 
 impl Coalesced {
+    /// Approximate bytes of its frame.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
     /// Folds `delta` in.
     pub(crate) fn fold(&mut self, delta: &Delta) -> Result<(), ArrowError> {
         self.version = self.version.max(delta.version);

@@ -6,9 +6,12 @@
 //! then gets a shared pointer to it in its connection's queue ([`conn::Conn`]); the
 //! connection's writer splices in the subscription id and writes.
 //!
-//! The queue is bounded in bytes. A subscriber that falls behind has its pending deltas
-//! folded per key ([`delta::Coalesced`]); past the bound it is sent a fresh snapshot
-//! instead. Neither ingest nor the fan-out task ever waits for a client.
+//! The queue is bounded in bytes. A subscriber that falls past the bound has its pending
+//! deltas dropped and is marked to catch up from its group's kept deltas when its
+//! connection can write again; that backlog, if more than the bound, is folded per key
+//! ([`delta::Coalesced`]), and if the group no longer keeps it, a fresh snapshot is sent
+//! instead. Neither ingest nor the fan-out task ever waits for a client, and the
+//! fan-out does no more for a slow one than for a fast one.
 
 mod conn;
 mod delta;
@@ -49,7 +52,8 @@ pub(crate) struct PushConfig {
     pub(crate) max_connections_per_token: usize,
     pub(crate) max_subscriptions_per_token: usize,
     pub(crate) max_message_bytes: usize,
-    /// Bytes of pending deltas a connection may hold before coalescing, then resnapshot.
+    /// Bytes of pending deltas a connection may hold before it is caught up from its
+    /// group's kept deltas instead (folded per key, or a snapshot).
     pub(crate) queue_bytes: usize,
     /// Bytes of pending deltas all connections together may hold.
     pub(crate) total_queue_bytes: usize,
@@ -152,7 +156,7 @@ impl PushMetrics {
         );
         r.register(
             "coalesced",
-            "Times a slow subscriber's pending deltas were folded per key",
+            "Times a slow subscriber's backlog was sent folded per key",
             m.coalesced.clone(),
         );
         r.register(
