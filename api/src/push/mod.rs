@@ -156,7 +156,7 @@ impl PushMetrics {
         );
         r.register(
             "coalesced",
-            "Times a slow subscriber's backlog was sent folded per key",
+            "Frames of a slow subscriber's backlog sent folded per key (64 KiB at most each)",
             m.coalesced.clone(),
         );
         r.register(
