@@ -343,7 +343,7 @@ impl Join {
         chunk: usize,
         f: &mut dyn FnMut(ZBatch) -> Result<()>,
     ) -> Result<()> {
-        if self.kind != JoinKind::Inner {
+        if !self.can_emit_all() {
             return Err(DataFusionError::Internal(
                 "only an inner join can list its output from its state".into(),
             ));

@@ -200,6 +200,7 @@ impl<V: Footprint> Tracked<V> {
     /// Approximate bytes held: every entry's footprint, and the changed keys. Costs
     /// what changed since the last checkpoint, not the map's size.
     pub(crate) fn footprint(&self) -> usize {
+        debug_assert!(self.track, "an untracked map keeps no footprint");
         self.settled
             + self
                 .changed
