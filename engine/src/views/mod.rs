@@ -43,7 +43,7 @@ use crate::engine::{Engine, WeakEngine};
 use crate::metrics::ViewLabel;
 use crate::query::QueryError;
 use codec::{Reader, Writer};
-use output::Output;
+use output::{Output, Rows};
 use plan::{Node, SourceKind};
 use zset::ZBatch;
 
@@ -169,9 +169,35 @@ pub(crate) struct ViewShared {
 struct Published {
     version: u64,
     output: Output,
+    /// The operator tree; `None` for recomputed views. It is kept here, beside the
+    /// rows, because where the rows are [`Rows::Derived`] it is what they are read from.
+    node: Option<Node>,
 }
 
 impl Published {
+    /// Every row of the view now.
+    fn rows(&self) -> datafusion::common::Result<RecordBatch> {
+        if self.output.mode() != Rows::Derived {
+            return self.output.snapshot();
+        }
+        let node = self.node.as_ref().ok_or_else(|| {
+            datafusion::common::DataFusionError::Internal("derived rows need operators".into())
+        })?;
+        let schema = self.output.schema();
+        let mut parts = Vec::new();
+        node.emit_all(REBUILD_CHUNK, &mut |rows| {
+            parts.push(rows.into_rows(schema)?);
+            Ok(())
+        })?;
+        Ok(arrow::compute::concat_batches(schema, &parts)?)
+    }
+
+    /// Replaces every row by `batch`'s; returns the change.
+    fn replace(&mut self, batch: &RecordBatch) -> datafusion::common::Result<output::Applied> {
+        let current = self.rows()?;
+        self.output.replace(&current, batch)
+    }
+
     /// The version after `applied`: one more when it changed anything.
     fn bump(&mut self, applied: &output::Applied) -> u64 {
         if !applied.is_empty() {
@@ -191,6 +217,7 @@ impl ViewShared {
         reason: Option<String>,
         reads: Vec<String>,
         output: Output,
+        node: Option<Node>,
         version: u64,
     ) -> Arc<Self> {
         let schema = output.schema();
@@ -211,7 +238,11 @@ impl ViewShared {
             reason,
             reads,
             key,
-            state: RwLock::new(Published { version, output }),
+            state: RwLock::new(Published {
+                version,
+                output,
+                node,
+            }),
             cache: Mutex::new(None),
             history: Mutex::new(VecDeque::new()),
             state_bytes: AtomicUsize::new(0),
@@ -232,7 +263,7 @@ impl ViewShared {
         {
             return Ok((*v, rows.clone()));
         }
-        let rows = state.output.snapshot()?;
+        let rows = state.rows()?;
         *cache = Some((state.version, rows.clone()));
         Ok((state.version, rows))
     }
@@ -603,8 +634,8 @@ impl Engine {
 /// A view as the maintainer holds it.
 struct Running {
     shared: Arc<ViewShared>,
-    /// The operator tree; `None` for recompute views.
-    node: Option<Node>,
+    /// Maintained by operators (in `shared`'s state) rather than recomputed.
+    incremental: bool,
     /// Per stream read, the last WAL position applied.
     positions: BTreeMap<String, u64>,
     next_recompute: Instant,
@@ -669,7 +700,7 @@ impl Maintainer {
             let next_recompute = self
                 .views
                 .iter()
-                .filter(|v| v.node.is_none())
+                .filter(|v| !v.incremental)
                 .map(|v| v.next_recompute)
                 .min();
             let next_checkpoint = last_checkpoint + options.checkpoint_interval;
@@ -736,7 +767,7 @@ impl Maintainer {
             if self
                 .views
                 .iter()
-                .any(|v| v.node.is_none() && v.next_recompute <= now)
+                .any(|v| !v.incremental && v.next_recompute <= now)
             {
                 self.recompute_due();
             }
@@ -790,50 +821,34 @@ impl Maintainer {
         let mut broken = Vec::new();
         for i in 0..self.views.len() {
             let run = &mut self.views[i];
-            let Some(node) = run.node.as_mut() else {
+            if !run.incremental {
                 continue;
-            };
+            }
             let view_started = Instant::now();
-            let mut outs = Vec::new();
-            let mut failed = None;
-            for src in run.shared.reads.clone() {
-                let delta = if let Some(d) = diffs.get(&src) {
+            let mut deltas = Vec::new();
+            for src in &run.shared.reads {
+                let delta = if let Some(d) = diffs.get(src) {
                     Some(d.clone())
                 } else {
-                    let after = run.positions.get(&src).copied();
+                    let after = run.positions.get(src).copied();
                     match after {
-                        Some(after) => inputs(&src, after).map(|(z, last)| {
+                        Some(after) => inputs(src, after).map(|(z, last)| {
                             run.positions.insert(src.clone(), last);
                             z
                         }),
                         None => None,
                     }
                 };
-                let Some(delta) = delta else { continue };
-                match node.apply(&src, &delta) {
-                    Ok(Some(out)) if !out.is_empty() => outs.push(out),
-                    Ok(_) => {}
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
+                deltas.extend(delta.map(|d| (src.clone(), d)));
+            }
+            match advance(&engine, run, &deltas, acked) {
+                Ok(Some(diff)) => {
+                    diffs.insert(run.shared.name.clone(), diff);
                 }
-            }
-            if let Some(e) = failed {
-                error!(view = run.name(), error = %e, "view update failed; rebuilding it from its sources");
-                broken.push(i);
-                continue;
-            }
-            if !outs.is_empty() {
-                match publish(&engine, run, &outs, acked) {
-                    Ok(Some(diff)) => {
-                        diffs.insert(run.shared.name.clone(), diff);
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        error!(view = run.name(), error = %e, "view update failed; rebuilding it from its sources");
-                        broken.push(i);
-                    }
+                Ok(None) => {}
+                Err(e) => {
+                    error!(view = run.name(), error = %e, "view update failed; rebuilding it from its sources");
+                    broken.push(i);
                 }
             }
             let spent = view_started.elapsed();
@@ -870,7 +885,7 @@ impl Maintainer {
         let interval = engine.views().options.recompute_interval;
         let now = Instant::now();
         for i in 0..self.views.len() {
-            if self.views[i].node.is_some() || self.views[i].next_recompute > now {
+            if self.views[i].incremental || self.views[i].next_recompute > now {
                 continue;
             }
             self.views[i].next_recompute = now + interval;
@@ -880,7 +895,7 @@ impl Maintainer {
                 let run = &self.views[i];
                 let mut state = run.shared.state.write();
                 let batch = crate::query::cast_batch(&batch, state.output.schema())?;
-                let applied = state.output.replace(&batch)?;
+                let applied = state.replace(&batch)?;
                 Ok((state.bump(&applied), applied))
             });
             match applied {
@@ -901,33 +916,17 @@ impl Maintainer {
         diffs.insert(self.views[from].shared.name.clone(), diff);
         let mut broken = Vec::new();
         for i in from + 1..self.views.len() {
-            let run = &mut self.views[i];
-            let name = run.shared.name.clone();
-            let Some(node) = run.node.as_mut() else {
-                continue;
-            };
-            let mut outs = Vec::new();
-            let mut failed = false;
-            for src in run.shared.reads.clone() {
-                if let Some(d) = diffs.get(&src) {
-                    match node.apply(&src, d) {
-                        Ok(Some(out)) if !out.is_empty() => outs.push(out),
-                        Ok(_) => {}
-                        Err(e) => {
-                            error!(view = %name, error = %e, "view update failed");
-                            failed = true;
-                        }
-                    }
-                }
-            }
-            if failed {
-                broken.push(i);
+            let run = &self.views[i];
+            let deltas: Vec<(String, ZBatch)> = run
+                .shared
+                .reads
+                .iter()
+                .filter_map(|src| Some((src.clone(), diffs.get(src)?.clone())))
+                .collect();
+            if deltas.is_empty() {
                 continue;
             }
-            if outs.is_empty() {
-                continue;
-            }
-            match publish(engine, run, &outs, None) {
+            match advance(engine, run, &deltas, None) {
                 Ok(Some(d)) => {
                     diffs.insert(run.shared.name.clone(), d);
                 }
@@ -951,12 +950,14 @@ impl Maintainer {
         match self.build(&engine, &name, &sql) {
             Ok(fresh) => {
                 let rows = fresh.shared.snapshot().map(|(_, r)| r);
-                let applied = rows.and_then(|rows| {
+                let applied = {
                     let mut state = self.views[i].shared.state.write();
-                    let applied = state.output.replace(&rows)?;
-                    Ok((state.bump(&applied), applied))
-                });
-                self.views[i].node = fresh.node;
+                    // The rows now are listed before the operators are swapped: they
+                    // may be derived from the old operators' state.
+                    let applied = rows.and_then(|rows| state.replace(&rows));
+                    state.node = fresh.shared.state.write().node.take();
+                    applied.map(|applied| (state.bump(&applied), applied))
+                };
                 self.views[i].positions = fresh.positions;
                 // The fresh operators know nothing of what the old ones held.
                 self.views[i].in_chain = false;
@@ -978,7 +979,7 @@ impl Maintainer {
         let v = self.views.iter().find(|v| v.name() == name)?;
         let state = v.shared.state.read();
         let keyed = v.shared.key.len() < state.output.schema().fields().len()
-            || v.node.as_ref().is_some_and(|n| n.key.is_some());
+            || state.node.as_ref().is_some_and(|n| n.key.is_some());
         Some(SourceKind::View {
             key: keyed.then(|| state.output.key_columns().to_vec()),
         })
@@ -1072,7 +1073,7 @@ impl Maintainer {
                 let batch = run_query(engine, sql)?;
                 let batch = crate::query::cast_batch(&batch, &schema)
                     .map_err(|e| QueryError::Internal(e.to_string()))?;
-                output.replace(&batch)?;
+                output.replace(&output.snapshot()?, &batch)?;
                 info!(
                     view = name,
                     reason = reason.as_deref().unwrap_or(""),
@@ -1080,11 +1081,22 @@ impl Maintainer {
                 );
             }
         }
-        let shared = ViewShared::new(engine, name, sql, node.is_some(), reason, reads, output, 1);
+        let incremental = node.is_some();
+        let shared = ViewShared::new(
+            engine,
+            name,
+            sql,
+            incremental,
+            reason,
+            reads,
+            output,
+            node,
+            1,
+        );
         let interval = engine.views().options.recompute_interval;
         let run = Running {
             shared,
-            node,
+            incremental,
             positions,
             next_recompute: Instant::now() + interval,
             in_chain: false,
@@ -1187,7 +1199,7 @@ impl Maintainer {
             run.shared.key.join(", "),
             run.shared.state.read().version
         )];
-        match &run.node {
+        match &run.shared.state.read().node {
             Some(node) => node.explain(1, &mut lines),
             None => lines.push(format!(
                 "  recomputed every {:?}: {}",
@@ -1320,11 +1332,19 @@ impl Maintainer {
                 ));
             }
         }
-        // Rows the checkpoint does not hold are listed again from the operators' state.
-        if let Some(node) = node.as_ref().filter(|_| !output.is_saved()) {
-            node.emit_all(REBUILD_CHUNK, &mut |rows| {
-                output.apply(&rows, false).map(|_| ())
-            })?;
+        // Rows the checkpoint does not hold are listed again from the operators' state
+        // (only counted, where the view does not hold them either).
+        if let Some(node) = node.as_ref() {
+            match output.mode() {
+                Rows::Saved => {}
+                Rows::Rebuilt => node.emit_all(REBUILD_CHUNK, &mut |rows| {
+                    output.apply(&rows, false).map(|_| ())
+                })?,
+                Rows::Derived => node.emit_all(REBUILD_CHUNK, &mut |rows| {
+                    output.restored(rows.batch.num_rows());
+                    Ok(())
+                })?,
+            }
         }
         let mut reads = Vec::new();
         collect_tables(&plan, &mut reads);
@@ -1335,19 +1355,21 @@ impl Maintainer {
             })
             .err(),
         };
+        let incremental = node.is_some();
         let shared = ViewShared::new(
             engine,
             &saved.name,
             &saved.sql,
-            node.is_some(),
+            incremental,
             reason,
             reads,
             output,
+            node,
             saved.version,
         );
         let run = Running {
             shared,
-            node,
+            incremental,
             positions: saved.positions.clone(),
             next_recompute: Instant::now(),
             in_chain: true,
@@ -1397,10 +1419,12 @@ impl Maintainer {
         let encoded = started.elapsed();
         let mut spent = Vec::new();
         for run in &mut self.views {
-            if let Some(node) = run.node.as_mut() {
+            let mut state = run.shared.state.write();
+            if let Some(node) = state.node.as_mut() {
                 node.forget_changes(&mut spent);
             }
-            run.shared.state.write().output.forget_changes(&mut spent);
+            state.output.forget_changes(&mut spent);
+            drop(state);
             run.in_chain = true;
             update_gauges(&engine, run);
         }
@@ -1501,15 +1525,17 @@ impl Maintainer {
     }
 }
 
-/// Publishes a view's new rows: applies the change, bumps the version, records and
-/// broadcasts the change set. Returns the change for views that read this one.
-fn publish(
+/// Moves a view forward: runs its operators over the changes of the sources it reads
+/// (`deltas`, by source) and applies what they output to its rows. Operators, rows and
+/// version change under one lock, so a snapshot is never ahead of its version (and
+/// rows derived from the operators match the rows held). Then records and broadcasts
+/// the change set; returns the change for views that read this one.
+fn advance(
     engine: &Engine,
     run: &Running,
-    outs: &[ZBatch],
+    deltas: &[(String, ZBatch)],
     acked: Option<Instant>,
 ) -> datafusion::common::Result<Option<ZBatch>> {
-    let diff = ZBatch::concat(&outs[0].batch.schema(), outs)?;
     let read_by_others = engine
         .views()
         .registry
@@ -1517,9 +1543,19 @@ fn publish(
         .values()
         .any(|v| v.reads.contains(&run.shared.name));
     let (version, applied) = {
-        // Rows and version change under one lock, so a snapshot is never ahead of its
-        // version.
         let mut state = run.shared.state.write();
+        let state = &mut *state;
+        let Some(node) = state.node.as_mut() else {
+            return Ok(None);
+        };
+        let mut outs = Vec::new();
+        for (src, delta) in deltas {
+            outs.extend(node.apply(src, delta)?.filter(|out| !out.is_empty()));
+        }
+        if outs.is_empty() {
+            return Ok(None);
+        }
+        let diff = ZBatch::concat(&outs[0].batch.schema(), &outs)?;
         let applied = state.output.apply(&diff, read_by_others)?;
         (state.bump(&applied), applied)
     };
@@ -1567,7 +1603,7 @@ fn finish(
 
 fn update_gauges(engine: &Engine, run: &Running) {
     let state = run.shared.state.read();
-    let bytes = state.output.state_bytes() + run.node.as_ref().map_or(0, Node::state_bytes);
+    let bytes = state.output.state_bytes() + state.node.as_ref().map_or(0, Node::state_bytes);
     run.shared.state_bytes.store(bytes, Ordering::Relaxed);
     let label = ViewLabel {
         view: run.shared.name.clone(),
@@ -1579,13 +1615,17 @@ fn update_gauges(engine: &Engine, run: &Running) {
     m.view_state_bytes.get_or_create(&label).set(bytes as i64);
 }
 
-/// A view's (empty) rows. Checkpoints hold them only when its operators cannot list
-/// them from their own state, which halves what a checkpoint of, say, a `DISTINCT ON`
-/// view writes.
+/// A view's (empty) rows. When its operators can list them from their own state,
+/// checkpoints do not hold them, and with a key neither does the view: a `DISTINCT ON`
+/// view's rows would otherwise be held twice, in the operator and in the view.
 fn new_output(schema: &SchemaRef, node: Option<&plan::Node>) -> Result<Output, QueryError> {
     let key = node.and_then(|n| n.key.clone());
-    let saved = node.is_none_or(|n| !n.can_emit_all());
-    Ok(Output::new(Arc::clone(schema), key, saved)?)
+    let mode = match node {
+        Some(n) if n.can_emit_all() && key.is_some() => Rows::Derived,
+        Some(n) if n.can_emit_all() => Rows::Rebuilt,
+        _ => Rows::Saved,
+    };
+    Ok(Output::new(Arc::clone(schema), key, mode)?)
 }
 
 /// A checkpoint file's bytes: its chain and place in it (`seq` 0 is the full
@@ -1612,14 +1652,14 @@ fn encode_checkpoint(views: &[Running], capacity: usize, base: u64, seq: u64) ->
             w.str(s);
             w.u64(*p);
         }
-        w.u64(u64::from(run.node.is_some()));
+        w.u64(u64::from(run.incremental));
         let delta = seq > 0 && run.in_chain;
         w.u64(u64::from(delta));
         // The body is length-prefixed: reserve the prefix, write in place, fill it in.
         let at = w.buf.len();
         w.u64(0);
         body.buf = std::mem::take(&mut w.buf);
-        if let Some(node) = &run.node {
+        if let Some(node) = &state.node {
             node.save(&mut body, delta);
         }
         state.output.save(&mut body, delta);

@@ -43,6 +43,21 @@ impl Applied {
     }
 }
 
+/// Where a view's rows live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rows {
+    /// Held here and written into checkpoints (views over a stream, left joins,
+    /// recomputed views).
+    Saved,
+    /// Held here, and listed again from the operators' state on restore (a view
+    /// without a key whose operators can list their output).
+    Rebuilt,
+    /// Not held at all: the operators' state is the rows (a keyed aggregate,
+    /// `DISTINCT ON` or inner join). Changes are told from the weighted diff alone,
+    /// and the rows are listed from the operators when asked for.
+    Derived,
+}
+
 /// The rows of a view. With a key, one row per key; without one, the key is the whole
 /// row and the count says how many times it occurs.
 #[derive(Debug)]
@@ -58,10 +73,10 @@ pub(crate) struct Output {
     total: usize,
     /// The approximate bytes the rows hold, kept up to date by `apply`.
     bytes: usize,
-    /// Checkpoints hold the rows. When the view's operators can list its rows from
-    /// their own state ([`super::plan::Node::can_emit_all`]) they do not: the rows are
-    /// rebuilt on restore, and no change to them is remembered.
-    saved: bool,
+    /// Where the rows live. When the view's operators can list its rows from their own
+    /// state ([`super::plan::Node::can_emit_all`]) checkpoints do not hold them, and
+    /// with a key they are not held here either.
+    mode: Rows,
 }
 
 fn slot_bytes(key: &[u8], slot: &Slot) -> usize {
@@ -69,8 +84,9 @@ fn slot_bytes(key: &[u8], slot: &Slot) -> usize {
 }
 
 impl Output {
-    pub(crate) fn new(schema: SchemaRef, key: Option<Vec<usize>>, saved: bool) -> Result<Self> {
+    pub(crate) fn new(schema: SchemaRef, key: Option<Vec<usize>>, mode: Rows) -> Result<Self> {
         let keyed = key.is_some();
+        debug_assert!(keyed || mode != Rows::Derived, "derived rows need a key");
         let key_cols = key.unwrap_or_else(|| (0..schema.fields().len()).collect());
         let key_schema = Arc::new(schema.project(&key_cols)?);
         Ok(Self {
@@ -80,14 +96,14 @@ impl Output {
             key_schema,
             key_cols,
             keyed,
-            rows: if saved {
+            rows: if mode == Rows::Saved {
                 Tracked::default()
             } else {
                 Tracked::untracked()
             },
             total: 0,
             bytes: 0,
-            saved,
+            mode,
         })
     }
 
@@ -107,9 +123,15 @@ impl Output {
         self.bytes
     }
 
-    /// Whether checkpoints hold the rows (see [`Output::save`]).
-    pub(crate) fn is_saved(&self) -> bool {
-        self.saved
+    pub(crate) fn mode(&self) -> Rows {
+        self.mode
+    }
+
+    /// Counts `n` rows listed from the operators' state on restore, for a view whose
+    /// rows are [`Rows::Derived`].
+    pub(crate) fn restored(&mut self, n: usize) {
+        debug_assert_eq!(self.mode, Rows::Derived);
+        self.total += n;
     }
 
     fn key_of<'a>(&self, key: &'a [u8], row: &'a [u8]) -> &'a [u8] {
@@ -136,6 +158,14 @@ impl Output {
             net.entry(rows.row(i).data()).or_insert((i, 0)).1 += w;
         }
         net.retain(|_, (_, w)| *w != 0);
+        if self.mode == Rows::Derived {
+            let keys = keys.as_ref();
+            return self.apply_derived(
+                &net,
+                |i| keys.map_or(&[][..], |k| k.row(i).data()),
+                with_diff,
+            );
+        }
         let mut before: Map<Box<[u8]>, Option<Box<[u8]>>> = Map::default();
         let (minus, plus): (Vec<_>, Vec<_>) = net.iter().partition(|(_, (_, w))| *w < 0);
         for (row, (i, w)) in minus {
@@ -219,12 +249,60 @@ impl Output {
                 .sum::<usize>(),
             "the kept row count drifted"
         );
+        self.applied(upserts, deletes, &net, with_diff)
+    }
+
+    /// [`Output::apply`] for rows that are not held: each key the diff touches loses
+    /// its old row (weight -1) and gains its new one (weight +1), so a key with only a
+    /// new row is added, one with only an old row is deleted, and one with both is
+    /// updated. The same row taken away and added back was consolidated away already.
+    fn apply_derived<'a>(
+        &mut self,
+        net: &Map<&'a [u8], (usize, i64)>,
+        key_at: impl Fn(usize) -> &'a [u8],
+        with_diff: bool,
+    ) -> Result<Applied> {
+        // Per key: whether it lost a row, and the row it gained.
+        let mut by_key: Map<&[u8], (bool, Option<&[u8]>)> = Map::default();
+        for (row, (i, w)) in net {
+            let entry = by_key.entry(key_at(*i)).or_insert((false, None));
+            if *w < 0 {
+                entry.0 = true;
+            } else if entry.1.replace(row).is_some() {
+                warn!("two rows of a view share one key; the later one is kept");
+            }
+        }
+        let mut upserts: Vec<&[u8]> = Vec::new();
+        let mut deletes: Vec<&[u8]> = Vec::new();
+        for (key, (lost, gained)) in by_key {
+            match gained {
+                Some(row) => {
+                    upserts.push(row);
+                    self.total += usize::from(!lost);
+                }
+                None => {
+                    deletes.push(key);
+                    self.total = self.total.saturating_sub(1);
+                }
+            }
+        }
+        self.applied(upserts, deletes, net, with_diff)
+    }
+
+    /// Decodes what changed, and the weighted diff when `with_diff`.
+    fn applied(
+        &self,
+        upserts: Vec<&[u8]>,
+        deletes: Vec<&[u8]>,
+        net: &Map<&[u8], (usize, i64)>,
+        with_diff: bool,
+    ) -> Result<Applied> {
         let upserts = decode_batch(&self.row_codec, &self.schema, upserts)?;
         let deletes = decode_batch(&self.key_codec, &self.key_schema, deletes)?;
         let mut changed: Vec<&[u8]> = Vec::new();
         let mut weights = Vec::new();
         if with_diff {
-            for (row, (_, w)) in &net {
+            for (row, (_, w)) in net {
                 changed.push(row);
                 weights.push(*w);
             }
@@ -240,8 +318,13 @@ impl Output {
         })
     }
 
-    /// Every row (repeated by its count).
+    /// Every row (repeated by its count). Only for rows held here.
     pub(crate) fn snapshot(&self) -> Result<RecordBatch> {
+        debug_assert_ne!(
+            self.mode,
+            Rows::Derived,
+            "derived rows are listed by the operators"
+        );
         let rows = self
             .rows
             .values()
@@ -249,12 +332,16 @@ impl Output {
         decode_batch(&self.row_codec, &self.schema, rows)
     }
 
-    /// Replaces every row by `batch`'s (for recomputed views); returns the change.
-    pub(crate) fn replace(&mut self, batch: &RecordBatch) -> Result<Applied> {
-        let current = self.snapshot()?;
+    /// Replaces every row, `current` (as the view holds them now), by `batch`'s;
+    /// returns the change.
+    pub(crate) fn replace(
+        &mut self,
+        current: &RecordBatch,
+        batch: &RecordBatch,
+    ) -> Result<Applied> {
         let mut weights = vec![-1; current.num_rows()];
         weights.extend(std::iter::repeat_n(1, batch.num_rows()));
-        let both = arrow::compute::concat_batches(&self.schema, [&current, batch])?;
+        let both = arrow::compute::concat_batches(&self.schema, [current, batch])?;
         self.apply(
             &ZBatch {
                 batch: both,
@@ -267,7 +354,7 @@ impl Output {
     /// Writes the rows: all of them, or with `delta` those changed since the last
     /// [`Output::forget_changes`]. Nothing when the rows are not saved.
     pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
-        if !self.saved {
+        if self.mode != Rows::Saved {
             return;
         }
         self.rows.save(w, delta, |w, s| {
@@ -277,7 +364,7 @@ impl Output {
     }
 
     pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
-        if !self.saved {
+        if self.mode != Rows::Saved {
             return Ok(());
         }
         self.rows.load(r, delta, |r| {

@@ -333,6 +333,16 @@ async fn check_all(engine: &Engine, when: &str) -> Result<(), TestCaseError> {
             .map(|f| (f.name().clone(), f.data_type().clone()))
             .collect();
         prop_assert_eq!(got_types, want_types, "columns of {} {}", name, when);
+        // The count the view keeps (held rows or, where the rows are derived from the
+        // operators, kept by the changes alone) agrees with the rows it lists.
+        let counted = engine.view_info(&name).unwrap().rows;
+        prop_assert_eq!(
+            counted,
+            snap.rows.num_rows(),
+            "row count of {} {}",
+            name,
+            when
+        );
         let got = rows(&[snap.rows]);
         let want = rows(&expected);
         prop_assert_eq!(got, want, "rows of view {} {}", name, when);

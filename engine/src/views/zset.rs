@@ -64,6 +64,26 @@ impl ZBatch {
         Ok(Self { batch, weights })
     }
 
+    /// The rows as a plain batch of `schema`, each repeated by its weight (none for a
+    /// weight below one): for a listing of whole state, where every weight is positive.
+    pub(crate) fn into_rows(self, schema: &SchemaRef) -> Result<RecordBatch> {
+        let columns = if self.weights.iter().all(|w| *w == 1) {
+            self.batch.columns().to_vec()
+        } else {
+            let indices: Vec<Option<u32>> = self
+                .weights
+                .iter()
+                .enumerate()
+                .flat_map(|(i, w)| std::iter::repeat_n(Some(i as u32), (*w).max(0) as usize))
+                .collect();
+            take_optional(self.batch.columns(), &indices)?
+        };
+        if schema.fields().is_empty() {
+            return Ok(RecordBatch::new_empty(Arc::clone(schema)));
+        }
+        Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
+    }
+
     /// Joins several batches of one schema.
     pub(crate) fn concat(schema: &SchemaRef, parts: &[ZBatch]) -> Result<Self> {
         if parts.len() == 1 {
