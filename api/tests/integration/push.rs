@@ -716,6 +716,71 @@ async fn a_slow_reader_converges_while_a_fast_one_keeps_up() {
     );
 }
 
+/// A stalled reader whose backlog passes its bound is caught up from the group's kept
+/// deltas folded per key: it gets `"coalesced"` frames (fewer than the versions it
+/// missed, since the rounds hit the same keys), no second snapshot, and ends equal to
+/// SQL. The bound is tiny, so any backlog is past it once the socket buffers are full.
+#[tokio::test]
+async fn a_backlog_past_the_bound_arrives_folded_per_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(
+        dir.path(),
+        &["--ws-queue-bytes", "1024", "--ws-write-timeout", "60s"],
+    )
+    .await;
+    let mut rng = StdRng::seed_from_u64(11);
+    // 100 SKUs in 3 warehouses: every round changes most of the same 300 keys.
+    ingest_skus(&server, &mut rng, 0, 500, 100).await;
+    let mut slow = Client::new(stalled_client(&server).await);
+    // The same view under several ids, so the socket buffers fill in fewer rounds.
+    let ids = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    for id in ids {
+        slow.subscribe(id, "stock_on_hand", Value::Null, None).await;
+    }
+    assert!(
+        slow.until(20, |c| ids.iter().all(|id| c.subs[*id].snapshots == 1))
+            .await
+    );
+    let first = slow.subs["a"].version;
+
+    // 8 subscriptions × 300 keys × about 80 bytes is about 190 KB of frames a round:
+    // 60 rounds are about 11 MB, more than the socket buffers between server and
+    // client hold, so the later rounds pile up behind a blocked write.
+    for round in 1..=60 {
+        ingest_skus(&server, &mut rng, round, 2000, 100).await;
+    }
+    let (version, want) = settled(&server, "stock_on_hand", "SELECT * FROM stock_on_hand").await;
+    let missed = version - first;
+    assert!(
+        missed < 200,
+        "{missed} versions: past the kept deltas a snapshot would come instead"
+    );
+
+    assert!(
+        slow.until(60, |c| ids.iter().all(
+            |id| c.subs[*id].version == version && c.subs[*id].sorted_rows() == want
+        ))
+        .await,
+        "the stalled reader did not converge (version {} of {version})",
+        slow.subs["a"].version
+    );
+    for id in ids {
+        let copy = &slow.subs[id];
+        assert_eq!(copy.snapshots, 1, "{id} was caught up by a snapshot");
+    }
+    let folded: usize = ids.iter().map(|id| slow.subs[*id].coalesced).sum();
+    let frames: usize = ids.iter().map(|id| slow.subs[*id].deltas).sum();
+    assert!(folded >= 1, "no folded frame in {frames} delta frames");
+    assert!(
+        (frames as u64) < missed * ids.len() as u64,
+        "{frames} delta frames for {missed} versions on {} subscriptions: nothing was folded",
+        ids.len()
+    );
+    let metrics = server.metrics_text().await;
+    assert!(metric(&metrics, "quiver_ws_coalesced_total ") >= folded as f64);
+    assert_eq!(metric(&metrics, "quiver_ws_resnapshots_total "), 0.0);
+}
+
 /// Encoded snapshots are held within `--ws-snapshot-bytes`: while a stalled client is
 /// still being written a large snapshot, a new snapshot waits, and goes out once that
 /// client has been dropped for slowness. The waiting subscriber still equals SQL, and
