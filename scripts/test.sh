@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need (moto's S3
-# server from PyPI, the `ws` package from npm for the JavaScript client's tests, psql
-# and the Python BI clients), then
+# server from PyPI, the `ws` and `playwright-core` packages from npm and Debian's
+# Chromium for the JavaScript client's tests, psql and the Python BI clients), then
 # runs fmt, clippy and every test with cargo-nextest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,17 +16,25 @@ if ! python3 -c "import moto.server, flask, flask_cors" 2>/dev/null; then
 fi
 # The BI tests drive real clients: psql, and Python's psycopg, SQLAlchemy and ADBC
 # Flight SQL driver (with pyarrow).
+apt_install() {
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "$@"
+  else sudo apt-get update -qq && sudo apt-get install -y -qq "$@"; fi
+}
 if ! command -v psql >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq postgresql-client
-  else sudo apt-get update -qq && sudo apt-get install -y -qq postgresql-client; fi
+  apt_install postgresql-client
+fi
+# The push client is also tested in a real browser: Debian's Chromium, headless.
+if [ ! -x /usr/bin/chromium ]; then
+  apt_install chromium
 fi
 if ! python3 -c "import psycopg, sqlalchemy, adbc_driver_flightsql.dbapi, pyarrow" 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check \
     'psycopg[binary]>=3.2' 'sqlalchemy>=2.0' 'adbc-driver-flightsql>=1.5' \
     'adbc-driver-manager>=1.5' 'pyarrow>=17'
 fi
-# The JavaScript push client's Node tests use the `ws` package.
-if [ ! -d api/js/node_modules/ws ]; then
+# The JavaScript push client's tests use the `ws` package under Node and
+# `playwright-core` to drive Chromium.
+if [ ! -d api/js/node_modules/ws ] || [ ! -d api/js/node_modules/playwright-core ]; then
   (cd api/js && npm ci --no-audit --no-fund --silent)
 fi
 if ! command -v cargo-nextest >/dev/null 2>&1; then

@@ -1134,14 +1134,35 @@ async fn refusals_errors_and_limits() {
 async fn the_javascript_client_under_node() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), &["--view-history", "64"]).await;
-    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("js");
-    let node = tokio::process::Command::new("node")
-        .args([
+    run_node(
+        &server,
+        &[
             "--test",
             "--test-force-exit",
             "--test-timeout=120000",
             "test/",
-        ])
+        ],
+    )
+    .await;
+}
+
+/// The same client in headless Chromium (`js/browser/client.browser.mjs`): the module
+/// the server serves, the browser's own WebSocket authenticating by first message from
+/// the server's origin, callbacks per animation frame, a resume after a dropped
+/// connection, a wrong token, and a page of another origin refused.
+#[tokio::test]
+async fn the_javascript_client_in_a_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), &["--view-history", "64"]).await;
+    run_node(&server, &["browser/client.browser.mjs"]).await;
+}
+
+/// Runs node in `api/js` against `server`; fails the test with node's output unless it
+/// succeeds within 5 minutes.
+async fn run_node(server: &TestServer, args: &[&str]) {
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("js");
+    let node = tokio::process::Command::new("node")
+        .args(args)
         .current_dir(&js)
         .env("QUIVER_URL", &server.url)
         .env("QUIVER_TOKEN", ADMIN)
@@ -1149,11 +1170,13 @@ async fn the_javascript_client_under_node() {
         .output();
     let out = tokio::time::timeout(Duration::from_secs(300), node)
         .await
-        .expect("the node tests finish in 5 minutes")
+        .expect("node finishes in 5 minutes")
         .expect("node is installed (scripts/test.sh installs the test's npm packages)");
+    // (Shown with `--no-capture`.)
+    println!("{}", String::from_utf8_lossy(&out.stdout));
     assert!(
         out.status.success(),
-        "node tests failed:\n{}\n{}",
+        "node {args:?} failed:\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
