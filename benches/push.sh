@@ -38,7 +38,7 @@ for n in "${counts[@]}"; do
   "$bin/push-bench" --url "http://127.0.0.1:$port" --token "$token" --subscribers "$n" \
     --rate "$rate" --duration "$duration" --server-pid "$pid"
   curl -s "http://127.0.0.1:$port/metrics" \
-    | grep -E '^quiver_(ws_(deltas_sent|coalesced|resnapshots|snapshots_sent)_total|ws_delivery_seconds_(sum|count)|ws_snapshot_bytes|view_changes_queued|view_freshness_seconds_(sum|count)) ' \
+    | grep -E '^quiver_(ws_(deltas_sent|coalesced|resnapshots|snapshots_sent)_total|ws_delivery_seconds_(sum|count)|ws_snapshot_bytes|view_changes_queued|view_freshness_seconds_(sum|count)|view_batch_seconds_(sum|count)|view_apply_seconds_sum)[ {]' \
     | sed 's/^/  /'
   kill -TERM "$pid"; wait "$pid" || true
   # How long each view checkpoint held the views (encode) and took to store (write).
