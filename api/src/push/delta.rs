@@ -1,7 +1,7 @@
 //! Change sets as push frames: filtered and encoded once per (view, filter), then sent to
 //! every subscriber of that pair with only the subscription id spliced in.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -10,11 +10,40 @@ use arrow::array::RecordBatch;
 use arrow::array::{Array, BooleanArray};
 use arrow::compute::{filter_record_batch, not, prep_null_mask_filter};
 use arrow::error::ArrowError;
+use arrow::row::{Row, RowConverter, SortField};
 use bytes::Bytes;
 use quiver_engine::ChangeSet;
 
 use super::filter::Filter;
 use crate::sql::encode::JsonRows;
+
+/// The keys of `gone` (key columns) whose row before `change` passed `filter`.
+fn held_before(
+    change: &ChangeSet,
+    filter: &Filter,
+    key_idx: &[usize],
+    gone: &RecordBatch,
+) -> Result<RecordBatch, ArrowError> {
+    if gone.num_rows() == 0 || change.replaced.num_rows() == 0 {
+        return Ok(gone.slice(0, 0));
+    }
+    let passed = filter_record_batch(
+        &change.replaced.project(key_idx)?,
+        &no_nulls(filter.mask(&change.replaced)?),
+    )?;
+    let fields = gone
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| SortField::new(f.data_type().clone()))
+        .collect();
+    let codec = RowConverter::new(fields)?;
+    let passed = codec.convert_columns(passed.columns())?;
+    let held: HashSet<Row<'_>> = passed.iter().collect();
+    let gone_rows = codec.convert_columns(gone.columns())?;
+    let keep: BooleanArray = gone_rows.iter().map(|k| Some(held.contains(&k))).collect();
+    filter_record_batch(gone, &keep)
+}
 
 /// One view change as one group of subscribers sees it.
 #[derive(Debug)]
@@ -32,9 +61,10 @@ pub(crate) struct Delta {
 impl Delta {
     /// `change` through `filter`; `None` when nothing in it concerns the filter.
     ///
-    /// A filter on non-key columns cannot tell which deleted keys its subscribers hold,
-    /// so it passes every delete, and turns upserts that fail it into deletes (the row
-    /// may have passed before it changed). Deleting a key one does not hold is a no-op.
+    /// With a filter on values, a key leaves a subscriber's rows when it is deleted or
+    /// its new row fails the filter; either is sent as a delete only when the key's row
+    /// before the change passed the filter (`ChangeSet::replaced`), that is, only for
+    /// keys the subscriber holds.
     pub(crate) fn build(
         change: &ChangeSet,
         filter: &Filter,
@@ -51,10 +81,11 @@ impl Delta {
                 let failed = filter_record_batch(&change.upserts.project(key_idx)?, &not(&pass)?)?;
                 let failed =
                     RecordBatch::try_new(change.deletes.schema(), failed.columns().to_vec())?;
-                arrow::compute::concat_batches(
+                let gone = arrow::compute::concat_batches(
                     &change.deletes.schema(),
                     [&change.deletes, &failed],
-                )?
+                )?;
+                held_before(change, filter, key_idx, &gone)?
             };
             (upserts, deletes)
         };
@@ -283,29 +314,53 @@ mod tests {
 
     use super::*;
 
-    fn change(version: u64, up: &[(&str, i64)], del: &[&str]) -> ChangeSet {
+    fn rows(rows: &[(&str, i64)]) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![
             Field::new("sku", DataType::Utf8, false),
             Field::new("on_hand", DataType::Int64, true),
         ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(
+                    rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                )),
+                Arc::new(Int64Array::from(
+                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                )),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// A change upserting `up` and deleting `del`, whose keys held `was` before.
+    fn change_from(
+        version: u64,
+        up: &[(&str, i64)],
+        del: &[&str],
+        was: &[(&str, i64)],
+    ) -> ChangeSet {
         let keys = Arc::new(Schema::new(vec![Field::new("sku", DataType::Utf8, false)]));
         ChangeSet {
             view: "v".into(),
             version,
-            upserts: RecordBatch::try_new(
-                schema,
-                vec![
-                    Arc::new(StringArray::from(
-                        up.iter().map(|r| r.0).collect::<Vec<_>>(),
-                    )),
-                    Arc::new(Int64Array::from(up.iter().map(|r| r.1).collect::<Vec<_>>())),
-                ],
-            )
-            .unwrap(),
+            upserts: rows(up),
             deletes: RecordBatch::try_new(keys, vec![Arc::new(StringArray::from(del.to_vec()))])
                 .unwrap(),
+            replaced: rows(was),
             acked_at: None,
         }
+    }
+
+    /// A change whose every upserted and deleted key held a row (on hand 10) before.
+    fn change(version: u64, up: &[(&str, i64)], del: &[&str]) -> ChangeSet {
+        let was: Vec<(&str, i64)> = up
+            .iter()
+            .map(|r| r.0)
+            .chain(del.iter().copied())
+            .map(|k| (k, 10))
+            .collect();
+        change_from(version, up, del, &was)
     }
 
     fn filter(spec: Value) -> Filter {
@@ -330,6 +385,28 @@ mod tests {
             frame(&d),
             json!({"type":"delta","id":"s1","version":3,"upserts":[["A",12]],"deletes":[["C"],["B"]]})
         );
+    }
+
+    #[test]
+    fn a_value_filter_deletes_only_keys_whose_old_row_passed() {
+        let f = filter(json!({"on_hand": {"gte": 10}}));
+        // B (was 12) and D (was 20) leave; C (was 3) and E (was 1) were never held;
+        // F is new and fails.
+        let ch = change_from(
+            5,
+            &[("A", 11), ("B", 4), ("C", 2), ("F", 1)],
+            &["D", "E"],
+            &[("A", 9), ("B", 12), ("C", 3), ("D", 20), ("E", 1)],
+        );
+        let d = Delta::build(&ch, &f, &[0]).unwrap().unwrap();
+        let v = frame(&d);
+        assert_eq!(v["upserts"], json!([["A", 11]]));
+        let mut deletes = v["deletes"].as_array().unwrap().clone();
+        deletes.sort_by_key(|k| k[0].as_str().unwrap().to_owned());
+        assert_eq!(deletes, vec![json!(["B"]), json!(["D"])]);
+        // Nothing the subscriber holds is touched: no frame at all.
+        let ch = change_from(6, &[("C", 5)], &["E"], &[("C", 3), ("E", 1)]);
+        assert!(Delta::build(&ch, &f, &[0]).unwrap().is_none());
     }
 
     #[test]

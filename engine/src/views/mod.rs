@@ -131,6 +131,10 @@ pub struct ChangeSet {
     pub upserts: RecordBatch,
     /// Keys removed (key columns only).
     pub deletes: RecordBatch,
+    /// The rows as they were before this change, of the keys it upserted or deleted
+    /// (whole rows; a new key has none; empty for a view without a key). A filter on
+    /// values can tell from them which keys its subscribers held.
+    pub replaced: RecordBatch,
     /// When the oldest event behind this change was acknowledged.
     pub acked_at: Option<Instant>,
 }
@@ -1578,6 +1582,7 @@ fn finish(
         version,
         upserts: applied.upserts,
         deletes: applied.deletes,
+        replaced: applied.replaced,
         acked_at: acked,
     });
     let label = ViewLabel {

@@ -33,6 +33,9 @@ pub(crate) struct Applied {
     pub(crate) upserts: RecordBatch,
     /// Keys that left the view (key columns).
     pub(crate) deletes: RecordBatch,
+    /// The rows the upserts replaced and the deletes removed, as they were (whole rows;
+    /// a new key has none; empty for a view without a key).
+    pub(crate) replaced: RecordBatch,
     /// The same change as weighted rows, for views that read this one.
     pub(crate) diff: ZBatch,
 }
@@ -219,18 +222,25 @@ impl Output {
         }
         let mut upserts: Vec<&[u8]> = Vec::new();
         let mut deletes: Vec<&[u8]> = Vec::new();
+        let mut replaced: Vec<&[u8]> = Vec::new();
         for (key, old) in &before {
             let new = self.rows.get(key);
             self.total += new.map_or(0, |s| s.count.max(0) as usize);
             self.bytes -= old.as_ref().map_or(0, |r| key.len() + r.len() + SLOT_BYTES);
             self.bytes += new.map_or(0, |s| slot_bytes(key, s));
-            match new {
+            let changed = match new {
                 Some(slot) if old.as_deref() != Some(&*slot.row) || !self.keyed => {
-                    upserts.push(&slot.row)
+                    upserts.push(&slot.row);
+                    true
                 }
-                Some(_) => {}
-                None if old.is_some() => deletes.push(key),
-                None => {}
+                None if old.is_some() => {
+                    deletes.push(key);
+                    true
+                }
+                _ => false,
+            };
+            if changed && self.keyed {
+                replaced.extend(old.as_deref());
             }
         }
         debug_assert_eq!(
@@ -249,7 +259,7 @@ impl Output {
                 .sum::<usize>(),
             "the kept row count drifted"
         );
-        self.applied(upserts, deletes, &net, with_diff)
+        self.applied([upserts, deletes, replaced], &net, with_diff)
     }
 
     /// [`Output::apply`] for rows that are not held: each key the diff touches loses
@@ -262,43 +272,45 @@ impl Output {
         key_at: impl Fn(usize) -> &'a [u8],
         with_diff: bool,
     ) -> Result<Applied> {
-        // Per key: whether it lost a row, and the row it gained.
-        let mut by_key: Map<&[u8], (bool, Option<&[u8]>)> = Map::default();
+        // Per key: the row it lost, and the row it gained.
+        let mut by_key: Map<&[u8], (Option<&[u8]>, Option<&[u8]>)> = Map::default();
         for (row, (i, w)) in net {
-            let entry = by_key.entry(key_at(*i)).or_insert((false, None));
-            if *w < 0 {
-                entry.0 = true;
-            } else if entry.1.replace(row).is_some() {
+            let entry = by_key.entry(key_at(*i)).or_insert((None, None));
+            let side = if *w < 0 { &mut entry.0 } else { &mut entry.1 };
+            if side.replace(row).is_some() {
                 warn!("two rows of a view share one key; the later one is kept");
             }
         }
         let mut upserts: Vec<&[u8]> = Vec::new();
         let mut deletes: Vec<&[u8]> = Vec::new();
+        let mut replaced: Vec<&[u8]> = Vec::new();
         for (key, (lost, gained)) in by_key {
             match gained {
                 Some(row) => {
                     upserts.push(row);
-                    self.total += usize::from(!lost);
+                    self.total += usize::from(lost.is_none());
                 }
                 None => {
                     deletes.push(key);
                     self.total = self.total.saturating_sub(1);
                 }
             }
+            replaced.extend(lost);
         }
-        self.applied(upserts, deletes, net, with_diff)
+        self.applied([upserts, deletes, replaced], net, with_diff)
     }
 
-    /// Decodes what changed, and the weighted diff when `with_diff`.
+    /// Decodes what changed (upserted rows, deleted keys, replaced rows), and the
+    /// weighted diff when `with_diff`.
     fn applied(
         &self,
-        upserts: Vec<&[u8]>,
-        deletes: Vec<&[u8]>,
+        [upserts, deletes, replaced]: [Vec<&[u8]>; 3],
         net: &Map<&[u8], (usize, i64)>,
         with_diff: bool,
     ) -> Result<Applied> {
         let upserts = decode_batch(&self.row_codec, &self.schema, upserts)?;
         let deletes = decode_batch(&self.key_codec, &self.key_schema, deletes)?;
+        let replaced = decode_batch(&self.row_codec, &self.schema, replaced)?;
         let mut changed: Vec<&[u8]> = Vec::new();
         let mut weights = Vec::new();
         if with_diff {
@@ -314,6 +326,7 @@ impl Output {
         Ok(Applied {
             upserts,
             deletes,
+            replaced,
             diff,
         })
     }
