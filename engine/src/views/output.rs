@@ -26,6 +26,9 @@ impl Footprint for Slot {
     }
 }
 
+/// A key's old row and new row in one change, as far as it has them.
+type LostAndGained<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
+
 /// What one batch of changes did to a view.
 #[derive(Debug)]
 pub(crate) struct Applied {
@@ -273,7 +276,7 @@ impl Output {
         with_diff: bool,
     ) -> Result<Applied> {
         // Per key: the row it lost, and the row it gained.
-        let mut by_key: Map<&[u8], (Option<&[u8]>, Option<&[u8]>)> = Map::default();
+        let mut by_key: Map<&[u8], LostAndGained<'_>> = Map::default();
         for (row, (i, w)) in net {
             let entry = by_key.entry(key_at(*i)).or_insert((None, None));
             let side = if *w < 0 { &mut entry.0 } else { &mut entry.1 };
