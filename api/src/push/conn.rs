@@ -357,17 +357,37 @@ impl End {
     }
 }
 
-type Socket = WebSocket<HttpStream>;
+/// A connection's socket, with the bytes its task has written since it last let the
+/// push thread's other connections run.
+struct Socket {
+    ws: WebSocket<HttpStream>,
+    since_yield: usize,
+}
+
+impl std::ops::Deref for Socket {
+    type Target = WebSocket<HttpStream>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.ws
+    }
+}
+
+impl std::ops::DerefMut for Socket {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.ws
+    }
+}
 
 /// Serves one upgraded connection to its end. `authed` is the header's principal and
 /// the connection id it was counted under, if the token came in the header.
 pub(crate) async fn serve(
-    mut socket: Socket,
+    ws: WebSocket<HttpStream>,
     push: Arc<Push>,
     engine: Engine,
     state: Arc<AppState>,
     authed: Option<(Principal, u64)>,
 ) {
+    let mut socket = Socket { ws, since_yield: 0 };
     let (principal, conn_id) = match authed {
         Some(a) => a,
         None => match first_message_auth(&mut socket, &push, &state).await {
@@ -931,14 +951,27 @@ async fn feed(socket: &mut Socket, push: &Push, parts: Vec<Bytes>) -> Result<(),
             .collect()
     };
     for frame in frames {
+        let size = frame.payload().len();
         match tokio::time::timeout(push.config.write_timeout, socket.feed(frame)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(End::Client),
             Err(_) => return Err(End::Slow),
         }
+        socket.since_yield += size;
+        if socket.since_yield >= YIELD_BYTES {
+            // The other connections' turn: one writing a large snapshot or backlog to a
+            // client that keeps up would otherwise hold the push thread for tens of MB
+            // (tokio lets a task make 128 socket writes before it must yield), while
+            // connections with one small delta each wait behind it.
+            socket.since_yield = 0;
+            tokio::task::yield_now().await;
+        }
     }
     Ok(())
 }
+
+/// Bytes a connection writes before it lets the push thread's other connections run.
+const YIELD_BYTES: usize = 256 << 10;
 
 #[cfg(test)]
 mod fragment_tests {
