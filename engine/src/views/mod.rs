@@ -189,10 +189,13 @@ impl Published {
         })?;
         let schema = self.output.schema();
         let mut parts = Vec::new();
-        node.emit_all(REBUILD_CHUNK, &mut |rows| {
+        node.emit_all(LIST_CHUNK, &mut |rows| {
             parts.push(rows.into_rows(schema)?);
             Ok(())
         })?;
+        if parts.len() == 1 {
+            return Ok(parts.remove(0));
+        }
         Ok(arrow::compute::concat_batches(schema, &parts)?)
     }
 
@@ -681,6 +684,10 @@ const CHANGE_FEED_CAPACITY: usize = 1024;
 const MAGIC: &[u8] = b"QUIVER-VIEWS-3";
 /// Rows per batch when a view's rows are rebuilt from its operators' state.
 const REBUILD_CHUNK: usize = if cfg!(test) { 7 } else { 65_536 };
+/// Rows per batch when a view's rows are listed from its operators' state for a
+/// snapshot: all at once, so a large view is not held twice while its parts are
+/// joined (in tests, small parts, so joining them is exercised).
+const LIST_CHUNK: usize = if cfg!(test) { 7 } else { usize::MAX };
 
 #[derive(Debug, Serialize, Deserialize)]
 struct SavedView {
