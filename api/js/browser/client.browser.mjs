@@ -96,9 +96,9 @@ try {
   await page.goto(`${url}/v1/ws/client.js`);
   await page.evaluate(async (token) => {
     const { QuiverPush } = await import("/v1/ws/client.js");
-    window.frames = 0;
+    window.ticks = 0;
     const tick = () => {
-      window.frames += 1;
+      window.ticks += 1;
       requestAnimationFrame(tick);
     };
     requestAnimationFrame(tick);
@@ -129,7 +129,7 @@ try {
   // Many small changes in a burst: every one is applied, and onChange runs at most
   // once per animation frame.
   const before = await page.evaluate(() => ({
-    frames: window.frames,
+    frames: window.ticks,
     calls: window.calls.all,
     deltas: window.subs.all.stats.deltas,
   }));
@@ -142,7 +142,7 @@ try {
     "filtered, after a burst",
   );
   const burst = await page.evaluate(() => ({
-    frames: window.frames,
+    frames: window.ticks,
     calls: window.calls.all,
     deltas: window.subs.all.stats.deltas,
   }));
