@@ -643,6 +643,8 @@ struct Running {
     shared: Arc<ViewShared>,
     /// Maintained by operators (in `shared`'s state) rather than recomputed.
     incremental: bool,
+    /// What applying a batch to this view costs, in nanoseconds (a moving average).
+    cost_ns: f64,
     /// Per stream read, the last WAL position applied.
     positions: BTreeMap<String, u64>,
     next_recompute: Instant,
@@ -830,7 +832,7 @@ impl Maintainer {
         };
         let mut diffs: HashMap<String, ZBatch> = HashMap::new();
         let mut broken = Vec::new();
-        for i in 0..self.views.len() {
+        for i in self.batch_order() {
             let run = &mut self.views[i];
             if !run.incremental {
                 continue;
@@ -863,6 +865,7 @@ impl Maintainer {
                 }
             }
             let spent = view_started.elapsed();
+            run.cost_ns = 0.9 * run.cost_ns + 0.1 * spent.as_nanos() as f64;
             run.shared
                 .apply_nanos
                 .fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
@@ -888,6 +891,46 @@ impl Maintainer {
         for i in broken {
             self.rebuild(i);
         }
+    }
+
+    /// The order to apply a batch in: every view after the views it reads and, of those
+    /// ready, the cheapest first. Each view's change set goes out as soon as it is
+    /// applied, and push sends change sets in that order, so an expensive view (a
+    /// `DISTINCT ON` over every order line, whose deltas are large) placed early would
+    /// hold back the change sets of every cheap view after it.
+    fn batch_order(&self) -> Vec<usize> {
+        let n = self.views.len();
+        let index: HashMap<&str, usize> = self
+            .views
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.name(), i))
+            .collect();
+        let mut done = vec![false; n];
+        let mut order = Vec::with_capacity(n);
+        while order.len() < n {
+            let ready = (0..n).filter(|&i| {
+                !done[i]
+                    && self.views[i]
+                        .shared
+                        .reads
+                        .iter()
+                        .all(|r| index.get(r.as_str()).is_none_or(|&j| done[j]))
+            });
+            let Some(next) = ready.min_by(|&a, &b| {
+                self.views[a]
+                    .cost_ns
+                    .total_cmp(&self.views[b].cost_ns)
+                    .then(a.cmp(&b))
+            }) else {
+                // (Cannot happen: a view is created after the views it reads.)
+                order.extend((0..n).filter(|&i| !done[i]));
+                break;
+            };
+            done[next] = true;
+            order.push(next);
+        }
+        order
     }
 
     /// Runs every due recompute view and passes its change to the views reading it.
@@ -1108,6 +1151,7 @@ impl Maintainer {
         let run = Running {
             shared,
             incremental,
+            cost_ns: 0.0,
             positions,
             next_recompute: Instant::now() + interval,
             in_chain: false,
@@ -1381,6 +1425,7 @@ impl Maintainer {
         let run = Running {
             shared,
             incremental,
+            cost_ns: 0.0,
             positions: saved.positions.clone(),
             next_recompute: Instant::now(),
             in_chain: true,
