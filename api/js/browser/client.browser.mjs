@@ -13,62 +13,20 @@ import http from "node:http";
 
 import { chromium } from "playwright-core";
 
-const url = process.env.QUIVER_URL;
-const token = process.env.QUIVER_TOKEN;
+import { inventoryIngest, token, untilEqual, url } from "../support.mjs";
+
 const executablePath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 
-async function sql(query) {
-  const r = await fetch(`${url}/v1/sql?format=json`, {
-    method: "POST",
-    headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
-    body: JSON.stringify({ sql: query }),
-  });
-  const body = await r.json();
-  assert.equal(r.status, 200, JSON.stringify(body));
-  return body.rows;
-}
-
-let seq = 0;
-async function ingest(n) {
-  const lines = [];
-  for (let i = 0; i < n; i++) {
-    seq += 1;
-    const qty = seq % 7 === 0 ? -((seq % 5) + 1) : (seq % 13) + 1;
-    lines.push(
-      JSON.stringify({
-        event_id: `browser-${seq}`,
-        event_time: "2026-11-25T12:00:00Z",
-        sku: `SKU-${seq % 6}`,
-        warehouse_id: `W${(seq % 3) + 1}`,
-        kind: qty > 0 ? "receipt" : "sale",
-        quantity: qty,
-      }),
-    );
-  }
-  const r = await fetch(`${url}/v1/streams/inventory/events`, {
-    method: "POST",
-    headers: { authorization: `Bearer ${token}`, "content-type": "application/x-ndjson" },
-    body: lines.join("\n"),
-  });
-  assert.equal(r.status, 200, await r.text());
-}
-
-const canon = (rows) => rows.map((r) => JSON.stringify(r)).sort();
+const ingest = inventoryIngest({
+  prefix: "browser",
+  skus: 6,
+  warehouses: 3,
+  eventTime: "2026-11-25T12:00:00Z",
+});
 
 /** Waits until the page's copy of subscription `name` equals `query`'s rows. */
-async function converges(page, name, query, what) {
-  const deadline = Date.now() + 20_000;
-  let want;
-  let got;
-  for (;;) {
-    want = canon(await sql(query));
-    got = canon(await page.evaluate((n) => window.subs[n].rows(), name));
-    if (JSON.stringify(got) === JSON.stringify(want)) return;
-    if (Date.now() > deadline) break;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  assert.deepEqual(got, want, what);
-}
+const converges = (page, name, query, what) =>
+  untilEqual(() => page.evaluate((n) => window.subs[n].rows(), name), query, what);
 
 const browser = await chromium.launch({
   executablePath,

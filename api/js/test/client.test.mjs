@@ -6,59 +6,17 @@ import { after, test } from "node:test";
 import WebSocket from "ws";
 
 import { QuiverPush } from "../quiver-push.js";
+import { inventoryIngest, token, untilEqual, url } from "../support.mjs";
 
-const url = process.env.QUIVER_URL;
-const token = process.env.QUIVER_TOKEN;
+const ingest = inventoryIngest({
+  prefix: "js",
+  skus: 4,
+  warehouses: 2,
+  eventTime: "2026-11-25T11:00:00Z",
+});
 
-async function sql(query) {
-  const r = await fetch(`${url}/v1/sql?format=json`, {
-    method: "POST",
-    headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
-    body: JSON.stringify({ sql: query }),
-  });
-  const body = await r.json();
-  assert.equal(r.status, 200, JSON.stringify(body));
-  return body.rows;
-}
-
-let seq = 0;
-async function ingest(n, warehouse) {
-  const lines = [];
-  for (let i = 0; i < n; i++) {
-    seq += 1;
-    const qty = (seq * 7) % 11 === 0 ? -((seq % 5) + 1) : (seq % 13) + 1;
-    lines.push(
-      JSON.stringify({
-        event_id: `js-${seq}`,
-        event_time: "2026-11-25T11:00:00Z",
-        sku: `SKU-${seq % 4}`,
-        warehouse_id: warehouse ?? `W${(seq % 2) + 1}`,
-        kind: qty > 0 ? "receipt" : "sale",
-        quantity: qty,
-      }),
-    );
-  }
-  const r = await fetch(`${url}/v1/streams/inventory/events`, {
-    method: "POST",
-    headers: { authorization: `Bearer ${token}`, "content-type": "application/x-ndjson" },
-    body: lines.join("\n"),
-  });
-  assert.equal(r.status, 200, await r.text());
-}
-
-const canon = (rows) => rows.map((r) => JSON.stringify(r)).sort();
-
-async function converges(sub, query, what) {
-  const deadline = Date.now() + 20_000;
-  let want;
-  for (;;) {
-    want = canon(await sql(query));
-    if (JSON.stringify(canon(sub.rows())) === JSON.stringify(want)) return;
-    if (Date.now() > deadline) break;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  assert.deepEqual(canon(sub.rows()), want, what);
-}
+/** Waits until subscription `sub`'s copy equals `query`'s rows. */
+const converges = (sub, query, what) => untilEqual(() => sub.rows(), query, what);
 
 test("snapshot + deltas, filters, reconnect with resume, one callback per frame", async () => {
   await ingest(20);
