@@ -18,7 +18,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Spent, Tracked};
+use super::tracked::{Footprint, Spent, Tracked, alloc_bytes, table_bytes};
 use super::zset::{Codec, Map, ZBatch, evaluate};
 
 /// What an aggregate computes.
@@ -468,16 +468,22 @@ impl Aggregate {
 
 impl Footprint for Group {
     fn footprint(&self) -> usize {
-        48 + self
-            .accs
-            .iter()
-            .map(|a| match a {
-                Acc::Extreme(v) => 24 + v.as_ref().map_or(0, |b| b.len()),
-                Acc::Values(m) => 24 + m.keys().map(|k| k.len() + 40).sum::<usize>(),
-                Acc::Distinct(m) => 48 + m.keys().map(|k| k.len() + 32).sum::<usize>(),
-                _ => 24,
-            })
-            .sum::<usize>()
+        alloc_bytes(self.accs.len() * std::mem::size_of::<Acc>())
+            + self
+                .accs
+                .iter()
+                .map(|a| match a {
+                    Acc::Extreme(v) => v.as_ref().map_or(0, |b| alloc_bytes(b.len())),
+                    // A B-tree entry: the key's allocation and its share of a node
+                    // (about two thirds full).
+                    Acc::Values(m) => m.keys().map(|k| alloc_bytes(k.len()) + 36).sum(),
+                    Acc::Distinct(m) => {
+                        table_bytes::<(Box<[u8]>, i64)>(m.capacity())
+                            + m.keys().map(|k| alloc_bytes(k.len())).sum::<usize>()
+                    }
+                    _ => 0,
+                })
+                .sum::<usize>()
     }
 }
 

@@ -9,19 +9,20 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Spent, Tracked};
+use super::tracked::{Footprint, Spent, Tracked, alloc_bytes, table_bytes};
 
 /// A sort position and a row, as `DISTINCT ON` keeps per key.
 impl Footprint for (Bytes, Bytes) {
     fn footprint(&self) -> usize {
-        self.0.len() + self.1.len() + 80
+        alloc_bytes(self.0.len()) + alloc_bytes(self.1.len())
     }
 }
 
 /// A join side's rows (with counts) under one join key.
 impl Footprint for Map<Bytes, i64> {
     fn footprint(&self) -> usize {
-        64 + self.keys().map(|r| r.len() + 40).sum::<usize>()
+        table_bytes::<(Bytes, i64)>(self.capacity())
+            + self.keys().map(|r| alloc_bytes(r.len())).sum::<usize>()
     }
 }
 use super::zset::{Codec, Map, ZBatch, decode_batch, evaluate, take_optional};

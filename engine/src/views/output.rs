@@ -8,7 +8,7 @@ use datafusion::common::Result;
 use tracing::warn;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Spent, Tracked};
+use super::tracked::{Footprint, Spent, Tracked, alloc_bytes};
 use super::zset::{Codec, Map, ZBatch, decode_batch, row_codec};
 
 #[derive(Debug)]
@@ -17,12 +17,9 @@ struct Slot {
     count: i64,
 }
 
-/// What a slot holds besides its row's bytes.
-const SLOT_BYTES: usize = 64;
-
 impl Footprint for Slot {
     fn footprint(&self) -> usize {
-        self.row.len() + SLOT_BYTES
+        alloc_bytes(self.row.len())
     }
 }
 
@@ -86,7 +83,7 @@ pub(crate) struct Output {
 }
 
 fn slot_bytes(key: &[u8], slot: &Slot) -> usize {
-    key.len() + slot.footprint()
+    alloc_bytes(key.len()) + slot.footprint()
 }
 
 impl Output {
@@ -125,8 +122,9 @@ impl Output {
         self.total
     }
 
+    /// Approximate bytes the rows hold, with their table.
     pub(crate) fn state_bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.rows.table_bytes()
     }
 
     pub(crate) fn mode(&self) -> Rows {
@@ -229,7 +227,9 @@ impl Output {
         for (key, old) in &before {
             let new = self.rows.get(key);
             self.total += new.map_or(0, |s| s.count.max(0) as usize);
-            self.bytes -= old.as_ref().map_or(0, |r| key.len() + r.len() + SLOT_BYTES);
+            self.bytes -= old
+                .as_ref()
+                .map_or(0, |r| alloc_bytes(key.len()) + alloc_bytes(r.len()));
             self.bytes += new.map_or(0, |s| slot_bytes(key, s));
             let changed = match new {
                 Some(slot) if old.as_deref() != Some(&*slot.row) || !self.keyed => {
