@@ -194,7 +194,10 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_WS_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub ws_idle_timeout: Duration,
 
-    /// A connection that takes longer than this to accept a write is dropped.
+    /// A connection that takes longer than this to accept a write is dropped. On
+    /// Linux it is also each HTTP connection's `TCP_USER_TIMEOUT`: a peer that leaves
+    /// sent data unacknowledged this long (a vanished client) is cut by the kernel,
+    /// so a subscriber that vanished goes within this time of the next frame or ping.
     #[arg(long, env = "QUIVER_WS_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub ws_write_timeout: Duration,
 

@@ -39,6 +39,7 @@ pub(crate) async fn metrics(State(state): AppStateRef, headers: HeaderMap) -> Ap
     if state.config.metrics_auth {
         state.tokens.authenticate(&headers)?.require(Scope::Read)?;
     }
+    state.memory.refresh();
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &state.registry)
         .map_err(|e| ApiError::internal("encoding metrics", &e))?;

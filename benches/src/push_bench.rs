@@ -196,10 +196,14 @@ async fn subscriber(
     Ok(())
 }
 
-/// Posts generated events at `rate`/s in `per_sec` requests per second per stream.
-/// The server's view state and push queue sizes in bytes, from its metrics: what of
-/// its RSS is view state (which grows with the views' rows) and what is push.
-async fn server_gauges(client: &reqwest::Client, base: &str, token: &str) -> Option<(f64, f64)> {
+/// The server's live allocations, view state and push queue sizes in bytes, from its
+/// metrics: what of its RSS the allocator holds unused, what is view state (which grows
+/// with the views' rows) and what is push.
+async fn server_gauges(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+) -> Option<(f64, f64, f64)> {
     let text = client
         .get(format!("{base}/metrics"))
         .bearer_auth(token)
@@ -215,13 +219,19 @@ async fn server_gauges(client: &reqwest::Client, base: &str, token: &str) -> Opt
         .filter(|l| l.starts_with("quiver_view_state_bytes{"))
         .filter_map(value)
         .sum();
-    let queue = text
-        .lines()
-        .find(|l| l.starts_with("quiver_ws_queue_bytes "))
-        .and_then(value)?;
-    Some((state, queue))
+    let gauge = |name: &str| {
+        text.lines()
+            .find(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(' ')))
+            .and_then(value)
+    };
+    Some((
+        gauge("quiver_memory_allocated_bytes")?,
+        state,
+        gauge("quiver_ws_queue_bytes")?,
+    ))
 }
 
+/// Posts generated events at `rate`/s in `per_sec` requests per second per stream.
 async fn ingest(
     base: String,
     token: String,
@@ -379,7 +389,7 @@ async fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let metrics_client = reqwest::Client::new();
     println!(
-        "window  events/s  deltas/s  coalesced  p50_ms  p99_ms  max_ms  server_rss_mib  view_state_mib  ws_queue_mib"
+        "window  events/s  deltas/s  coalesced  p50_ms  p99_ms  max_ms  server_rss_mib  allocated_mib  view_state_mib  ws_queue_mib"
     );
     let mut last_sent = 0;
     let mut last_deltas = 0;
@@ -400,7 +410,7 @@ async fn main() -> anyhow::Result<()> {
         let secs = args.window.as_secs_f64();
         let mib = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.0}", v / (1 << 20) as f64));
         println!(
-            "{:>5.0}s  {:>8.0}  {:>8.0}  {:>9}  {:>6.1}  {:>6.1}  {:>6.1}  {:>14}  {:>14}  {:>12}",
+            "{:>5.0}s  {:>8.0}  {:>8.0}  {:>9}  {:>6.1}  {:>6.1}  {:>6.1}  {:>14}  {:>13}  {:>14}  {:>12}",
             t0.elapsed().as_secs_f64(),
             (s - last_sent) as f64 / secs,
             (d - last_deltas) as f64 / secs,
@@ -411,6 +421,7 @@ async fn main() -> anyhow::Result<()> {
             r.map_or("-".into(), |r| format!("{r:.0}")),
             mib(gauges.map(|g| g.0)),
             mib(gauges.map(|g| g.1)),
+            mib(gauges.map(|g| g.2)),
         );
         last_sent = s;
         last_deltas = d;
