@@ -3,10 +3,10 @@
 //! Quiver allocates from many threads (HTTP, ingest, the view maintainer, push) and
 //! frees much of it on another one: a frame is encoded where a change set is fanned out
 //! and freed where it is written. glibc's malloc keeps such memory in per-thread arenas
-//! that shrink only from the top, so its RSS kept growing beyond what the process held
-//! (in the push benchmark, about 220 MiB over five minutes). jemalloc returns freed
-//! pages to the system after a few seconds, and tells how many bytes the process holds
-//! in live allocations, so RSS can be split into live data and what the allocator keeps.
+//! that shrink only from the top; with jemalloc, which gives freed pages back after its
+//! decay time (ten seconds), RSS grew about 65 MiB less over the five-minute push
+//! benchmark. jemalloc also tells how many bytes are in live allocations, so RSS can be
+//! split into live data and the rest.
 
 use std::sync::atomic::AtomicU64;
 
