@@ -781,6 +781,78 @@ async fn a_backlog_past_the_bound_arrives_folded_per_key() {
     assert_eq!(metric(&metrics, "quiver_ws_resnapshots_total "), 0.0);
 }
 
+/// Memory stays bounded however many clients stall: past `--ws-total-queue-bytes` (the
+/// pending deltas of all connections together) a subscription that already has deltas
+/// pending is caught up later from its group's kept deltas instead of queueing more, so
+/// the queues hold at most the budget plus one delta per connection, well below what
+/// each connection's own bound (1 MiB here) would allow. Every stalled reader still
+/// converges to SQL.
+#[tokio::test]
+async fn stalled_readers_together_stay_within_the_queue_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = 16 * 1024;
+    let server = TestServer::start(
+        dir.path(),
+        &[
+            "--ws-total-queue-bytes",
+            &budget.to_string(),
+            "--ws-queue-bytes",
+            "1048576",
+            "--ws-write-timeout",
+            "60s",
+        ],
+    )
+    .await;
+    let mut rng = StdRng::seed_from_u64(13);
+    ingest_skus(&server, &mut rng, 0, 500, 100).await;
+    let ids = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut c = Client::new(stalled_client(&server).await);
+        for id in ids {
+            c.subscribe(id, "stock_on_hand", Value::Null, None).await;
+        }
+        assert!(
+            c.until(20, |c| ids.iter().all(|id| c.subs[*id].snapshots == 1))
+                .await
+        );
+        stalled.push(c);
+    }
+
+    // As in the folded backlog test, about 190 KB of frames a round per connection:
+    // the socket buffers fill within a few rounds and the rest waits in the queues.
+    let mut peak: f64 = 0.0;
+    for round in 1..=40 {
+        ingest_skus(&server, &mut rng, round, 2000, 100).await;
+        let metrics = server.metrics_text().await;
+        peak = peak.max(metric(&metrics, "quiver_ws_queue_bytes "));
+    }
+    let metrics = server.metrics_text().await;
+    assert!(
+        metric(&metrics, "quiver_ws_catch_ups_total ") > 0.0,
+        "the queues never overflowed: the test put no pressure on them"
+    );
+    // One delta of this view is at most 300 keys of about 80 bytes.
+    let one_delta = 300.0 * 100.0;
+    let bound = budget as f64 + stalled.len() as f64 * one_delta;
+    assert!(
+        peak <= bound,
+        "queues held {peak} bytes, past the budget of {budget} plus one delta per connection ({bound})"
+    );
+
+    let (version, want) = settled(&server, "stock_on_hand", "SELECT * FROM stock_on_hand").await;
+    for (n, c) in stalled.iter_mut().enumerate() {
+        assert!(
+            c.until(60, |c| ids.iter().all(
+                |id| c.subs[*id].version == version && c.subs[*id].sorted_rows() == want
+            ))
+            .await,
+            "stalled reader {n} did not converge (version {} of {version})",
+            c.subs["a"].version
+        );
+    }
+}
+
 /// Encoded snapshots are held within `--ws-snapshot-bytes`: while a stalled client is
 /// still being written a large snapshot, a new snapshot waits, and goes out once that
 /// client has been dropped for slowness. The waiting subscriber still equals SQL, and
