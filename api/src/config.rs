@@ -186,18 +186,17 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_WS_SNAPSHOT_BYTES", default_value_t = 256 << 20)]
     pub ws_snapshot_bytes: usize,
 
-    /// How often the server pings an idle connection.
-    #[arg(long, env = "QUIVER_WS_PING_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// How often the server pings every connection, busy or quiet.
+    #[arg(long, env = "QUIVER_WS_PING_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub ws_ping_interval: Duration,
 
-    /// A connection that sends nothing (not even a pong) this long is closed.
-    #[arg(long, env = "QUIVER_WS_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    /// A connection that answers no ping (with any frame) this long is closed: a
+    /// client that vanished without closing goes within this plus two ping intervals
+    /// (25 s by default).
+    #[arg(long, env = "QUIVER_WS_IDLE_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub ws_idle_timeout: Duration,
 
-    /// A connection that takes longer than this to accept a write is dropped. On
-    /// Linux it is also each HTTP connection's `TCP_USER_TIMEOUT`: a peer that leaves
-    /// sent data unacknowledged this long (a vanished client) is cut by the kernel,
-    /// so a subscriber that vanished goes within this time of the next frame or ping.
+    /// A connection that takes longer than this to accept a write is dropped.
     #[arg(long, env = "QUIVER_WS_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub ws_write_timeout: Duration,
 

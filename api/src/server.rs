@@ -37,22 +37,6 @@ pub(crate) struct AppState {
     pub(crate) push: Arc<crate::push::Push>,
 }
 
-/// Sets what each accepted connection does when its peer vanishes (a pulled cable, a
-/// laptop shut, no FIN or RST): once data sent to it has gone unacknowledged for
-/// `timeout`, the kernel aborts it (`TCP_USER_TIMEOUT`, Linux), and the next read or
-/// write fails. Without it a WebSocket subscriber that vanished was found only when
-/// the socket's buffers filled or after the idle timeout, tens of seconds later.
-fn unacknowledged_timeout(timeout: std::time::Duration) -> impl FnMut(&mut TcpStream) + Send {
-    move |tcp: &mut TcpStream| {
-        #[cfg(target_os = "linux")]
-        if let Err(e) = socket2::SockRef::from(&*tcp).set_tcp_user_timeout(Some(timeout)) {
-            debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
-        }
-        #[cfg(not(target_os = "linux"))]
-        let _ = (tcp, timeout);
-    }
-}
-
 /// A running server.
 #[derive(Debug)]
 pub struct RunningServer {
@@ -104,7 +88,6 @@ impl RunningServer {
             .await
             .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
         let http_addr = listener.local_addr()?;
-        let listener = listener.tap_io(unacknowledged_timeout(config.ws_write_timeout));
         let app = router(Arc::clone(&state));
         let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
         let http = tokio::spawn(async move {
@@ -254,24 +237,4 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
         })
         .observe(started.elapsed().as_secs_f64());
     resp
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[cfg(target_os = "linux")]
-    #[tokio::test]
-    async fn accepted_connections_are_cut_when_data_goes_unacknowledged() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let _client = TcpStream::connect(addr).await.unwrap();
-        let (mut accepted, _) = listener.accept().await.unwrap();
-        let timeout = std::time::Duration::from_secs(7);
-        unacknowledged_timeout(timeout)(&mut accepted);
-        let set = socket2::SockRef::from(&accepted)
-            .tcp_user_timeout()
-            .unwrap();
-        assert_eq!(set, Some(timeout));
-    }
 }
