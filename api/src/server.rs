@@ -10,13 +10,12 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
-use axum::serve::ListenerExt as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus_client::registry::Registry;
 use quiver_engine::metrics::RouteLabel;
 use quiver_engine::{Engine, EngineMetrics, Store};
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, error, info};
+use tokio::net::TcpListener;
+use tracing::{error, info};
 
 use crate::auth::Tokens;
 use crate::config::ServeConfig;
