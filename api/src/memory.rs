@@ -57,18 +57,10 @@ impl MemoryMetrics {
                 self.resident.set(b as u64);
             }
         }
-        if let Some(b) = rss_bytes() {
+        if let Some(b) = quiver_engine::metrics::resident_bytes(std::process::id()) {
             self.rss.set(b);
         }
     }
-}
-
-/// The process's resident set size, from `/proc/self/status` (Linux; `None` elsewhere).
-fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib << 10)
 }
 
 #[cfg(test)]

@@ -2,10 +2,7 @@
 
 /// A process's resident memory in MiB, from `/proc`.
 pub fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    quiver_engine::metrics::resident_bytes(pid).map(|b| b as f64 / (1 << 20) as f64)
 }
 
 /// The server a load driver talks to: loopback only.

@@ -333,3 +333,12 @@ pub fn stream_label(stream: &str) -> StreamLabel {
         stream: stream.to_owned(),
     }
 }
+
+/// The resident set size of process `pid` in bytes, from `/proc` (Linux; `None`
+/// elsewhere or when the process is gone).
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}

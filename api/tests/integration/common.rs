@@ -28,6 +28,15 @@ pub(crate) struct TestServer {
     env: Vec<(String, String)>,
 }
 
+/// The value of the first line of the metrics text that starts with `name` (0 if none).
+pub(crate) fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A port no listener holds, below the kernel's ephemeral range (32768 up by default):
 /// a server restarted on its old ports must not find one taken by some client
 /// connection's local end, as a port from the ephemeral range can be (seen once in CI).

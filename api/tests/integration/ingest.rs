@@ -344,15 +344,9 @@ async fn bad_input_is_refused_clearly_and_stores_nothing() {
     assert!(metrics.contains("quiver_wal_fsync_seconds"));
     // How the server's memory splits, read when scraped: live allocations, what the
     // allocator holds, and the process's RSS.
-    let gauge = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
-    };
-    let allocated = gauge("quiver_memory_allocated_bytes");
-    let resident = gauge("quiver_memory_allocator_resident_bytes");
-    let rss = gauge("process_resident_memory_bytes");
+    let allocated = metric(&metrics, "quiver_memory_allocated_bytes ");
+    let resident = metric(&metrics, "quiver_memory_allocator_resident_bytes ");
+    let rss = metric(&metrics, "process_resident_memory_bytes ");
     assert!(allocated > 1e6, "allocated {allocated}");
     assert!(
         resident >= allocated,

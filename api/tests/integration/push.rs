@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::common::{ADMIN, TestServer};
+use crate::common::{ADMIN, TestServer, metric};
 
 type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -553,15 +553,6 @@ async fn a_later_subscriber_gets_the_shared_snapshot_and_the_deltas_since() {
     // And both keep following new changes.
     ingest_round(&server, &mut rng, 5, 30).await;
     check_converged(&server, &mut [&mut first, &mut later], &cases, 5).await;
-}
-
-/// The value of the first line of the metrics text that starts with `name` (0 if none).
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// A client whose socket reads nothing: a tiny receive buffer, so the server's writes

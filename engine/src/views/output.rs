@@ -82,8 +82,13 @@ pub(crate) struct Output {
     mode: Rows,
 }
 
+/// What a row held under `key` costs: both allocations.
+fn row_bytes(key: &[u8], row: &[u8]) -> usize {
+    alloc_bytes(key.len()) + alloc_bytes(row.len())
+}
+
 fn slot_bytes(key: &[u8], slot: &Slot) -> usize {
-    alloc_bytes(key.len()) + slot.footprint()
+    row_bytes(key, &slot.row)
 }
 
 impl Output {
@@ -227,9 +232,7 @@ impl Output {
         for (key, old) in &before {
             let new = self.rows.get(key);
             self.total += new.map_or(0, |s| s.count.max(0) as usize);
-            self.bytes -= old
-                .as_ref()
-                .map_or(0, |r| alloc_bytes(key.len()) + alloc_bytes(r.len()));
+            self.bytes -= old.as_ref().map_or(0, |r| row_bytes(key, r));
             self.bytes += new.map_or(0, |s| slot_bytes(key, s));
             let changed = match new {
                 Some(slot) if old.as_deref() != Some(&*slot.row) || !self.keyed => {
