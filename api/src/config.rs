@@ -59,6 +59,11 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_WAL_SEGMENT_BYTES", default_value_t = 64 << 20)]
     pub wal_segment_bytes: u64,
 
+    /// Largest write-ahead log record: the events of one request, Arrow-encoded. A
+    /// larger request is refused with 413 before anything is stored (at most 1 GiB).
+    #[arg(long, env = "QUIVER_MAX_WAL_RECORD_BYTES", default_value_t = quiver_engine::wal::MAX_RECORD_LEN)]
+    pub max_wal_record_bytes: usize,
+
     /// How often tables are compacted, checkpointed and vacuumed (0s: never).
     #[arg(long, env = "QUIVER_UPKEEP_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
     pub upkeep_interval: Duration,
@@ -299,6 +304,7 @@ impl ServeConfig {
         c.flush_interval = self.flush_interval;
         c.max_buffer_bytes = self.max_buffer_bytes;
         c.wal.segment_bytes = self.wal_segment_bytes;
+        c.wal.max_record_bytes = self.max_wal_record_bytes;
         c.upkeep_interval = self.upkeep_interval;
         c.table.compact_target_bytes = self.compact_target_bytes;
         c.table.vacuum_retention = self.vacuum_retention;

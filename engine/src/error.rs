@@ -42,6 +42,19 @@ pub enum Error {
         retry_after_secs: u64,
     },
 
+    /// What the caller sent is larger than the server can store in one piece.
+    #[error(
+        "{what} take {bytes} bytes once encoded, more than the {limit}-byte limit of one write-ahead log record; send them in smaller requests"
+    )]
+    TooLarge {
+        /// What was too large.
+        what: String,
+        /// Its encoded size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
+
     /// The write-ahead log could not be written or read.
     #[error("write-ahead log: {0}")]
     Wal(String),
@@ -70,6 +83,10 @@ pub enum Error {
     #[error("datafusion: {0}")]
     DataFusion(#[from] datafusion::error::DataFusionError),
 
+    /// A fault of the engine itself (a worker thread panicked).
+    #[error("internal: {0}")]
+    Internal(&'static str),
+
     /// JSON (de)serialisation of engine metadata failed.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
@@ -84,6 +101,7 @@ impl Error {
                 | Self::SchemaMismatch { .. }
                 | Self::IdempotencyConflict(_)
                 | Self::AlreadyExists(_)
+                | Self::TooLarge { .. }
         )
     }
 

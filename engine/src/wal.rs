@@ -29,8 +29,10 @@ use crate::{Error, Result};
 
 const HEADER_LEN: usize = 8;
 const SEGMENT_SUFFIX: &str = ".wal";
-/// Largest record accepted, a guard against reading a garbage length as an allocation.
-const MAX_RECORD_LEN: usize = 1 << 30;
+/// Largest record the format can hold and replay will read: the length is a `u32`, and
+/// a larger length read back is taken for garbage (a torn header), not an allocation.
+/// [`WalOptions::max_record_bytes`] may only lower it.
+pub const MAX_RECORD_LEN: usize = 1 << 30;
 
 /// One record as the log stores it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +121,9 @@ pub struct WalOptions {
     pub max_group_bytes: usize,
     /// Call fsync (off only for benchmarks that measure everything but the disk).
     pub fsync: bool,
+    /// Largest record an append may write, at most [`MAX_RECORD_LEN`]. A larger one is
+    /// refused before anything is written: it could not be read back.
+    pub max_record_bytes: usize,
 }
 
 impl Default for WalOptions {
@@ -127,6 +132,7 @@ impl Default for WalOptions {
             segment_bytes: 64 << 20,
             max_group_bytes: 16 << 20,
             fsync: true,
+            max_record_bytes: MAX_RECORD_LEN,
         }
     }
 }
@@ -144,6 +150,19 @@ pub struct WalAppend {
     pub data: Bytes,
     /// The same events, decoded, for the sink.
     pub batch: RecordBatch,
+}
+
+impl WalAppend {
+    /// Bytes of the record's payload once framed (what the header's length counts).
+    pub fn payload_len(&self) -> usize {
+        8 + 4
+            + self.stream.len()
+            + 4
+            + self.idempotency_key.as_deref().map_or(0, str::len)
+            + 4
+            + self.fingerprint.len()
+            + self.data.len()
+    }
 }
 
 struct Pending {
@@ -180,6 +199,7 @@ struct Segments {
 #[derive(Debug)]
 pub struct Wal {
     dir: PathBuf,
+    max_record_bytes: usize,
     tx: mpsc::Sender<Pending>,
     segments: Arc<Mutex<Segments>>,
 }
@@ -206,6 +226,12 @@ impl Wal {
         sink: Arc<dyn DurableSink>,
         metrics: Arc<EngineMetrics>,
     ) -> Result<(Self, Replay)> {
+        if options.max_record_bytes == 0 || options.max_record_bytes > MAX_RECORD_LEN {
+            return Err(Error::Config(format!(
+                "the largest WAL record must be between 1 and {MAX_RECORD_LEN} bytes, not {}",
+                options.max_record_bytes
+            )));
+        }
         fs::create_dir_all(dir)?;
         let (replay, mut segments) = replay_dir(dir)?;
         let last_seq = replay.records.last().map(|r| r.seq).unwrap_or(0);
@@ -231,6 +257,7 @@ impl Wal {
         let segments = Arc::new(Mutex::new(segments));
 
         let (tx, rx) = mpsc::channel(8192);
+        let max_record_bytes = options.max_record_bytes;
         let writer = Writer {
             dir: dir.to_owned(),
             file,
@@ -247,6 +274,7 @@ impl Wal {
         Ok((
             Self {
                 dir: dir.to_owned(),
+                max_record_bytes,
                 tx,
                 segments,
             },
@@ -255,7 +283,18 @@ impl Wal {
     }
 
     /// Appends a record and waits until it is durable; returns its sequence number.
+    ///
+    /// A record larger than [`WalOptions::max_record_bytes`] is refused with
+    /// [`Error::TooLarge`] and nothing is written.
     pub async fn append(&self, append: WalAppend) -> Result<u64> {
+        let len = append.payload_len();
+        if len > self.max_record_bytes {
+            return Err(Error::TooLarge {
+                what: format!("the events for stream '{}'", append.stream),
+                bytes: len,
+                limit: self.max_record_bytes,
+            });
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Pending { append, reply })

@@ -379,3 +379,63 @@ async fn replay_after_random_damage_is_the_intact_prefix() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_record_over_the_limit_is_refused_before_it_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 4096;
+    let options = WalOptions {
+        max_record_bytes: limit,
+        ..WalOptions::default()
+    };
+    let sized = |payload: usize| {
+        let mut a = append_of("orders", 1);
+        a.idempotency_key = None;
+        let overhead = a.payload_len() - a.data.len();
+        a.data = Bytes::from(vec![7u8; payload - overhead]);
+        assert_eq!(a.payload_len(), payload);
+        a
+    };
+    {
+        let (wal, _, sink) = open(dir.path(), options.clone());
+        assert_eq!(wal.append(sized(limit)).await.unwrap(), 1);
+        let err = wal.append(sized(limit + 1)).await.unwrap_err();
+        assert!(
+            matches!(err, Error::TooLarge { bytes, limit: l, .. } if bytes == limit + 1 && l == limit),
+            "{err}"
+        );
+        assert!(err.to_string().contains("4096-byte limit"), "{err}");
+        assert!(err.is_user_error());
+        // Nothing of the refused record reached the sink or the disk; the next record
+        // takes the next position.
+        assert_eq!(*sink.0.lock(), vec![1]);
+        assert_eq!(wal.append(sized(100)).await.unwrap(), 2);
+    }
+    let (_, replay, _) = open(dir.path(), options);
+    assert_eq!(replay.truncations, 0);
+    let lens: Vec<usize> = replay.records.iter().map(|r| r.data.len()).collect();
+    assert_eq!(replay.records.len(), 2, "{lens:?}");
+    assert_eq!(replay.records[0].seq, 1);
+    assert_eq!(replay.records[1].seq, 2);
+}
+
+#[test]
+fn the_record_limit_cannot_exceed_what_replay_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Arc::new(Collect::default());
+    for bad in [0, MAX_RECORD_LEN + 1] {
+        let options = WalOptions {
+            max_record_bytes: bad,
+            ..WalOptions::default()
+        };
+        let err = Wal::open(
+            dir.path(),
+            options,
+            1,
+            Arc::clone(&sink) as Arc<dyn DurableSink>,
+            Arc::new(EngineMetrics::unregistered()),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("largest WAL record"), "{err}");
+    }
+}
