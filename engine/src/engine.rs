@@ -17,9 +17,10 @@ use tokio::sync::watch;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::buffer::LiveBuffer;
+use crate::catalog::Document;
 use crate::idempotency::{Idempotency, KeyState};
 use crate::metrics::{EngineMetrics, stream_label};
-use crate::query::{QueryOptions, QueryRuntime, QuerySession};
+use crate::query::{QueryOptions, QueryRuntime, QuerySession, ReadSnapshot, TableSource};
 use crate::schema::{ColumnDef, EVENT_TIME_COLUMN, Rule, StreamSchema};
 use crate::store::Store;
 use crate::table::{StreamTable, TableAt, TableOptions};
@@ -218,20 +219,14 @@ struct Inner {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     query: QueryRuntime,
     app_id: String,
+    /// This node's identity (see [`node_id`]).
+    node_id: String,
     /// Serialises stream creation, so the saved definitions never lose one.
     ddl_lock: tokio::sync::Mutex<()>,
     views: Views,
 }
 
-/// What a query reads of one stream: a published table state and the buffered batches
-/// that state does not hold yet.
-#[derive(Debug)]
-pub(crate) struct ReadSnapshot {
-    pub(crate) table: deltalake::DeltaTable,
-    pub(crate) buffered: Vec<RecordBatch>,
-}
-
-/// Where user-declared stream definitions are kept in the store.
+/// Where an earlier release kept user-declared streams (read once, into the catalog).
 const STREAMS_FILE: &str = "_quiver/streams.json";
 
 impl Engine {
@@ -241,14 +236,23 @@ impl Engine {
         let started = Instant::now();
         let store = Store::open(&config.store)?;
         std::fs::create_dir_all(&config.wal_dir)?;
-        let app_id = format!("quiver-wal-{}", wal_id(&config.wal_dir)?);
+        let node_id = node_id(&config.wal_dir)?;
+        let app_id = format!("quiver-wal-{node_id}");
         let app_id_kept = app_id.clone();
         let idempotency = Idempotency::load(&config.wal_dir, config.idempotency_ttl, 1_000_000)?;
 
         let mut streams = BTreeMap::new();
         let mut max_committed = 0;
         let mut schemas = vec![StreamSchema::orders(), StreamSchema::inventory()];
-        schemas.extend(load_stream_definitions(&store).await?);
+        schemas.extend(
+            load_stream_definitions(&Document::new(
+                &store,
+                "streams",
+                Some(STREAMS_FILE),
+                &node_id,
+            ))
+            .await?,
+        );
         let query = QueryRuntime::new(config.query.clone())?;
         for schema in schemas {
             let table =
@@ -300,6 +304,7 @@ impl Engine {
                 tasks: Mutex::new(Vec::new()),
                 query,
                 app_id: app_id_kept,
+                node_id,
                 ddl_lock: tokio::sync::Mutex::new(()),
                 views: Views::new(view_options),
             }),
@@ -359,7 +364,11 @@ impl Engine {
 
     /// A session for planning and filling views.
     pub(crate) fn view_planner(&self) -> QuerySession {
-        QuerySession::for_views(self, &self.inner.query)
+        QuerySession::for_views(
+            self.table_source(),
+            Arc::clone(self.metrics()),
+            &self.inner.query,
+        )
     }
 
     /// A stream as a table now, and the WAL position that table reflects: every event
@@ -446,24 +455,48 @@ impl Engine {
         })
     }
 
-    /// `stream`'s Delta table as it was at a version or instant.
-    pub(crate) async fn historical_table(
-        &self,
-        stream: &str,
-        at: TableAt,
-    ) -> Result<deltalake::DeltaTable> {
-        let state = self.state(stream)?;
-        state.table.historical(at).await
+    /// What queries read of this engine (the query layer's narrow view of it).
+    pub(crate) fn table_source(&self) -> Arc<dyn TableSource> {
+        Arc::new(self.clone())
     }
 
     /// A fresh query session over every stream, under the configured limits.
     pub fn query_session(&self) -> QuerySession {
-        QuerySession::new(self, &self.inner.query)
+        QuerySession::new(
+            self.table_source(),
+            Arc::clone(self.metrics()),
+            &self.inner.query,
+        )
     }
 
     /// The runtime queries should execute on.
     pub fn query_runtime(&self) -> tokio::runtime::Handle {
         self.inner.query.handle()
+    }
+
+    /// This node's identity: what it writes to a shared store is keyed by it.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    /// The catalog's record of user-declared streams.
+    fn streams_document(&self) -> Document<Vec<SavedStream>> {
+        Document::new(
+            &self.inner.store,
+            "streams",
+            Some(STREAMS_FILE),
+            &self.inner.node_id,
+        )
+    }
+
+    /// The catalog's record of view definitions.
+    pub(crate) fn views_document(&self) -> Document<Vec<crate::views::SavedView>> {
+        Document::new(
+            &self.inner.store,
+            "views",
+            Some(crate::views::DEFINITIONS_FILE),
+            &self.inner.node_id,
+        )
     }
 
     /// Query limits in force.
@@ -493,17 +526,22 @@ impl Engine {
             self.inner.config.table.clone(),
         )
         .await?;
-        let mut declared: Vec<StreamSchema> = self
-            .inner
-            .shared
-            .streams
-            .read()
-            .values()
-            .map(|s| s.schema.clone())
-            .filter(|s| !matches!(s.name(), "orders" | "inventory"))
-            .collect();
-        declared.push(schema.clone());
-        save_stream_definitions(&self.inner.store, &declared).await?;
+        let saved = SavedStream::of(&schema);
+        self.streams_document()
+            .update(|declared| {
+                match declared.iter().find(|s| s.name == saved.name) {
+                    // Another server on this store declared it the same way.
+                    Some(s) if *s == saved => {}
+                    Some(_) => {
+                        return Err(Error::AlreadyExists(format!(
+                            "stream '{name}' was declared with other columns by another server on this store"
+                        )));
+                    }
+                    None => declared.push(saved.clone()),
+                }
+                Ok(())
+            })
+            .await?;
         self.inner
             .shared
             .streams
@@ -832,16 +870,11 @@ impl Engine {
     }
 }
 
-/// Reads the user-declared streams saved in the store.
-async fn load_stream_definitions(store: &Store) -> Result<Vec<StreamSchema>> {
-    use object_store::ObjectStoreExt;
-    let path = store.path(STREAMS_FILE)?;
-    let bytes = match store.object_store().get(&path).await {
-        Ok(got) => got.bytes().await?,
-        Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
-        Err(e) => return Err(e.into()),
-    };
-    let saved: Vec<SavedStream> = serde_json::from_slice(&bytes)?;
+/// Reads the user-declared streams saved in the catalog.
+async fn load_stream_definitions(
+    streams: &Document<Vec<SavedStream>>,
+) -> Result<Vec<StreamSchema>> {
+    let saved = streams.read().await?;
     saved
         .into_iter()
         .map(|s| {
@@ -851,7 +884,7 @@ async fn load_stream_definitions(store: &Store) -> Result<Vec<StreamSchema>> {
                 .map(|c| {
                     let ty = crate::query::column_type(&c.ty).ok_or_else(|| {
                         Error::Config(format!(
-                            "{STREAMS_FILE}: stream '{}' column '{}' has unknown type '{}'",
+                            "the catalog's stream '{}' column '{}' has unknown type '{}'",
                             s.name, c.name, c.ty
                         ))
                     })?;
@@ -868,13 +901,18 @@ async fn load_stream_definitions(store: &Store) -> Result<Vec<StreamSchema>> {
         .collect()
 }
 
-async fn save_stream_definitions(store: &Store, streams: &[StreamSchema]) -> Result<()> {
-    use object_store::ObjectStoreExt;
-    let saved: Vec<SavedStream> = streams
-        .iter()
-        .map(|s| SavedStream {
-            name: s.name().to_owned(),
-            columns: s
+/// A declared stream as the catalog keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SavedStream {
+    name: String,
+    columns: Vec<SavedColumn>,
+}
+
+impl SavedStream {
+    fn of(schema: &StreamSchema) -> Self {
+        Self {
+            name: schema.name().to_owned(),
+            columns: schema
                 .columns()
                 .iter()
                 .map(|c| SavedColumn {
@@ -883,23 +921,11 @@ async fn save_stream_definitions(store: &Store, streams: &[StreamSchema]) -> Res
                     required: c.required,
                 })
                 .collect(),
-        })
-        .collect();
-    let body = serde_json::to_vec_pretty(&saved)?;
-    store
-        .object_store()
-        .put(&store.path(STREAMS_FILE)?, body.into())
-        .await?;
-    Ok(())
+        }
+    }
 }
 
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct SavedStream {
-    name: String,
-    columns: Vec<SavedColumn>,
-}
-
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct SavedColumn {
     name: String,
     #[serde(rename = "type")]
@@ -907,18 +933,18 @@ struct SavedColumn {
     required: bool,
 }
 
-/// Returns the WAL's identity, creating it on first use.
-fn wal_id(dir: &std::path::Path) -> Result<String> {
+/// Returns this node's identity, kept beside its WAL (`wal.id`) and created on first
+/// use. It names what belongs to this node's log in the shared store: the Delta `txn`
+/// positions (`quiver-wal-<id>`) and the view checkpoints (`_quiver/nodes/<id>/`).
+pub fn node_id(dir: &std::path::Path) -> Result<String> {
+    std::fs::create_dir_all(dir)?;
     let path = dir.join("wal.id");
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
         Ok(_) | Err(_) => {
             let id = hex::encode(rand::random::<[u8; 8]>());
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, &id)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(dir)?.sync_all()?;
+            crate::durable_file::write_atomic(&path, id.as_bytes())?;
             Ok(id)
         }
     }
@@ -975,3 +1001,30 @@ fn decode_ipc(data: &[u8]) -> Result<RecordBatch> {
 
 #[cfg(test)]
 mod tests;
+
+#[async_trait::async_trait]
+impl TableSource for Engine {
+    fn stream_names(&self) -> Vec<String> {
+        Engine::stream_names(self)
+    }
+
+    fn view_names(&self) -> Vec<String> {
+        self.views().names()
+    }
+
+    fn stream_schema(&self, name: &str) -> Option<StreamSchema> {
+        Engine::stream_schema(self, name)
+    }
+
+    fn read_snapshot(&self, stream: &str) -> Option<ReadSnapshot> {
+        Engine::read_snapshot(self, stream)
+    }
+
+    fn view(&self, name: &str) -> Option<Arc<crate::views::ViewShared>> {
+        self.views().get(name)
+    }
+
+    async fn historical_table(&self, stream: &str, at: TableAt) -> Result<deltalake::DeltaTable> {
+        self.state(stream)?.table.historical(at).await
+    }
+}

@@ -170,14 +170,7 @@ impl Idempotency {
                 .filter_map(|id| inner.done.get(id).cloned())
                 .collect()
         };
-        let tmp = self.file.with_extension("json.tmp");
-        let written = std::fs::write(&tmp, serde_json::to_vec(&entries)?)
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &self.file));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.into());
-        }
+        crate::durable_file::write_atomic(&self.file, &serde_json::to_vec(&entries)?)?;
         Ok(())
     }
 }

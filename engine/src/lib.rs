@@ -11,6 +11,8 @@
 //! The engine depends on no other Quiver crate.
 
 mod buffer;
+pub mod catalog;
+mod durable_file;
 mod engine;
 mod error;
 mod idempotency;
@@ -22,7 +24,7 @@ mod table;
 mod views;
 pub mod wal;
 
-pub use engine::{Engine, EngineConfig, IdempotencyKey, IngestOutcome, StreamInfo};
+pub use engine::{Engine, EngineConfig, IdempotencyKey, IngestOutcome, StreamInfo, node_id};
 pub use error::{Error, Result};
 pub use metrics::EngineMetrics;
 pub use query::{Prepared, QueryError, QueryOptions, QuerySession, QuiverDdl, bind_params};

@@ -99,6 +99,10 @@ pub struct EngineMetrics {
     pub sql_query_seconds: Histogram,
     /// Queries running now (holding a slot).
     pub sql_active_queries: Gauge,
+    /// Times a query operator spilled to disk over its memory limit.
+    pub sql_spills_total: Counter,
+    /// Bytes queries spilled to disk.
+    pub sql_spilled_bytes_total: Counter,
     /// Time to apply one micro-batch of events to every view.
     pub view_batch_seconds: Histogram,
     /// Time to apply one micro-batch to one view, by view.
@@ -149,6 +153,8 @@ impl EngineMetrics {
             sql_queries_total: Family::default(),
             sql_query_seconds: seconds_histogram(),
             sql_active_queries: Gauge::default(),
+            sql_spills_total: Counter::default(),
+            sql_spilled_bytes_total: Counter::default(),
             view_batch_seconds: seconds_histogram(),
             view_apply_seconds: Family::new_with_constructor(seconds_histogram),
             view_freshness_seconds: seconds_histogram(),
@@ -266,6 +272,16 @@ impl EngineMetrics {
             "sql_active_queries",
             "Queries running now",
             m.sql_active_queries.clone(),
+        );
+        r.register(
+            "sql_spills",
+            "Times a query operator spilled to disk over its memory limit",
+            m.sql_spills_total.clone(),
+        );
+        r.register(
+            "sql_spilled_bytes",
+            "Bytes queries spilled to disk",
+            m.sql_spilled_bytes_total.clone(),
         );
         r.register(
             "view_batch_seconds",

@@ -15,6 +15,7 @@
 mod ddl;
 mod distinct_on;
 mod rewrite;
+mod spill;
 mod tables;
 
 use std::num::NonZeroUsize;
@@ -35,9 +36,9 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 
 pub use ddl::{QuiverDdl, column_type, parse_view_definition};
 pub use tables::{CATALOG, SCHEMA, cast_batch, retype_text};
-pub(crate) use tables::{StreamProvider, query_schema};
+pub(crate) use tables::{ReadSnapshot, StreamProvider, TableSource, query_schema};
 
-use crate::engine::Engine;
+use crate::EngineMetrics;
 #[cfg(test)]
 pub(crate) use tables::delta_scan;
 use tables::{QuiverCatalog, TimeTravel};
@@ -228,6 +229,7 @@ impl Drop for QueryRuntime {
 pub struct QuerySession {
     ctx: SessionContext,
     runtime: tokio::runtime::Handle,
+    metrics: Arc<EngineMetrics>,
 }
 
 impl std::fmt::Debug for QuerySession {
@@ -239,17 +241,30 @@ impl std::fmt::Debug for QuerySession {
 }
 
 impl QuerySession {
-    pub(crate) fn new(engine: &Engine, runtime: &QueryRuntime) -> Self {
-        Self::build(engine, runtime, true)
+    pub(crate) fn new(
+        source: Arc<dyn TableSource>,
+        metrics: Arc<EngineMetrics>,
+        runtime: &QueryRuntime,
+    ) -> Self {
+        Self::build(source, metrics, runtime, true)
     }
 
     /// A session for planning views: `DISTINCT ON` stays as it is written, since views
     /// maintain it as its own operator.
-    pub(crate) fn for_views(engine: &Engine, runtime: &QueryRuntime) -> Self {
-        Self::build(engine, runtime, false)
+    pub(crate) fn for_views(
+        source: Arc<dyn TableSource>,
+        metrics: Arc<EngineMetrics>,
+        runtime: &QueryRuntime,
+    ) -> Self {
+        Self::build(source, metrics, runtime, false)
     }
 
-    fn build(engine: &Engine, runtime: &QueryRuntime, rewrite_distinct_on: bool) -> Self {
+    fn build(
+        source: Arc<dyn TableSource>,
+        metrics: Arc<EngineMetrics>,
+        runtime: &QueryRuntime,
+        rewrite_distinct_on: bool,
+    ) -> Self {
         let config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
             .with_information_schema(true)
@@ -263,18 +278,16 @@ impl QuerySession {
             state.add_analyzer_rule(Arc::new(distinct_on::DistinctOnAsWindow));
         }
         let ctx = SessionContext::new_with_state(state);
-        ctx.register_catalog(CATALOG, Arc::new(QuiverCatalog::new(engine.clone())));
+        ctx.register_catalog(CATALOG, Arc::new(QuiverCatalog::new(Arc::clone(&source))));
         ctx.register_udtf(
             TimeTravel::AT_VERSION,
-            Arc::new(TimeTravel::new(engine.clone(), false)),
+            Arc::new(TimeTravel::new(Arc::clone(&source), false)),
         );
-        ctx.register_udtf(
-            TimeTravel::AT_TIME,
-            Arc::new(TimeTravel::new(engine.clone(), true)),
-        );
+        ctx.register_udtf(TimeTravel::AT_TIME, Arc::new(TimeTravel::new(source, true)));
         Self {
             ctx,
             runtime: runtime.handle(),
+            metrics,
         }
     }
 
@@ -323,12 +336,22 @@ impl QuerySession {
 
     /// Plans and starts a prepared query. Call it on the query runtime
     /// ([`Engine::query_runtime`]); the stream does its work where it is polled.
+    ///
+    /// When the stream ends or is dropped, what its operators spilled to disk is added
+    /// to `quiver_sql_spills_total` and `quiver_sql_spilled_bytes_total`.
     pub async fn execute(
         &self,
         plan: LogicalPlan,
     ) -> Result<SendableRecordBatchStream, QueryError> {
         let frame = self.ctx.execute_logical_plan(plan).await?;
-        Ok(frame.execute_stream().await?)
+        let task = Arc::new(frame.task_ctx());
+        let physical = frame.create_physical_plan().await?;
+        let stream = datafusion::physical_plan::execute_stream(Arc::clone(&physical), task)?;
+        Ok(Box::pin(spill::Counted::new(
+            stream,
+            physical,
+            Arc::clone(&self.metrics),
+        )))
     }
 }
 

@@ -20,9 +20,36 @@ use datafusion::physical_plan::union::UnionExec;
 use deltalake::DeltaTable;
 use deltalake::delta_datafusion::{DeltaScanConfig, DeltaScanNext};
 
-use crate::engine::Engine;
 use crate::schema::StreamSchema;
 use crate::table::TableAt;
+use crate::views::ViewShared;
+
+/// What queries read, and all the query layer knows of the engine: streams as a Delta
+/// snapshot plus buffered batches, their older versions, and the views' rows. The
+/// engine implements it; queries hold it as `Arc<dyn TableSource>`.
+#[async_trait]
+pub(crate) trait TableSource: std::fmt::Debug + Send + Sync + 'static {
+    /// Every stream's name.
+    fn stream_names(&self) -> Vec<String>;
+    /// Every view's name.
+    fn view_names(&self) -> Vec<String>;
+    /// A stream's schema.
+    fn stream_schema(&self, name: &str) -> Option<StreamSchema>;
+    /// What a query reads of a stream now.
+    fn read_snapshot(&self, stream: &str) -> Option<ReadSnapshot>;
+    /// A view, to read its rows at its latest version.
+    fn view(&self, name: &str) -> Option<Arc<ViewShared>>;
+    /// A stream's Delta table as it was at a version or instant.
+    async fn historical_table(&self, stream: &str, at: TableAt) -> crate::Result<DeltaTable>;
+}
+
+/// What a query reads of one stream: a published table state and the buffered batches
+/// that state does not hold yet.
+#[derive(Debug)]
+pub(crate) struct ReadSnapshot {
+    pub(crate) table: DeltaTable,
+    pub(crate) buffered: Vec<RecordBatch>,
+}
 
 /// Name of the catalog every surface shows.
 pub const CATALOG: &str = "quiver";
@@ -38,7 +65,7 @@ pub(crate) struct QuiverCatalog {
 }
 
 impl QuiverCatalog {
-    pub(crate) fn new(engine: Engine) -> Self {
+    pub(crate) fn new(engine: Arc<dyn TableSource>) -> Self {
         Self {
             schema: Arc::new(PublicSchema { engine }),
             added: parking_lot::RwLock::new(Vec::new()),
@@ -87,14 +114,14 @@ impl CatalogProvider for QuiverCatalog {
 /// The `public` schema: every stream, resolved when a query names it.
 #[derive(Debug)]
 struct PublicSchema {
-    engine: Engine,
+    engine: Arc<dyn TableSource>,
 }
 
 #[async_trait]
 impl SchemaProvider for PublicSchema {
     fn table_names(&self) -> Vec<String> {
         let mut names = self.engine.stream_names();
-        names.extend(self.engine.views().names());
+        names.extend(self.engine.view_names());
         names
     }
 
@@ -105,7 +132,7 @@ impl SchemaProvider for PublicSchema {
                 snapshot.buffered,
             )?)));
         }
-        let Some(view) = self.engine.views().get(name) else {
+        let Some(view) = self.engine.view(name) else {
             return Ok(None);
         };
         // A view is read at its latest published version.
@@ -115,7 +142,7 @@ impl SchemaProvider for PublicSchema {
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.engine.stream_schema(name).is_some() || self.engine.views().get(name).is_some()
+        self.engine.stream_schema(name).is_some() || self.engine.view(name).is_some()
     }
 }
 
@@ -165,7 +192,7 @@ enum Source {
         buffered: Vec<RecordBatch>,
     },
     History {
-        engine: Engine,
+        engine: Arc<dyn TableSource>,
         stream: String,
         at: TableAt,
     },
@@ -194,7 +221,7 @@ impl StreamProvider {
         })
     }
 
-    fn history(engine: Engine, stream: &StreamSchema, at: TableAt) -> Self {
+    fn history(engine: Arc<dyn TableSource>, stream: &StreamSchema, at: TableAt) -> Self {
         Self {
             schema: query_schema(stream.stored_schema()),
             source: Source::History {
@@ -333,7 +360,7 @@ fn describe(at: TableAt) -> String {
 /// a stream as its Delta table was at a version or an instant (stored events only).
 #[derive(Debug)]
 pub(crate) struct TimeTravel {
-    engine: Engine,
+    engine: Arc<dyn TableSource>,
     by_time: bool,
 }
 
@@ -341,7 +368,7 @@ impl TimeTravel {
     pub(crate) const AT_VERSION: &'static str = "table_at_version";
     pub(crate) const AT_TIME: &'static str = "table_at_time";
 
-    pub(crate) fn new(engine: Engine, by_time: bool) -> Self {
+    pub(crate) fn new(engine: Arc<dyn TableSource>, by_time: bool) -> Self {
         Self { engine, by_time }
     }
 
@@ -397,7 +424,7 @@ impl TableFunctionImpl for TimeTravel {
             _ => return plan_err!("{name}: the second argument is not valid: {usage}"),
         };
         Ok(Arc::new(StreamProvider::history(
-            self.engine.clone(),
+            Arc::clone(&self.engine),
             &schema,
             at,
         )))

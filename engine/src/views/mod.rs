@@ -17,6 +17,7 @@
 //! not cover yet, so after a crash each view resumes where its checkpoint stopped.
 
 mod agg;
+mod checkpoint;
 mod codec;
 mod ops;
 mod output;
@@ -42,7 +43,8 @@ use tracing::{error, info, warn};
 use crate::engine::{Engine, WeakEngine};
 use crate::metrics::ViewLabel;
 use crate::query::QueryError;
-use codec::{Reader, Writer};
+use checkpoint::{Chain, SavedState, read_chain};
+use codec::Reader;
 use output::{Output, Rows};
 use plan::{Node, SourceKind};
 use zset::ZBatch;
@@ -72,8 +74,9 @@ impl Default for ViewOptions {
 }
 
 /// How a view is kept up to date.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, strum::IntoStaticStr)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum Maintenance {
     /// Per micro-batch, at a cost that follows what changed.
     Incremental,
@@ -84,10 +87,7 @@ pub enum Maintenance {
 impl Maintenance {
     /// `incremental` or `recompute`.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Incremental => "incremental",
-            Self::Recompute => "recompute",
-        }
+        self.into()
     }
 }
 
@@ -303,7 +303,7 @@ enum Msg {
         reply: oneshot::Sender<Result<Vec<String>, QueryError>>,
     },
     Checkpoint {
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<crate::Result<()>>,
     },
     Barrier {
         reply: oneshot::Sender<()>,
@@ -542,7 +542,6 @@ impl Engine {
         }
         rx.await
             .map_err(|_| crate::Error::Config("the view maintainer has stopped".into()))?
-            .map_err(crate::Error::Config)
     }
 
     /// Returns once every event acknowledged before the call is applied to the views.
@@ -665,7 +664,7 @@ struct Maintainer {
     rx: mpsc::Receiver<Msg>,
     dirty: bool,
     /// The checkpoint being written to the store, off this thread.
-    writing: Option<std::thread::JoinHandle<Result<(), String>>>,
+    writing: Option<std::thread::JoinHandle<crate::Result<()>>>,
     /// The size of the last checkpoint, to size the next one's buffer at once.
     last_checkpoint_bytes: usize,
     /// The checkpoint files in the store.
@@ -675,9 +674,8 @@ struct Maintainer {
 /// Largest micro-batch, in rows.
 const MAX_BATCH_ROWS: usize = 100_000;
 
-const CHECKPOINT_DIR: &str = "_quiver/views";
-const CHECKPOINT_FILE: &str = "_quiver/views/checkpoint.bin";
-const DEFINITIONS_FILE: &str = "_quiver/views.json";
+/// Where an earlier release kept view definitions (read once, into the catalog).
+pub(crate) const DEFINITIONS_FILE: &str = "_quiver/views.json";
 /// Change sets the feed to push holds until push has taken them. A push that falls
 /// further behind catches up from each view's kept changes (`--view-history`), so a
 /// larger feed would only hold the same change sets longer: at 10,000 subscribers a
@@ -691,10 +689,19 @@ const REBUILD_CHUNK: usize = if cfg!(test) { 7 } else { 65_536 };
 /// joined (in tests, small parts, so joining them is exercised).
 const LIST_CHUNK: usize = if cfg!(test) { 7 } else { usize::MAX };
 
-#[derive(Debug, Serialize, Deserialize)]
-struct SavedView {
+/// A view's definition as the catalog keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SavedView {
     name: String,
     sql: String,
+}
+
+/// Puts `view` into `defs`, in place of a definition of the same name.
+fn upsert(defs: &mut Vec<SavedView>, view: &SavedView) {
+    match defs.iter_mut().find(|d| d.name == view.name) {
+        Some(d) => d.sql.clone_from(&view.sql),
+        None => defs.push(view.clone()),
+    }
 }
 
 impl Maintainer {
@@ -1195,7 +1202,11 @@ impl Maintainer {
         self.views.push(run);
         self.dirty = true;
         if save {
-            self.save_definitions(&engine)?;
+            let saved = SavedView {
+                name: name.to_owned(),
+                sql: sql.to_owned(),
+            };
+            self.store_definitions(&engine, |defs| upsert(defs, &saved))?;
         }
         info!(
             view = name,
@@ -1231,7 +1242,7 @@ impl Maintainer {
         }
         self.views.remove(i);
         engine.views().registry.write().remove(name);
-        self.save_definitions(&engine)?;
+        self.store_definitions(&engine, |defs| defs.retain(|d| d.name != name))?;
         self.dirty = true;
         if let Err(e) = self.checkpoint() {
             warn!(error = %e, "view checkpoint after a drop failed");
@@ -1267,20 +1278,20 @@ impl Maintainer {
         Ok(lines)
     }
 
-    fn save_definitions(&self, engine: &Engine) -> Result<(), QueryError> {
-        let saved: Vec<SavedView> = self
-            .views
-            .iter()
-            .map(|v| SavedView {
-                name: v.shared.name.clone(),
-                sql: v.shared.sql.clone(),
-            })
-            .collect();
-        let body =
-            serde_json::to_vec_pretty(&saved).map_err(|e| QueryError::Internal(e.to_string()))?;
+    /// Applies `change` to the catalog's view definitions (see [`crate::catalog`]: a
+    /// change made meanwhile by another server on the store is kept, not overwritten).
+    fn store_definitions(
+        &self,
+        engine: &Engine,
+        mut change: impl FnMut(&mut Vec<SavedView>),
+    ) -> Result<(), QueryError> {
         engine
             .query_runtime()
-            .block_on(put(engine, DEFINITIONS_FILE, body))
+            .block_on(engine.views_document().update(|defs| {
+                change(defs);
+                Ok(())
+            }))
+            .map(|_| ())
             .map_err(|e| QueryError::Internal(format!("cannot save view definitions: {e}")))
     }
 
@@ -1289,14 +1300,10 @@ impl Maintainer {
         let Some(engine) = self.engine() else { return };
         let started = Instant::now();
         let rt = engine.query_runtime();
-        let mut defs: Vec<SavedView> = match rt.block_on(get(&engine, DEFINITIONS_FILE)) {
-            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                error!(error = %e, "{DEFINITIONS_FILE} is unreadable; starting from the configured views");
-                Vec::new()
-            }),
-            Ok(None) => Vec::new(),
+        let mut defs: Vec<SavedView> = match rt.block_on(engine.views_document().read()) {
+            Ok(defs) => defs,
             Err(e) => {
-                error!(error = %e, "cannot read {DEFINITIONS_FILE}");
+                error!(error = %e, "cannot read the view definitions; starting from the configured views");
                 Vec::new()
             }
         };
@@ -1349,7 +1356,19 @@ impl Maintainer {
             }
         }
         *engine.views().floor.write() = Some(self.floor());
-        if let Err(e) = self.save_definitions(&engine) {
+        let running: Vec<SavedView> = self
+            .views
+            .iter()
+            .map(|v| SavedView {
+                name: v.shared.name.clone(),
+                sql: v.shared.sql.clone(),
+            })
+            .collect();
+        if let Err(e) = self.store_definitions(&engine, |defs| {
+            for view in &running {
+                upsert(defs, view);
+            }
+        }) {
             warn!(error = %e, "cannot save view definitions");
         }
         info!(
@@ -1432,140 +1451,6 @@ impl Maintainer {
         };
         update_gauges(engine, &run);
         Ok(run)
-    }
-
-    /// Writes every view's state and positions to the store, then lets the WAL drop
-    /// what the checkpoint covers; returns once it is written.
-    fn checkpoint(&mut self) -> Result<(), String> {
-        self.start_checkpoint()?;
-        self.finish_checkpoint()
-    }
-
-    /// Starts a checkpoint: encodes every view's state and positions on this thread
-    /// (the only pause the views see), then writes it to the store on another thread,
-    /// after which the WAL may drop what it covers. One checkpoint is written at a time,
-    /// so an older one can never land over a newer one.
-    ///
-    /// Most checkpoints are deltas: per view, only the state that changed since the
-    /// last checkpoint, stored beside the last full one. A full checkpoint starts a new
-    /// chain once the deltas add up to more than it (so a restore reads at most about
-    /// twice the state), after a failed write, and when there is none yet.
-    fn start_checkpoint(&mut self) -> Result<(), String> {
-        self.finish_checkpoint()?;
-        let Some(engine) = self.engine() else {
-            return Ok(());
-        };
-        let started = Instant::now();
-        let chain = &self.chain;
-        let full = chain.base == 0
-            || chain.broken
-            || chain.delta_bytes > chain.base_bytes
-            || chain.deltas >= MAX_DELTAS;
-        let (base, seq) = if full {
-            (new_chain_id(chain.base), 0)
-        } else {
-            (chain.base, chain.deltas + 1)
-        };
-        let hint = if full {
-            self.chain.base_bytes.max(self.last_checkpoint_bytes)
-        } else {
-            self.last_checkpoint_bytes
-        };
-        let (bytes, sizes) = encode_checkpoint(&self.views, hint + hint / 8, base, seq);
-        let encoded = started.elapsed();
-        let mut spent = Vec::new();
-        for run in &mut self.views {
-            let mut state = run.shared.state.write();
-            if let Some(node) = state.node.as_mut() {
-                node.forget_changes(&mut spent);
-            }
-            state.output.forget_changes(&mut spent);
-            drop(state);
-            run.in_chain = true;
-            update_gauges(&engine, run);
-        }
-        let paused = started.elapsed();
-        self.last_checkpoint_bytes = bytes.len();
-        let file = if full {
-            self.chain = Chain {
-                base,
-                base_bytes: bytes.len(),
-                ..Chain::default()
-            };
-            CHECKPOINT_FILE.to_owned()
-        } else {
-            self.chain.deltas = seq;
-            self.chain.delta_bytes += bytes.len();
-            delta_file(base, seq)
-        };
-        let floor = self.floor();
-        let views = self.views.len();
-        let weak = engine.downgrade();
-        drop(engine);
-        self.dirty = false;
-        let handle = std::thread::Builder::new()
-            .name("quiver-views-checkpoint".into())
-            .spawn(move || {
-                let Some(engine) = weak.upgrade() else {
-                    return Ok(());
-                };
-                drop(spent);
-                let len = bytes.len();
-                let written = Instant::now();
-                let rt = engine.query_runtime();
-                rt.block_on(put(&engine, &file, bytes))
-                    .map_err(|e| format!("cannot write the view checkpoint: {e}"))?;
-                *engine.views().floor.write() = Some(floor);
-                if let Err(e) = engine.truncate_wal() {
-                    warn!(error = %e, "WAL truncation after a view checkpoint failed");
-                }
-                // A full checkpoint replaces every older chain: its deltas, and any a
-                // crash left behind, go.
-                if full && let Err(e) = rt.block_on(delete_other_chains(&engine, base)) {
-                    warn!(error = %e, "cannot delete old view checkpoint deltas");
-                }
-                let m = engine.metrics();
-                m.view_checkpoint_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                m.view_checkpoint_pause_seconds
-                    .observe(paused.as_secs_f64());
-                m.view_checkpoint_bytes.set(len as i64);
-                info!(
-                    views,
-                    bytes = len,
-                    kind = if full { "full" } else { "delta" },
-                    pause_ms = paused.as_millis() as u64,
-                    encode_ms = encoded.as_millis() as u64,
-                    write_ms = written.elapsed().as_millis() as u64,
-                    largest = %sizes,
-                    "views checkpointed"
-                );
-                Ok(())
-            })
-            .map_err(|e| {
-                self.dirty = true;
-                self.chain.broken = true;
-                format!("cannot start the view checkpoint writer: {e}")
-            })?;
-        self.writing = Some(handle);
-        Ok(())
-    }
-
-    /// Waits for the checkpoint being written, if any. A failed write leaves the
-    /// views dirty, so the next interval tries again.
-    fn finish_checkpoint(&mut self) -> Result<(), String> {
-        let Some(handle) = self.writing.take() else {
-            return Ok(());
-        };
-        let result = handle
-            .join()
-            .unwrap_or_else(|_| Err("the view checkpoint writer panicked".into()));
-        if result.is_err() {
-            // The changes it held are forgotten: only a full checkpoint has them all.
-            self.dirty = true;
-            self.chain.broken = true;
-        }
-        result
     }
 
     /// Per stream, the lowest WAL position any view has applied.
@@ -1685,140 +1570,6 @@ fn new_output(schema: &SchemaRef, node: Option<&plan::Node>) -> Result<Output, Q
     Ok(Output::new(Arc::clone(schema), key, mode)?)
 }
 
-/// A checkpoint file's bytes: its chain and place in it (`seq` 0 is the full
-/// checkpoint), then every view's name, SQL, version, positions and state, the state
-/// as a delta where the view is already in the chain and `seq` is not 0. Also returns
-/// the three views whose state took the most bytes, for the log.
-fn encode_checkpoint(views: &[Running], capacity: usize, base: u64, seq: u64) -> (Vec<u8>, String) {
-    let mut sizes: Vec<(usize, &str)> = Vec::with_capacity(views.len());
-    let mut w = Writer {
-        buf: Vec::with_capacity(capacity),
-    };
-    w.buf.extend_from_slice(MAGIC);
-    w.u64(base);
-    w.u64(seq);
-    w.u64(views.len() as u64);
-    let mut body = Writer::default();
-    for run in views {
-        w.str(&run.shared.name);
-        w.str(&run.shared.sql);
-        let state = run.shared.state.read();
-        w.u64(state.version);
-        w.u64(run.positions.len() as u64);
-        for (s, p) in &run.positions {
-            w.str(s);
-            w.u64(*p);
-        }
-        w.u64(u64::from(run.incremental));
-        let delta = seq > 0 && run.in_chain;
-        w.u64(u64::from(delta));
-        // The body is length-prefixed: reserve the prefix, write in place, fill it in.
-        let at = w.buf.len();
-        w.u64(0);
-        body.buf = std::mem::take(&mut w.buf);
-        if let Some(node) = &state.node {
-            node.save(&mut body, delta);
-        }
-        state.output.save(&mut body, delta);
-        w.buf = std::mem::take(&mut body.buf);
-        let len = w.buf.len() - at - 8;
-        w.buf[at..at + 8].copy_from_slice(&(len as u64).to_le_bytes());
-        sizes.push((len, &run.shared.name));
-    }
-    sizes.sort_unstable_by(|a, b| b.cmp(a));
-    let largest = sizes
-        .iter()
-        .take(3)
-        .map(|(len, name)| format!("{name} {len}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    (w.buf, largest)
-}
-
-/// The checkpoint files in the store: a full checkpoint and the deltas written on it.
-#[derive(Debug, Default)]
-struct Chain {
-    /// The full checkpoint's id (0: none yet).
-    base: u64,
-    base_bytes: usize,
-    /// Deltas written on it, and their bytes together.
-    deltas: u64,
-    delta_bytes: usize,
-    /// A write failed: the next checkpoint must be full.
-    broken: bool,
-}
-
-/// Most deltas on one full checkpoint, however small they are.
-const MAX_DELTAS: u64 = 100;
-
-fn delta_file(base: u64, seq: u64) -> String {
-    format!("{CHECKPOINT_DIR}/checkpoint-{base}-{seq:06}.bin")
-}
-
-/// An id for a new chain: the time in nanoseconds, above the last one. Deltas of an
-/// older chain left in the store (a crash before they were deleted) are never read
-/// as this chain's.
-fn new_chain_id(last: u64) -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    now.max(last + 1)
-}
-
-/// Reads the full checkpoint and the deltas written on it, merged per view; `None`
-/// when there is no checkpoint. Any unreadable file fails the whole chain: the WAL
-/// may already have dropped what a later delta covered.
-async fn read_chain(engine: &Engine) -> crate::Result<Option<(Vec<SavedState>, Chain)>> {
-    let Some(bytes) = get(engine, CHECKPOINT_FILE).await? else {
-        return Ok(None);
-    };
-    let (base, seq, mut saved) = parse_checkpoint(&bytes)?;
-    if seq != 0 {
-        return Err(crate::Error::Config(
-            "the view checkpoint is not a full one".into(),
-        ));
-    }
-    let mut chain = Chain {
-        base,
-        base_bytes: bytes.len(),
-        ..Chain::default()
-    };
-    while let Some(bytes) = get(engine, &delta_file(base, chain.deltas + 1)).await? {
-        let (b, s, next) = parse_checkpoint(&bytes)?;
-        if b != base || s != chain.deltas + 1 {
-            return Err(crate::Error::Config(format!(
-                "{} is out of place in the view checkpoint chain",
-                delta_file(base, chain.deltas + 1)
-            )));
-        }
-        chain.deltas = s;
-        chain.delta_bytes += bytes.len();
-        saved = merge_delta(saved, next);
-    }
-    Ok(Some((saved, chain)))
-}
-
-/// The views as of a delta: each a delta on its earlier state, or whole. Views the
-/// delta does not list were dropped before it.
-fn merge_delta(mut saved: Vec<SavedState>, next: Vec<SavedState>) -> Vec<SavedState> {
-    next.into_iter()
-        .filter_map(|mut view| {
-            let delta = view.bodies.first().is_some_and(|(d, _)| *d);
-            if !delta {
-                return Some(view);
-            }
-            let i = saved.iter().position(|s| {
-                s.name == view.name && s.sql == view.sql && s.incremental == view.incremental
-            })?;
-            let mut earlier = saved.swap_remove(i);
-            earlier.version = view.version;
-            earlier.positions = std::mem::take(&mut view.positions);
-            earlier.bodies.append(&mut view.bodies);
-            Some(earlier)
-        })
-        .collect()
-}
-
 /// Every table a plan reads.
 fn collect_tables(plan: &datafusion::logical_expr::LogicalPlan, out: &mut Vec<String>) {
     let _ = plan.apply_with_subqueries(|p| {
@@ -1871,100 +1622,6 @@ fn run_query(engine: &Engine, sql: &str) -> datafusion::common::Result<RecordBat
         let schema = parts.first().map_or(schema, |b| b.schema());
         Ok(arrow::compute::concat_batches(&schema, &parts)?)
     })
-}
-
-struct SavedState {
-    name: String,
-    sql: String,
-    version: u64,
-    positions: BTreeMap<String, u64>,
-    incremental: bool,
-    /// The state: whole, then the deltas on it (`true`), in order.
-    bodies: Vec<(bool, Vec<u8>)>,
-}
-
-/// One checkpoint file: its chain id, its place in the chain, and its views.
-fn parse_checkpoint(data: &[u8]) -> datafusion::common::Result<(u64, u64, Vec<SavedState>)> {
-    let body = data
-        .strip_prefix(MAGIC)
-        .ok_or_else(|| DataFusionError::Execution("not a Quiver view checkpoint".into()))?;
-    let mut r = Reader::new(body);
-    let base = r.u64()?;
-    let seq = r.u64()?;
-    let n = r.u64()?;
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let name = r.str()?;
-        let sql = r.str()?;
-        let version = r.u64()?;
-        let mut positions = BTreeMap::new();
-        for _ in 0..r.u64()? {
-            let s = r.str()?;
-            positions.insert(s, r.u64()?);
-        }
-        let incremental = r.u64()? == 1;
-        let delta = r.u64()? == 1;
-        let state = r.bytes()?.to_vec();
-        out.push(SavedState {
-            name,
-            sql,
-            version,
-            positions,
-            incremental,
-            bodies: vec![(delta, state)],
-        });
-    }
-    if !r.is_done() {
-        return Err(DataFusionError::Execution(
-            "the view checkpoint has trailing bytes".into(),
-        ));
-    }
-    Ok((base, seq, out))
-}
-
-async fn get(engine: &Engine, rel: &str) -> crate::Result<Option<bytes::Bytes>> {
-    use object_store::ObjectStoreExt;
-    let store = engine.store();
-    match store.object_store().get(&store.path(rel)?).await {
-        Ok(got) => Ok(Some(got.bytes().await?)),
-        Err(object_store::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Deletes every checkpoint delta that does not belong to chain `base`.
-async fn delete_other_chains(engine: &Engine, base: u64) -> crate::Result<()> {
-    use object_store::ObjectStoreExt;
-    let store = engine.store();
-    let ours = format!("checkpoint-{base}-");
-    let mut listed = store
-        .object_store()
-        .list(Some(&store.path(CHECKPOINT_DIR)?));
-    let mut stale = Vec::new();
-    while let Some(meta) = listed.next().await {
-        let meta = meta?;
-        let name = meta.location.filename().unwrap_or_default();
-        if name.starts_with("checkpoint-") && !name.starts_with(&ours) {
-            stale.push(meta.location);
-        }
-    }
-    for path in stale {
-        match store.object_store().delete(&path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
-async fn put(engine: &Engine, rel: &str, body: Vec<u8>) -> crate::Result<()> {
-    use object_store::ObjectStoreExt;
-    let store = engine.store();
-    store
-        .object_store()
-        .put(&store.path(rel)?, body.into())
-        .await?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -67,7 +67,7 @@ const EXTRA: [(&str, &str); 8] = [
     ),
 ];
 
-/// `orders_current` as DESIGN.md defines ties: among equal times the later arrival
+/// `orders_current` as docs/CONTRACTS.md defines ties: among equal times the later arrival
 /// wins; event ids grow with arrival here, so they order ties.
 const ORDERS_CURRENT_EXACT: &str = "SELECT DISTINCT ON (order_id, sku) order_id, sku, \
     customer_id, warehouse_id, status, quantity, unit_price, event_time FROM orders \
@@ -388,8 +388,30 @@ async fn run_case(plan: Vec<(Vec<Ev>, bool)>) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// The property test's configuration: 10 cases unless `PROPTEST_CASES` says otherwise
+/// (the benchmark script runs a larger one), and a seed that is printed, taken from
+/// `PROPTEST_RNG_SEED` when set, so a failure can be run again exactly.
+fn property_config() -> ProptestConfig {
+    use proptest::test_runner::RngSeed;
+    let defaults = ProptestConfig::default();
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let seed = match defaults.rng_seed {
+        RngSeed::Fixed(seed) => seed,
+        RngSeed::Random => rand::random(),
+    };
+    eprintln!("view property test: {cases} cases, PROPTEST_RNG_SEED={seed}");
+    ProptestConfig {
+        cases,
+        rng_seed: RngSeed::Fixed(seed),
+        ..defaults
+    }
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 10, ..ProptestConfig::default() })]
+    #![proptest_config(property_config())]
 
     #[test]
     fn views_equal_a_recompute_after_every_batch(
@@ -447,7 +469,9 @@ async fn views_come_back_after_a_clean_restart_and_after_a_crash() {
     let versions: Vec<u64> = engine.views_info().iter().map(|v| v.version).collect();
     // A delta of another chain, as a crash between a full checkpoint and the deletion
     // of the old chain leaves behind: the next full checkpoint removes it.
-    let views_dir = store.path().join("_quiver/views");
+    let views_dir = store
+        .path()
+        .join(format!("_quiver/nodes/{}/views", engine.node_id()));
     std::fs::create_dir_all(&views_dir).unwrap();
     std::fs::write(views_dir.join("checkpoint-1-000001.bin"), b"stale").unwrap();
     engine.shutdown().await.unwrap();
