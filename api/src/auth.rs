@@ -1,24 +1,31 @@
 //! Tokens and scopes.
 //!
-//! A token is `qv_<id>_<secret>`. Only its SHA-256 is kept, in `<store>/_quiver/tokens.json`.
+//! A token is `qv_<id>_<secret>`. Only its SHA-256 is kept, in the catalog's `tokens`
+//! document (see [`quiver_engine::catalog`]).
 //! The admin token comes from `QUIVER_ADMIN_TOKEN` (never stored), or is generated on
 //! first start, printed once, and stored hashed like any other.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use axum::http::HeaderMap;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parking_lot::RwLock;
 use quiver_engine::Store;
+use quiver_engine::catalog::Document;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{ApiError, ApiResult};
 
 /// What a token may do. `Admin` implies the others.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, strum::EnumString,
+)]
 #[serde(rename_all = "lowercase")]
+#[strum(
+    serialize_all = "lowercase",
+    parse_err_fn = unknown_scope,
+    parse_err_ty = String
+)]
 pub enum Scope {
     /// Queries and subscriptions.
     Read,
@@ -28,16 +35,8 @@ pub enum Scope {
     Admin,
 }
 
-impl std::str::FromStr for Scope {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "read" => Ok(Self::Read),
-            "ingest" => Ok(Self::Ingest),
-            "admin" => Ok(Self::Admin),
-            other => Err(format!("unknown scope '{other}' (read, ingest, admin)")),
-        }
-    }
+fn unknown_scope(other: &str) -> String {
+    format!("unknown scope '{other}' (read, ingest, admin)")
 }
 
 /// A stored token (the secret is not kept).
@@ -89,8 +88,8 @@ fn sha256_hex(s: &str) -> String {
 /// The token registry.
 #[derive(Debug)]
 pub(crate) struct Tokens {
-    store: Arc<dyn ObjectStore>,
-    path: object_store::path::Path,
+    /// The catalog's record of tokens (hashes only).
+    document: Document<Vec<TokenRecord>>,
     records: RwLock<BTreeMap<String, TokenRecord>>,
     env_admin_hash: Option<String>,
 }
@@ -108,23 +107,14 @@ impl Tokens {
     /// Loads the registry. Returns it and, when an admin token had to be generated, that token.
     pub(crate) async fn load(
         store: &Store,
+        node: &str,
         env_admin: Option<String>,
     ) -> anyhow::Result<(Self, Option<NewToken>)> {
-        let path = store.path("_quiver/tokens.json")?;
-        let os = store.object_store();
-        let records: BTreeMap<String, TokenRecord> = match os.get(&path).await {
-            Ok(got) => {
-                let bytes = got.bytes().await?;
-                let list: Vec<TokenRecord> = serde_json::from_slice(&bytes)?;
-                list.into_iter().map(|r| (r.id.clone(), r)).collect()
-            }
-            Err(object_store::Error::NotFound { .. }) => BTreeMap::new(),
-            Err(e) => return Err(e.into()),
-        };
+        let document = Document::new(store, "tokens", Some("_quiver/tokens.json"), node);
+        let records = by_id(document.read().await?);
         let env_admin_hash = env_admin.filter(|t| !t.is_empty()).map(|t| sha256_hex(&t));
         let this = Self {
-            store: os,
-            path,
+            document,
             records: RwLock::new(records),
             env_admin_hash,
         };
@@ -153,8 +143,14 @@ impl Tokens {
             hash: sha256_hex(&token),
             created_at: chrono::Utc::now().to_rfc3339(),
         };
-        self.records.write().insert(id.clone(), record);
-        self.save().await?;
+        let ((), all) = self
+            .document
+            .update(|list| {
+                list.push(record.clone());
+                Ok(())
+            })
+            .await?;
+        *self.records.write() = by_id(all);
         Ok(NewToken {
             id,
             token,
@@ -165,23 +161,21 @@ impl Tokens {
 
     /// Removes a token; false if there was none with that id.
     pub(crate) async fn delete(&self, id: &str) -> anyhow::Result<bool> {
-        let removed = self.records.write().remove(id).is_some();
-        if removed {
-            self.save().await?;
-        }
+        let (removed, all) = self
+            .document
+            .update(|list| {
+                let before = list.len();
+                list.retain(|r| r.id != id);
+                Ok(list.len() != before)
+            })
+            .await?;
+        *self.records.write() = by_id(all);
         Ok(removed)
     }
 
     /// Every stored token (without secrets).
     pub(crate) fn list(&self) -> Vec<TokenRecord> {
         self.records.read().values().cloned().collect()
-    }
-
-    async fn save(&self) -> anyhow::Result<()> {
-        let list = self.list();
-        let bytes = serde_json::to_vec_pretty(&list)?;
-        self.store.put(&self.path, PutPayload::from(bytes)).await?;
-        Ok(())
     }
 
     /// Checks a presented token.
@@ -222,4 +216,8 @@ impl Tokens {
         self.verify(token.trim())
             .ok_or_else(|| ApiError::unauthorized("the token is not valid"))
     }
+}
+
+fn by_id(list: Vec<TokenRecord>) -> BTreeMap<String, TokenRecord> {
+    list.into_iter().map(|r| (r.id.clone(), r)).collect()
 }

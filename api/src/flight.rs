@@ -51,8 +51,8 @@ use tracing::{info, warn};
 
 use crate::auth::{Principal, Scope};
 use crate::error::ApiError;
-use crate::server::AppState;
-use crate::sql::{DdlOutcome, execute_ddl, query_error, spawn_batches, take_slot};
+use crate::service::{DdlOutcome, execute_ddl, spawn_batches, take_slot};
+use crate::state::AppState;
 
 /// Binds the Flight SQL listener and serves it until `shutdown` changes.
 pub(crate) async fn start(
@@ -183,7 +183,7 @@ impl QuiverFlight {
         let planned = tokio::time::timeout_at(deadline, session.prepare_holding(sql, params, slot))
             .await
             .unwrap_or(Err(QueryError::Timeout(timeout)))
-            .map_err(|e| status(query_error(e)))?;
+            .map_err(|e| status(ApiError::from(e)))?;
         let (plan, slot) = match planned {
             (Prepared::Query(plan), slot) => (*plan, slot),
             (Prepared::Ddl(ddl), _) => {
@@ -203,7 +203,7 @@ impl QuiverFlight {
             slot,
             self.state.config.max_result_bytes,
         );
-        let batches = batches.map_err(|e| FlightError::Tonic(Box::new(status(query_error(e)))));
+        let batches = batches.map_err(|e| FlightError::Tonic(Box::new(status(ApiError::from(e)))));
         Ok(batches_response(schema, batches))
     }
 
@@ -215,7 +215,7 @@ impl QuiverFlight {
         match session
             .prepare_unbound(sql)
             .await
-            .map_err(|e| status(query_error(e)))?
+            .map_err(|e| status(ApiError::from(e)))?
         {
             Prepared::Query(plan) => {
                 let types = plan.get_parameter_types().map_err(|e| {
@@ -295,18 +295,9 @@ fn bearer_or_basic(value: &str) -> Result<String, Status> {
     ))
 }
 
-/// A Quiver error as a gRPC status with the same message.
+/// A Quiver error as a gRPC status with the same message, its code from the kind.
 fn status(e: ApiError) -> Status {
-    let message = format!("{} ({})", e.message, e.code);
-    match e.status.as_u16() {
-        400 => Status::invalid_argument(message),
-        401 => Status::unauthenticated(message),
-        403 => Status::permission_denied(message),
-        404 => Status::not_found(message),
-        409 => Status::already_exists(message),
-        503 => Status::unavailable(message),
-        _ => Status::internal(message),
-    }
+    Status::new(e.kind.grpc_code(), format!("{} ({})", e.message, e.code))
 }
 
 /// What a DDL statement answers with: its plan lines, or one row of JSON.
@@ -472,7 +463,7 @@ impl FlightSqlService for QuiverFlight {
         match session
             .prepare(&query.query, &[])
             .await
-            .map_err(|e| status(query_error(e)))?
+            .map_err(|e| status(ApiError::from(e)))?
         {
             Prepared::Ddl(ddl) => {
                 execute_ddl(engine, &principal, ddl).await.map_err(status)?;

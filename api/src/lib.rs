@@ -17,7 +17,9 @@ mod pg;
 mod push;
 mod routes;
 mod server;
+mod service;
 mod sql;
+mod state;
 mod views;
 
 pub use config::ServeConfig;

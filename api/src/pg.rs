@@ -55,9 +55,9 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::auth::{Principal, Scope};
-use crate::error::ApiError;
-use crate::server::AppState;
-use crate::sql::{DdlOutcome, execute_ddl, query_error, spawn_batches, take_slot};
+use crate::error::{ApiError, ErrorKind};
+use crate::service::{DdlOutcome, execute_ddl, spawn_batches, take_slot};
+use crate::state::AppState;
 
 /// Where TLS certificates for the Postgres listener come from.
 #[derive(Debug, Clone)]
@@ -294,7 +294,7 @@ impl PgService {
             tokio::time::timeout_at(deadline, conn.session.prepare_holding(sql, params, slot))
                 .await
                 .unwrap_or_else(|_| Err(QueryError::Timeout(engine.query_options().timeout)))
-                .map_err(query_error)?;
+                .map_err(ApiError::from)?;
         match planned {
             (Prepared::Ddl(ddl), _slot) => self.ddl(conn, ddl).await,
             (Prepared::Query(plan), slot) => {
@@ -326,7 +326,7 @@ impl PgService {
         plan: LogicalPlan,
         format: &Format,
         deadline: tokio::time::Instant,
-        slot: crate::sql::Slot,
+        slot: crate::service::Slot,
     ) -> Response
     where
         C: ClientInfo + ?Sized,
@@ -336,7 +336,8 @@ impl PgService {
             match arrow_schema_to_pg_fields(plan.schema().as_arrow(), format, Some(options)) {
                 Ok(f) => Arc::new(f),
                 Err(e) => {
-                    return Response::Error(Box::new(pg_error(&ApiError::bad_request(
+                    return Response::Error(Box::new(pg_error(&ApiError::new(
+                        ErrorKind::Unsupported,
                         "unsupported_type",
                         format!("the result has a column type Postgres clients cannot read: {e}"),
                     ))));
@@ -357,7 +358,7 @@ impl PgService {
             let rows: Box<dyn Iterator<Item = PgWireResult<_>> + Send + Sync> = match batch {
                 Ok(batch) => encode_recordbatch(Arc::clone(&rows_fields), batch),
                 Err(e) => Box::new(std::iter::once(Err(PgWireError::UserError(Box::new(
-                    pg_error(&query_error(e)),
+                    pg_error(&ApiError::from(e)),
                 ))))),
             };
             futures::stream::iter(rows)
@@ -850,7 +851,9 @@ impl QueryParser for PgParser {
                 sql: text,
                 explain: matches!(ddl, QuiverDdl::ExplainMaterializedView { .. }),
             })),
-            Err(e) => Err(PgWireError::UserError(Box::new(pg_error(&query_error(e))))),
+            Err(e) => Err(PgWireError::UserError(Box::new(pg_error(&ApiError::from(
+                e,
+            ))))),
         }
     }
 
@@ -1163,24 +1166,9 @@ fn text_rows(name: &str, lines: Vec<String>) -> QueryResponse {
     QueryResponse::new(fields, futures::stream::iter(rows.collect::<Vec<_>>()))
 }
 
-/// A Quiver error as a Postgres error, with the SQLSTATE a client can act on.
+/// A Quiver error as a Postgres error, with the SQLSTATE its kind maps to.
 fn pg_error(e: &ApiError) -> ErrorInfo {
-    let code = match e.code {
-        "forbidden" => "42501",
-        "statement_not_allowed" => "25006",
-        "invalid_sql" => "42601",
-        "not_found" => "42P01",
-        "conflict" | "already_exists" => "42P07",
-        "query_timeout" => "57014",
-        "memory_limit_exceeded" => "53200",
-        "result_too_large" => "54000",
-        "too_many_queries" => "53300",
-        "unavailable" => "57P03",
-        "unauthorized" => "28000",
-        "unsupported_type" => "0A000",
-        _ => "XX000",
-    };
-    let mut info = ErrorInfo::new("ERROR".into(), code.into(), e.message.clone());
+    let mut info = ErrorInfo::new("ERROR".into(), e.kind.sqlstate().into(), e.message.clone());
     info.detail = Some(format!("quiver error code: {}", e.code));
     info
 }

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::auth::Scope;
-use crate::error::{ApiError, ApiResult};
-use crate::server::AppState;
+use crate::error::{ApiError, ApiResult, ErrorKind};
+use crate::state::AppState;
 
 type AppStateRef = State<Arc<AppState>>;
 
@@ -133,7 +133,7 @@ async fn ingest_inner(
         && limiter.check_key(&principal.token_id).is_err()
     {
         return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::RateLimited,
             "rate_limited",
             format!(
                 "more than {} ingest requests per second for this token",
@@ -152,7 +152,7 @@ async fn ingest_inner(
         .unwrap_or("");
     let format = Format::from_content_type(content_type).ok_or_else(|| {
         ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorKind::UnsupportedMediaType,
             "unsupported_media_type",
             format!(
                 "Content-Type '{content_type}' is not accepted; use application/x-ndjson, application/json, text/csv or application/vnd.apache.arrow.stream"
@@ -162,7 +162,7 @@ async fn ingest_inner(
     let limit = state.config.max_body_bytes;
     let too_large = || {
         ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::TooLarge,
             "payload_too_large",
             format!("the request body is larger than the {limit}-byte limit"),
         )

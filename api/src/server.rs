@@ -1,4 +1,4 @@
-//! The HTTP server: routes, shared state, start-up and graceful shutdown.
+//! The HTTP server: routes, start-up and graceful shutdown.
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock};
@@ -10,7 +10,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{Quota, RateLimiter};
 use prometheus_client::registry::Registry;
 use quiver_engine::metrics::RouteLabel;
 use quiver_engine::{Engine, EngineMetrics, Store};
@@ -20,21 +20,7 @@ use tracing::{error, info};
 use crate::auth::Tokens;
 use crate::config::ServeConfig;
 use crate::routes;
-
-/// State every handler shares.
-#[derive(Debug)]
-pub(crate) struct AppState {
-    pub(crate) config: ServeConfig,
-    pub(crate) engine: OnceLock<Engine>,
-    pub(crate) tokens: Tokens,
-    pub(crate) registry: Registry,
-    pub(crate) metrics: Arc<EngineMetrics>,
-    pub(crate) memory: crate::memory::MemoryMetrics,
-    pub(crate) rate_limiter: Option<DefaultKeyedRateLimiter<String>>,
-    /// One permit per query allowed to run at once.
-    pub(crate) query_slots: Arc<tokio::sync::Semaphore>,
-    pub(crate) push: Arc<crate::push::Push>,
-}
+use crate::state::AppState;
 
 /// A running server.
 #[derive(Debug)]
@@ -51,6 +37,8 @@ pub struct RunningServer {
     http: tokio::task::JoinHandle<()>,
     listeners: Vec<tokio::task::JoinHandle<()>>,
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// Set if recovery fails.
+    failed: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 impl RunningServer {
@@ -64,7 +52,8 @@ impl RunningServer {
                 .context("starting the push runtime")?,
         );
         let store = Store::open(&config.store).context("opening the store")?;
-        let (tokens, generated) = Tokens::load(&store, config.admin_token.clone())
+        let node = quiver_engine::node_id(&config.wal_dir()).context("reading the node id")?;
+        let (tokens, generated) = Tokens::load(&store, &node, config.admin_token.clone())
             .await
             .context("loading tokens")?;
         let rate_limiter = NonZeroU32::new(config.ingest_rate_limit)
@@ -72,7 +61,7 @@ impl RunningServer {
         let state = Arc::new(AppState {
             config: config.clone(),
             engine: OnceLock::new(),
-            tokens,
+            tokens: Arc::new(tokens),
             registry,
             metrics: Arc::clone(&metrics),
             memory,
@@ -128,6 +117,7 @@ impl RunningServer {
         let mut engine_config = config.engine_config();
         engine_config.views.definitions = config.view_definitions()?;
         let recovering = Arc::clone(&state);
+        let (failed_tx, failed) = tokio::sync::watch::channel(None);
         tokio::spawn(async move {
             match Engine::open(engine_config, Arc::clone(&recovering.metrics)).await {
                 Ok(engine) => {
@@ -136,8 +126,8 @@ impl RunningServer {
                     info!("ready");
                 }
                 Err(e) => {
-                    error!(error = %e, "recovery failed; exiting");
-                    std::process::exit(2);
+                    error!(error = %e, "recovery failed; stopping");
+                    let _ = failed_tx.send(Some(e.to_string()));
                 }
             }
         });
@@ -151,7 +141,23 @@ impl RunningServer {
             http,
             listeners,
             shutdown,
+            failed,
         })
+    }
+
+    /// Resolves with the reason if recovery fails (never, once it has succeeded); the
+    /// caller stops the server and reports it.
+    pub async fn recovery_failed(&self) -> String {
+        let mut failed = self.failed.clone();
+        loop {
+            if let Some(reason) = failed.borrow_and_update().clone() {
+                return reason;
+            }
+            if failed.changed().await.is_err() {
+                // The recovery task ended without a failure: wait forever.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Makes a token directly in the registry (used by `quiver demo` for its feed).
@@ -163,11 +169,15 @@ impl RunningServer {
         Ok(self.state.tokens.create(name, scopes).await?.token)
     }
 
-    /// Waits until recovery has finished.
-    pub async fn wait_ready(&self) {
+    /// Waits until recovery has finished; an error if it failed.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
         while self.state.engine.get().is_none() {
+            if let Some(reason) = self.failed.borrow().clone() {
+                anyhow::bail!("recovery failed: {reason}");
+            }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        Ok(())
     }
 
     /// Stops taking writes, drains HTTP, flushes buffers into Delta.

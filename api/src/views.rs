@@ -13,8 +13,8 @@ use tracing::info;
 
 use crate::auth::Scope;
 use crate::error::{ApiError, ApiResult};
-use crate::server::AppState;
-use crate::sql::{encode, query_error};
+use crate::sql::encode;
+use crate::state::AppState;
 
 type AppStateRef = State<Arc<AppState>>;
 
@@ -75,7 +75,7 @@ pub(crate) async fn get_one(
     let snapshot = engine
         .view_snapshot(&name)
         .ok_or_else(|| unknown(&name))?
-        .map_err(query_error)?;
+        .map_err(ApiError::from)?;
     let rows = encode::json_result(&snapshot.rows)
         .map_err(|e| ApiError::internal("encoding view rows", &e))?;
     let mut out = view_json(&info);
@@ -108,7 +108,7 @@ pub(crate) async fn create(
     let view = engine
         .create_view(&req.name, &req.sql, false)
         .await
-        .map_err(query_error)?;
+        .map_err(ApiError::from)?;
     info!(view = %req.name, principal = %principal.token_id, "view created over HTTP");
     Ok((StatusCode::CREATED, Json(view_json(&view))).into_response())
 }
@@ -123,7 +123,7 @@ pub(crate) async fn delete(
     engine(&state)?
         .drop_view(&name, false)
         .await
-        .map_err(query_error)?;
+        .map_err(ApiError::from)?;
     info!(view = %name, principal = %principal.token_id, "view dropped over HTTP");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -288,7 +288,7 @@ fn parse_object<'de>(
 }
 
 fn decode_ndjson(schema: &StreamSchema, body: &[u8]) -> Result<RecordBatch> {
-    let estimate = memchr_count(body) + 1;
+    let estimate = memchr::memchr_iter(b'\n', body).count() + 1;
     let mut rows = Rows::new(schema, estimate);
     let mut fields = Vec::with_capacity(schema.columns().len());
     for (i, line) in body.split(|b| *b == b'\n').enumerate() {
@@ -303,10 +303,6 @@ fn decode_ndjson(schema: &StreamSchema, body: &[u8]) -> Result<RecordBatch> {
         }
     }
     rows.finish()
-}
-
-fn memchr_count(body: &[u8]) -> usize {
-    body.iter().filter(|b| **b == b'\n').count()
 }
 
 fn decode_json_array(schema: &StreamSchema, body: &[u8]) -> Result<RecordBatch> {

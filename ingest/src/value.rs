@@ -145,6 +145,9 @@ fn parse_timestamp(text: &str, lex: Lexical) -> Result<i64, String> {
 }
 
 /// Exact decimal text with at most two fractional digits, within 18 digits.
+///
+/// Hand-written rather than arrow's `parse_decimal`: that one rounds away digits past
+/// the scale, and money with a third decimal place must be refused, not rounded.
 pub(crate) fn parse_money(text: &str) -> Result<i128, String> {
     let bad = || format!("'{}' is not a decimal with at most 2 places", clip(text));
     let (neg, digits) = match text.as_bytes().first() {

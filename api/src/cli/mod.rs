@@ -185,8 +185,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(&config.log_format);
             let server = RunningServer::start(config).await?;
             announce(&server);
-            wait_for_signal().await;
-            server.shutdown().await
+            tokio::select! {
+                () = wait_for_signal() => server.shutdown().await,
+                reason = server.recovery_failed() => {
+                    let _ = server.shutdown().await;
+                    anyhow::bail!("recovery failed: {reason}")
+                }
+            }
         }
         Command::Demo { serve, data, rate } => {
             init_logging(&serve.log_format);
@@ -242,7 +247,7 @@ async fn wait_for_signal() {
 async fn demo(serve: ServeConfig, data: DataArgs, rate: f64) -> anyhow::Result<()> {
     let server = RunningServer::start(serve).await?;
     announce(&server);
-    server.wait_ready().await;
+    server.wait_ready().await?;
     let token = server
         .create_token("demo-feed", vec![Scope::Ingest])
         .await?;

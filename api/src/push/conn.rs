@@ -18,8 +18,7 @@ use yawc::{Frame, HttpStream, OpCode, WebSocket};
 
 use super::delta::{Coalesced, Delta};
 use super::{Group, Push};
-use crate::auth::{Principal, Scope};
-use crate::server::AppState;
+use crate::auth::{Principal, Scope, Tokens};
 
 /// Frames a subscription may queue before it is caught up from its group's kept
 /// deltas instead, whatever their size.
@@ -384,13 +383,13 @@ pub(crate) async fn serve(
     ws: WebSocket<HttpStream>,
     push: Arc<Push>,
     engine: Engine,
-    state: Arc<AppState>,
+    tokens: Arc<Tokens>,
     authed: Option<(Principal, u64)>,
 ) {
     let mut socket = Socket { ws, since_yield: 0 };
     let (principal, conn_id) = match authed {
         Some(a) => a,
-        None => match first_message_auth(&mut socket, &push, &state).await {
+        None => match first_message_auth(&mut socket, &push, &tokens).await {
             Ok(a) => a,
             Err(end) => {
                 push.metrics
@@ -419,7 +418,7 @@ pub(crate) async fn serve(
 async fn first_message_auth(
     socket: &mut Socket,
     push: &Push,
-    state: &AppState,
+    tokens: &Tokens,
 ) -> Result<(Principal, u64), End> {
     let refuse = |code: &str, message: &str| {
         push.metrics.error(code);
@@ -446,7 +445,7 @@ async fn first_message_auth(
         .as_ref()
         .filter(|m| m["type"] == "auth")
         .and_then(|m| m["token"].as_str());
-    let principal = token.and_then(|t| state.tokens.verify(t));
+    let principal = token.and_then(|t| tokens.verify(t));
     let refused = match (&token, &principal) {
         (None, _) => Some((
             "unauthorized",
@@ -596,9 +595,9 @@ fn on_frame(
             return None;
         }
     };
-    let id = match &message["id"] {
+    let id: Option<String> = match &message["id"] {
         Value::Null => None,
-        Value::String(s) if !s.is_empty() && s.chars().count() <= MAX_ID_CHARS => Some(s.as_str()),
+        Value::String(s) if !s.is_empty() && s.chars().count() <= MAX_ID_CHARS => Some(s.clone()),
         _ => {
             reply_error(
                 None,
@@ -608,57 +607,45 @@ fn on_frame(
             return None;
         }
     };
-    match message["type"].as_str() {
-        Some("ping") => conn.control(br#"{"type":"pong"}"#.to_vec()),
-        Some("pong") => {}
-        Some("subscribe") => {
-            let Some(id) = id else {
-                reply_error(None, "bad_message", "subscribe needs an \"id\"");
-                return None;
-            };
-            let Some(view) = message["view"].as_str() else {
-                reply_error(Some(id), "bad_message", "subscribe needs a \"view\"");
-                return None;
-            };
-            let from_version = match &message["from_version"] {
-                Value::Null => None,
-                v => match v.as_u64() {
-                    Some(n) => Some(n),
-                    None => {
-                        reply_error(
-                            Some(id),
-                            "bad_message",
-                            "\"from_version\" must be a non-negative integer",
-                        );
-                        return None;
-                    }
-                },
-            };
-            let known = ["type", "id", "view", "filter", "from_version"];
-            if let Some(extra) = message
-                .as_object()
-                .and_then(|m| m.keys().find(|k| !known.contains(&k.as_str())))
-            {
-                reply_error(
-                    Some(id),
-                    "bad_message",
-                    &format!("unknown field \"{extra}\" in subscribe"),
-                );
-                return None;
-            }
+    let kind = message["type"].as_str().unwrap_or_default().to_owned();
+    let request = match serde_json::from_value::<Request>(message) {
+        Ok(r) => r,
+        Err(_) if kind.is_empty() => {
+            reply_error(id.as_deref(), "bad_message", "a request needs a \"type\"");
+            return None;
+        }
+        Err(_) if !Request::TYPES.contains(&kind.as_str()) => {
+            reply_error(
+                id.as_deref(),
+                "bad_message",
+                &format!("unknown message type '{kind}' (subscribe, unsubscribe, ping)"),
+            );
+            return None;
+        }
+        Err(e) => {
+            reply_error(id.as_deref(), "bad_message", &format!("bad {kind}: {e}"));
+            return None;
+        }
+    };
+    match request {
+        Request::Ping { .. } => conn.control(br#"{"type":"pong"}"#.to_vec()),
+        Request::Pong { .. } => {}
+        Request::Subscribe {
+            id,
+            view,
+            filter,
+            from_version,
+        } => {
             let id: Arc<str> = Arc::from(id);
+
             if let Err((code, msg)) =
-                push.join(conn, &id, engine, view, message.get("filter"), from_version)
+                push.join(conn, &id, engine, &view, filter.as_ref(), from_version)
             {
                 reply_error(Some(&id), code, &msg);
             }
         }
-        Some("unsubscribe") => {
-            let Some(id) = id else {
-                reply_error(None, "bad_message", "unsubscribe needs an \"id\"");
-                return None;
-            };
-            if push.unsubscribe(conn, id) {
+        Request::Unsubscribe { id } => {
+            if push.unsubscribe(conn, &id) {
                 conn.control(
                     json!({"type": "unsubscribed", "id": id})
                         .to_string()
@@ -666,25 +653,55 @@ fn on_frame(
                 );
             } else {
                 reply_error(
-                    Some(id),
+                    Some(&id),
                     "unknown_subscription",
                     &format!("no subscription '{id}' on this connection"),
                 );
             }
         }
-        Some("auth") => reply_error(
-            id,
+        Request::Auth { .. } => reply_error(
+            id.as_deref(),
             "bad_message",
             "this connection is already authenticated",
         ),
-        Some(other) => reply_error(
-            id,
-            "bad_message",
-            &format!("unknown message type '{other}' (subscribe, unsubscribe, ping)"),
-        ),
-        None => reply_error(id, "bad_message", "a request needs a \"type\""),
     }
     None
+}
+
+/// A request from a subscriber, as the push protocol (docs/CONTRACTS.md) spells it.
+/// A field the protocol does not have is refused, not ignored.
+#[derive(Debug, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum Request {
+    Subscribe {
+        id: String,
+        view: String,
+        #[serde(default)]
+        filter: Option<Value>,
+        #[serde(default)]
+        from_version: Option<u64>,
+    },
+    Unsubscribe {
+        id: String,
+    },
+    Ping {
+        #[serde(default, rename = "id")]
+        _id: Option<String>,
+    },
+    Pong {
+        #[serde(default, rename = "id")]
+        _id: Option<String>,
+    },
+    /// Only the first message of a connection may authenticate.
+    Auth {
+        #[serde(default, rename = "token")]
+        _token: Option<Value>,
+    },
+}
+
+impl Request {
+    /// The `type` names, for telling an unknown type from a malformed request.
+    const TYPES: [&'static str; 5] = ["subscribe", "unsubscribe", "ping", "pong", "auth"];
 }
 
 /// Writes one batch of work, then flushes; an error ends the connection.

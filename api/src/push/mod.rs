@@ -1,4 +1,5 @@
-//! `GET /v1/ws`: live view changes over WebSocket, in the push protocol of DESIGN.md.
+//! `GET /v1/ws`: live view changes over WebSocket, in the push protocol of
+//! docs/CONTRACTS.md.
 //!
 //! One task ([`Push::run`]) reads the engine's change sets. For each, it visits only the
 //! groups of subscribers of that view: a group is one distinct (view, filter), and the
@@ -23,7 +24,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -37,8 +38,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::{debug, warn};
 
 use crate::auth::{Principal, Scope};
-use crate::error::{ApiError, ApiResult};
-use crate::server::AppState;
+use crate::error::{ApiError, ApiResult, ErrorKind};
+use crate::state::AppState;
 use conn::Conn;
 use delta::{Delta, SnapshotRows};
 use filter::Filter;
@@ -842,7 +843,7 @@ pub(crate) async fn ws(
     let opened = match &principal {
         Some(p) => Some(push.open(&p.token_id).map_err(|(code, msg)| {
             push.metrics.error(code);
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, msg)
+            ApiError::new(ErrorKind::RateLimited, code, msg)
         })?),
         None => None,
     };
@@ -869,7 +870,7 @@ pub(crate) async fn ws(
             ));
         }
     };
-    let tokens = Arc::clone(&state);
+    let tokens = Arc::clone(&state.tokens);
     push.runtime.clone().spawn(async move {
         match upgraded.await {
             Ok(socket) => {
@@ -919,7 +920,7 @@ fn check_origin(config: &PushConfig, headers: &HeaderMap) -> ApiResult<()> {
         }
     }
     Err(ApiError::new(
-        StatusCode::FORBIDDEN,
+        ErrorKind::Forbidden,
         "forbidden_origin",
         format!(
             "Origin '{origin}' may not open a WebSocket here (allowed: {})",

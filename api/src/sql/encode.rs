@@ -26,9 +26,11 @@ const UTC_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.fZ";
 const PARQUET_ROW_GROUP_BYTES: usize = 16 << 20;
 
 /// A result encoding, chosen with `?format=`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumString)]
+#[strum(serialize_all = "lowercase", ascii_case_insensitive)]
 pub(crate) enum ResultFormat {
     Json,
+    #[strum(serialize = "ndjson", serialize = "jsonl")]
     Ndjson,
     Csv,
     Arrow,
@@ -37,14 +39,7 @@ pub(crate) enum ResultFormat {
 
 impl ResultFormat {
     pub(crate) fn parse(name: &str) -> Option<Self> {
-        Some(match name.to_ascii_lowercase().as_str() {
-            "json" => Self::Json,
-            "ndjson" | "jsonl" => Self::Ndjson,
-            "csv" => Self::Csv,
-            "arrow" => Self::Arrow,
-            "parquet" => Self::Parquet,
-            _ => return None,
-        })
+        name.parse().ok()
     }
 
     pub(crate) fn content_type(self) -> &'static str {

@@ -25,11 +25,11 @@ use quiver_engine::{Engine, Prepared, QueryError, QuerySession, QuiverDdl};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tracing::info;
 
 use crate::auth::{Principal, Scope};
 use crate::error::{ApiError, ApiResult};
-use crate::server::AppState;
+use crate::service::{DdlOutcome, Slot, execute_ddl, take_slot};
+use crate::state::AppState;
 use encode::{ResultEncoder, ResultFormat};
 
 /// Bytes of a result held back before the status line is sent.
@@ -96,7 +96,7 @@ pub(crate) async fn sql(
     .await
     .unwrap_or_else(|_| Err(QueryError::Timeout(engine.query_options().timeout)));
     let result = match planned {
-        Err(e) => Err(query_error(e)),
+        Err(e) => Err(ApiError::from(e)),
         Ok((Prepared::Ddl(ddl), _slot)) => run_ddl(engine, &principal, ddl).await,
         Ok((Prepared::Query(plan), slot)) => {
             run_query(&state, engine, session, *plan, format, deadline, slot).await
@@ -114,46 +114,6 @@ pub(crate) async fn sql(
         })
         .inc();
     result
-}
-
-/// A running query's slot; the active-queries gauge follows it.
-#[derive(Debug)]
-pub(crate) struct Slot {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    gauge: prometheus_client::metrics::gauge::Gauge,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.gauge.dec();
-    }
-}
-
-/// Waits up to `--query-queue-timeout` for one of `--max-concurrent-queries` slots.
-pub(crate) async fn take_slot(state: &AppState) -> ApiResult<Slot> {
-    let wait = state.config.query_queue_timeout;
-    let permit = tokio::time::timeout(wait, Arc::clone(&state.query_slots).acquire_owned())
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_queries",
-                format!(
-                    "{} queries are running and none finished within {} s; retry later",
-                    state.config.max_concurrent_queries,
-                    wait.as_secs_f64()
-                ),
-            )
-            .retry_after(1)
-        })?;
-    let gauge = state.metrics.sql_active_queries.clone();
-    gauge.inc();
-    Ok(Slot {
-        _permit: permit,
-        gauge,
-    })
 }
 
 /// The body is `{"sql": "...", "params": [...]}`, or plain SQL text with a
@@ -207,22 +167,6 @@ fn json_param(index: usize, value: &Value) -> ApiResult<ScalarValue> {
     })
 }
 
-pub(crate) fn query_error(e: QueryError) -> ApiError {
-    let status = match e {
-        QueryError::NotAllowed(_) => StatusCode::FORBIDDEN,
-        QueryError::Conflict(_) => StatusCode::CONFLICT,
-        QueryError::NotFound(_) => StatusCode::NOT_FOUND,
-        QueryError::Internal(_) => {
-            return ApiError::internal("running a query", &e);
-        }
-        QueryError::Invalid(_)
-        | QueryError::MemoryLimit(_)
-        | QueryError::ResultTooLarge(_)
-        | QueryError::Timeout(_) => StatusCode::BAD_REQUEST,
-    };
-    ApiError::new(status, e.code(), e.to_string())
-}
-
 async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiResult<Response> {
     Ok(match execute_ddl(engine, principal, ddl).await? {
         DdlOutcome::Done { status, body, .. } => (status, Json(body)).into_response(),
@@ -235,109 +179,6 @@ async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiR
             .into_response()
         }
     })
-}
-
-/// What one of Quiver's DDL statements did; each SQL surface answers in its own form.
-#[derive(Debug)]
-pub(crate) enum DdlOutcome {
-    /// A statement that changed (or would have changed) the catalog.
-    Done {
-        status: StatusCode,
-        /// The command tag (`CREATE STREAM`, …).
-        tag: &'static str,
-        body: Value,
-    },
-    /// `EXPLAIN MATERIALIZED VIEW`: the plan, one line per row.
-    Plan(Vec<String>),
-}
-
-/// Runs a DDL statement: writes need the admin scope, on every surface.
-pub(crate) async fn execute_ddl(
-    engine: &Engine,
-    principal: &Principal,
-    ddl: QuiverDdl,
-) -> ApiResult<DdlOutcome> {
-    let done = |status, tag, body| Ok(DdlOutcome::Done { status, tag, body });
-    if ddl.is_write() && !principal.has(Scope::Admin) {
-        return Err(ApiError::forbidden(format!(
-            "{} needs a token with the admin scope",
-            ddl.kind()
-        )));
-    }
-    match ddl {
-        QuiverDdl::CreateStream {
-            schema,
-            if_not_exists,
-        } => {
-            let name = schema.name().to_owned();
-            let created =
-                engine
-                    .create_stream(schema, if_not_exists)
-                    .await
-                    .map_err(|e| match e {
-                        quiver_engine::Error::AlreadyExists(m) => {
-                            ApiError::new(StatusCode::CONFLICT, "already_exists", m)
-                        }
-                        other => ApiError::internal("creating a stream", &other),
-                    })?;
-            info!(stream = %name, created, principal = %principal.token_id, "CREATE STREAM");
-            let status = if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            done(
-                status,
-                "CREATE STREAM",
-                json!({"statement": "CREATE STREAM", "stream": name, "created": created}),
-            )
-        }
-        QuiverDdl::CreateMaterializedView {
-            name,
-            sql,
-            if_not_exists,
-        } => {
-            let existed = engine.view_info(&name).is_some();
-            let view = engine
-                .create_view(&name, &sql, if_not_exists)
-                .await
-                .map_err(query_error)?;
-            info!(view = %name, principal = %principal.token_id, "CREATE MATERIALIZED VIEW");
-            let status = if existed {
-                StatusCode::OK
-            } else {
-                StatusCode::CREATED
-            };
-            done(
-                status,
-                "CREATE MATERIALIZED VIEW",
-                json!({
-                    "statement": "CREATE MATERIALIZED VIEW",
-                    "view": crate::views::view_json(&view),
-                    "created": !existed,
-                }),
-            )
-        }
-        QuiverDdl::DropMaterializedView { name, if_exists } => {
-            let dropped = engine
-                .drop_view(&name, if_exists)
-                .await
-                .map_err(query_error)?;
-            info!(view = %name, principal = %principal.token_id, "DROP MATERIALIZED VIEW");
-            done(
-                StatusCode::OK,
-                "DROP MATERIALIZED VIEW",
-                json!({
-                    "statement": "DROP MATERIALIZED VIEW",
-                    "view": name,
-                    "dropped": dropped,
-                }),
-            )
-        }
-        QuiverDdl::ExplainMaterializedView { name } => Ok(DdlOutcome::Plan(
-            engine.explain_view(&name).await.map_err(query_error)?,
-        )),
-    }
 }
 
 async fn run_query(
@@ -382,7 +223,7 @@ async fn run_query(
         match next {
             Err(_) => {
                 abort.abort();
-                return Err(query_error(QueryError::Timeout(timeout)));
+                return Err(ApiError::from(QueryError::Timeout(timeout)));
             }
             Ok(Some(Chunk::Data(b))) => {
                 held += b.len();
@@ -396,7 +237,7 @@ async fn run_query(
                 let body: Vec<u8> = head.concat();
                 return Ok(ok_response(format, schema.fields().len(), Body::from(body)));
             }
-            Ok(Some(Chunk::Failed { error, .. })) => return Err(query_error(error)),
+            Ok(Some(Chunk::Failed { error, .. })) => return Err(ApiError::from(error)),
             Ok(None) => {
                 return Err(ApiError::internal(
                     "running a query",
@@ -443,62 +284,6 @@ async fn run_query(
         schema.fields().len(),
         Body::from_stream(body),
     ))
-}
-
-/// Runs a planned query on the query runtime and hands its batches over a small
-/// channel, for the surfaces that send Arrow batches or rows (Postgres, Flight SQL):
-/// the work stays on the query threads, a slow reader holds back only its own query,
-/// and the deadline covers delivery (the reading side keeps it too, a second later, for
-/// a query that never yields). The slot is held until the query ends. Past `max_bytes`
-/// of Arrow data the query fails with `ResultTooLarge`.
-pub(crate) fn spawn_batches(
-    engine: &Engine,
-    session: QuerySession,
-    plan: LogicalPlan,
-    deadline: tokio::time::Instant,
-    slot: Slot,
-    max_bytes: usize,
-) -> impl futures::Stream<Item = Result<arrow::record_batch::RecordBatch, QueryError>> + Send + 'static
-{
-    let timeout = engine.query_options().timeout;
-    let (tx, rx) = mpsc::channel(2);
-    engine.query_runtime().spawn(async move {
-        let work = async {
-            let mut stream = session.execute(plan).await?;
-            let mut sent = 0usize;
-            while let Some(batch) = stream.next().await {
-                let batch = batch?;
-                sent += batch.get_array_memory_size();
-                if sent > max_bytes {
-                    return Err(QueryError::ResultTooLarge(format!(
-                        "the result is larger than the {max_bytes}-byte limit; add a LIMIT or \
-                         aggregate"
-                    )));
-                }
-                if tx.send(Ok(batch)).await.is_err() {
-                    break;
-                }
-            }
-            Ok(())
-        };
-        let outcome = tokio::time::timeout_at(deadline, work)
-            .await
-            .unwrap_or(Err(QueryError::Timeout(timeout)));
-        drop(slot);
-        if let Err(e) = outcome {
-            let _ = tx.send(Err(e)).await;
-        }
-    });
-    let guard = deadline + Duration::from_secs(1);
-    futures::stream::unfold(Some(rx), move |rx| async move {
-        let mut rx = rx?;
-        match tokio::time::timeout_at(guard, rx.recv()).await {
-            Ok(Some(Ok(batch))) => Some((Ok(batch), Some(rx))),
-            Ok(Some(Err(e))) => Some((Err(e), None)),
-            Ok(None) => None,
-            Err(_) => Some((Err(QueryError::Timeout(timeout)), None)),
-        }
-    })
 }
 
 fn observe(state: &AppState, started: Instant) {

@@ -1,0 +1,216 @@
+//! The query service every SQL surface shares (HTTP `/v1/sql`, the Postgres wire
+//! protocol, Flight SQL): a slot among `--max-concurrent-queries`, running a planned
+//! query into Arrow batches under its deadline and result limit, Quiver's DDL with its
+//! scope check, and one mapping of query errors. Each surface only encodes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use datafusion::logical_expr::LogicalPlan;
+use futures::StreamExt as _;
+use quiver_engine::{Engine, QueryError, QuerySession, QuiverDdl};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tracing::info;
+
+use crate::auth::{Principal, Scope};
+use crate::error::{ApiError, ApiResult, ErrorKind};
+use crate::state::AppState;
+
+/// A running query's slot; the active-queries gauge follows it.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Waits up to `--query-queue-timeout` for one of `--max-concurrent-queries` slots.
+pub(crate) async fn take_slot(state: &AppState) -> ApiResult<Slot> {
+    let wait = state.config.query_queue_timeout;
+    let permit = tokio::time::timeout(wait, Arc::clone(&state.query_slots).acquire_owned())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::Busy,
+                "too_many_queries",
+                format!(
+                    "{} queries are running and none finished within {} s; retry later",
+                    state.config.max_concurrent_queries,
+                    wait.as_secs_f64()
+                ),
+            )
+            .retry_after(1)
+        })?;
+    let gauge = state.metrics.sql_active_queries.clone();
+    gauge.inc();
+    Ok(Slot {
+        _permit: permit,
+        gauge,
+    })
+}
+
+/// What one of Quiver's DDL statements did; each SQL surface answers in its own form.
+#[derive(Debug)]
+pub(crate) enum DdlOutcome {
+    /// A statement that changed (or would have changed) the catalog.
+    Done {
+        status: StatusCode,
+        /// The command tag (`CREATE STREAM`, …).
+        tag: &'static str,
+        body: Value,
+    },
+    /// `EXPLAIN MATERIALIZED VIEW`: the plan, one line per row.
+    Plan(Vec<String>),
+}
+
+/// Runs a DDL statement: writes need the admin scope, on every surface.
+pub(crate) async fn execute_ddl(
+    engine: &Engine,
+    principal: &Principal,
+    ddl: QuiverDdl,
+) -> ApiResult<DdlOutcome> {
+    let done = |status, tag, body| Ok(DdlOutcome::Done { status, tag, body });
+    if ddl.is_write() && !principal.has(Scope::Admin) {
+        return Err(ApiError::forbidden(format!(
+            "{} needs a token with the admin scope",
+            ddl.kind()
+        )));
+    }
+    match ddl {
+        QuiverDdl::CreateStream {
+            schema,
+            if_not_exists,
+        } => {
+            let name = schema.name().to_owned();
+            let created =
+                engine
+                    .create_stream(schema, if_not_exists)
+                    .await
+                    .map_err(|e| match e {
+                        quiver_engine::Error::AlreadyExists(_) => ApiError::from(e),
+                        other => ApiError::internal("creating a stream", &other),
+                    })?;
+            info!(stream = %name, created, principal = %principal.token_id, "CREATE STREAM");
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            done(
+                status,
+                "CREATE STREAM",
+                json!({"statement": "CREATE STREAM", "stream": name, "created": created}),
+            )
+        }
+        QuiverDdl::CreateMaterializedView {
+            name,
+            sql,
+            if_not_exists,
+        } => {
+            let existed = engine.view_info(&name).is_some();
+            let view = engine
+                .create_view(&name, &sql, if_not_exists)
+                .await
+                .map_err(ApiError::from)?;
+            info!(view = %name, principal = %principal.token_id, "CREATE MATERIALIZED VIEW");
+            let status = if existed {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            done(
+                status,
+                "CREATE MATERIALIZED VIEW",
+                json!({
+                    "statement": "CREATE MATERIALIZED VIEW",
+                    "view": crate::views::view_json(&view),
+                    "created": !existed,
+                }),
+            )
+        }
+        QuiverDdl::DropMaterializedView { name, if_exists } => {
+            let dropped = engine
+                .drop_view(&name, if_exists)
+                .await
+                .map_err(ApiError::from)?;
+            info!(view = %name, principal = %principal.token_id, "DROP MATERIALIZED VIEW");
+            done(
+                StatusCode::OK,
+                "DROP MATERIALIZED VIEW",
+                json!({
+                    "statement": "DROP MATERIALIZED VIEW",
+                    "view": name,
+                    "dropped": dropped,
+                }),
+            )
+        }
+        QuiverDdl::ExplainMaterializedView { name } => Ok(DdlOutcome::Plan(
+            engine.explain_view(&name).await.map_err(ApiError::from)?,
+        )),
+    }
+}
+
+/// Runs a planned query on the query runtime and hands its batches over a small
+/// channel, for the surfaces that send Arrow batches or rows (Postgres, Flight SQL):
+/// the work stays on the query threads, a slow reader holds back only its own query,
+/// and the deadline covers delivery (the reading side keeps it too, a second later, for
+/// a query that never yields). The slot is held until the query ends. Past `max_bytes`
+/// of Arrow data the query fails with `ResultTooLarge`.
+pub(crate) fn spawn_batches(
+    engine: &Engine,
+    session: QuerySession,
+    plan: LogicalPlan,
+    deadline: tokio::time::Instant,
+    slot: Slot,
+    max_bytes: usize,
+) -> impl futures::Stream<Item = Result<arrow::record_batch::RecordBatch, QueryError>> + Send + 'static
+{
+    let timeout = engine.query_options().timeout;
+    let (tx, rx) = mpsc::channel(2);
+    engine.query_runtime().spawn(async move {
+        let work = async {
+            let mut stream = session.execute(plan).await?;
+            let mut sent = 0usize;
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                sent += batch.get_array_memory_size();
+                if sent > max_bytes {
+                    return Err(QueryError::ResultTooLarge(format!(
+                        "the result is larger than the {max_bytes}-byte limit; add a LIMIT or \
+                         aggregate"
+                    )));
+                }
+                if tx.send(Ok(batch)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        };
+        let outcome = tokio::time::timeout_at(deadline, work)
+            .await
+            .unwrap_or(Err(QueryError::Timeout(timeout)));
+        drop(slot);
+        if let Err(e) = outcome {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    let guard = deadline + Duration::from_secs(1);
+    futures::stream::unfold(Some(rx), move |rx| async move {
+        let mut rx = rx?;
+        match tokio::time::timeout_at(guard, rx.recv()).await {
+            Ok(Some(Ok(batch))) => Some((Ok(batch), Some(rx))),
+            Ok(Some(Err(e))) => Some((Err(e), None)),
+            Ok(None) => None,
+            Err(_) => Some((Err(QueryError::Timeout(timeout)), None)),
+        }
+    })
+}

@@ -1,0 +1,26 @@
+//! What every surface shares: configuration, the engine once it has recovered, tokens,
+//! metrics, limits and the push hub. Built once by [`crate::server`].
+
+use std::sync::{Arc, OnceLock};
+
+use governor::DefaultKeyedRateLimiter;
+use prometheus_client::registry::Registry;
+use quiver_engine::{Engine, EngineMetrics};
+
+use crate::auth::Tokens;
+use crate::config::ServeConfig;
+
+/// State every handler shares.
+#[derive(Debug)]
+pub(crate) struct AppState {
+    pub(crate) config: ServeConfig,
+    pub(crate) engine: OnceLock<Engine>,
+    pub(crate) tokens: Arc<Tokens>,
+    pub(crate) registry: Registry,
+    pub(crate) metrics: Arc<EngineMetrics>,
+    pub(crate) memory: crate::memory::MemoryMetrics,
+    pub(crate) rate_limiter: Option<DefaultKeyedRateLimiter<String>>,
+    /// One permit per query allowed to run at once.
+    pub(crate) query_slots: Arc<tokio::sync::Semaphore>,
+    pub(crate) push: Arc<crate::push::Push>,
+}
