@@ -1,51 +1,57 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh machine: installs what the tests need (moto's S3
-# server from PyPI, the `ws` and `playwright-core` packages from npm and Debian's
-# Chromium for the JavaScript client's tests, psql and the Python BI clients), then
-# runs fmt, clippy and every test with cargo-nextest.
+# The whole test suite, from a fresh machine: installs what the tests need, then runs
+# fmt, clippy, the DuckDB cross-check of the SQL test expectations, and every test with
+# cargo-nextest. Each step prints how long it took.
+#
+# Installed when missing: from Debian (one `apt-get update`, no recommended extras)
+# psql and Chromium; from PyPI moto's S3 server, the Python BI clients (psycopg,
+# SQLAlchemy, the ADBC Flight SQL driver, pyarrow) and DuckDB; from npm the `ws` and
+# `playwright-core` packages of the JavaScript client's tests; cargo-nextest (the
+# machine image carries it; built from crates.io only where it does not).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Compiled dependencies may be cached outside the clone; a cold run works too.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/quiver-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# CI builds every crate once from cold: incremental compilation would only add work.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
 
-echo "== installing test services"
-if ! python3 -c "import moto.server, flask, flask_cors" 2>/dev/null; then
-  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5.1'
-fi
-# The BI tests drive real clients: psql, and Python's psycopg, SQLAlchemy and ADBC
-# Flight SQL driver (with pyarrow).
-apt_install() {
-  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "$@"
-  else sudo apt-get update -qq && sudo apt-get install -y -qq "$@"; fi
+started=$SECONDS
+step() {
+  local name="$1" t=$SECONDS
+  shift
+  echo "== $name"
+  "$@"
+  echo "== $name: $((SECONDS - t)) s"
 }
-if ! command -v psql >/dev/null 2>&1; then
-  apt_install postgresql-client
-fi
-# The push client is also tested in a real browser: Debian's Chromium, headless.
-if [ ! -x /usr/bin/chromium ]; then
-  apt_install chromium
-fi
-if ! python3 -c "import psycopg, sqlalchemy, adbc_driver_flightsql.dbapi, pyarrow" 2>/dev/null; then
-  python3 -m pip install --quiet --disable-pip-version-check \
-    'psycopg[binary]>=3.2' 'sqlalchemy>=2.0' 'adbc-driver-flightsql>=1.5' \
-    'adbc-driver-manager>=1.5' 'pyarrow>=17'
-fi
-# The JavaScript push client's tests use the `ws` package under Node and
-# `playwright-core` to drive Chromium.
-if [ ! -d api/js/node_modules/ws ] || [ ! -d api/js/node_modules/playwright-core ]; then
-  (cd api/js && npm ci --no-audit --no-fund --silent)
-fi
-if ! command -v cargo-nextest >/dev/null 2>&1; then
-  cargo install --locked cargo-nextest
-fi
 
-echo "== fmt"
-cargo fmt --all -- --check
+install() {
+  local apt=()
+  command -v psql >/dev/null 2>&1 || apt+=(postgresql-client)
+  # The push client and (later) the dashboard are tested in a real browser.
+  [ -x /usr/bin/chromium ] || apt+=(chromium)
+  if [ "${#apt[@]}" -gt 0 ]; then
+    local sudo=()
+    [ "$(id -u)" = 0 ] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq
+    "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${apt[@]}"
+  fi
+  if ! python3 -c "import moto.server, flask, flask_cors, psycopg, sqlalchemy, adbc_driver_flightsql.dbapi, pyarrow, duckdb" 2>/dev/null; then
+    python3 -m pip install --quiet --disable-pip-version-check \
+      'moto[server]>=5.1' 'psycopg[binary]>=3.2' 'sqlalchemy>=2.0' \
+      'adbc-driver-flightsql>=1.5' 'adbc-driver-manager>=1.5' 'pyarrow>=17' 'duckdb>=1.1'
+  fi
+  if [ ! -d api/js/node_modules/ws ] || [ ! -d api/js/node_modules/playwright-core ]; then
+    (cd api/js && npm ci --no-audit --no-fund --silent)
+  fi
+  command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
+}
 
-echo "== clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
-
-echo "== tests"
-cargo nextest run --workspace --locked --no-fail-fast --test-threads 2
+step "installing test services" install
+step "fmt" cargo fmt --all -- --check
+step "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
+step "sql expectations against DuckDB" python3 sql/tests/check_duckdb.py
+# Timeouts and threads: .config/nextest.toml (a hung test is ended after 3 minutes).
+step "tests" cargo nextest run --workspace --locked --no-fail-fast
+echo "== all steps: $((SECONDS - started)) s"

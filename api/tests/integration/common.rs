@@ -86,7 +86,11 @@ impl TestServer {
             flight_port: 0,
             store: store.to_owned(),
             dir: dir.to_owned(),
-            client: reqwest::Client::new(),
+            // No request of a test may hang it: past two minutes it fails.
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .expect("http client"),
             args,
             env: env
                 .iter()
@@ -187,6 +191,14 @@ impl TestServer {
     pub(crate) async fn restart(&mut self) {
         self.kill9();
         self.spawn().await;
+    }
+
+    /// Sets a flag's value for the next start.
+    pub(crate) fn set_flag(&mut self, flag: &str, value: &str) {
+        match self.args.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < self.args.len() => self.args[i + 1] = value.to_owned(),
+            _ => self.args.extend([flag.to_owned(), value.to_owned()]),
+        }
     }
 
     /// Stops with SIGTERM (which flushes everything to Delta) and starts again.

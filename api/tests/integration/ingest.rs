@@ -363,7 +363,18 @@ async fn bad_input_is_refused_clearly_and_stores_nothing() {
 #[tokio::test]
 async fn idempotency_keys_and_tokens() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = TestServer::start(dir.path(), &[]).await;
+    // One WAL segment per write and frequent view checkpoints, so a flush can delete
+    // the segment that holds a key.
+    let mut s = TestServer::start(
+        dir.path(),
+        &[
+            "--wal-segment-bytes",
+            "1",
+            "--view-checkpoint-interval",
+            "200ms",
+        ],
+    )
+    .await;
     let body = [
         order_line("k-1", "2026-11-25T10:00:00Z", "created"),
         order_line("k-2", "2026-11-25T10:00:01Z", "created"),
@@ -397,6 +408,20 @@ async fn idempotency_keys_and_tokens() {
         single_i64(&n) == 2
     })
     .await;
+    // The key is gone from the log: no segment left holds it.
+    let holding_key = || {
+        std::fs::read_dir(dir.path().join("wal"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".wal"))
+            .filter(|e| {
+                let bytes = std::fs::read(e.path()).unwrap_or_default();
+                bytes.windows(7).any(|w| w == b"batch-1")
+            })
+            .count()
+    };
+    eventually(20, || async { holding_key() == 0 }).await;
+    assert!(metric(&s.metrics_text().await, "quiver_wal_segments_deleted_total") > 0.0);
     s.restart().await;
     let after_flush = s.send_keyed("batch-1", body).await;
     assert_eq!(
@@ -435,7 +460,11 @@ async fn idempotency_keys_and_tokens() {
         !listed.to_string().contains(&token),
         "secrets are never listed"
     );
-    let stored = std::fs::read_to_string(dir.path().join("store/_quiver/tokens.json")).unwrap();
+    let stored: String = std::fs::read_dir(dir.path().join("store/_quiver/catalog/tokens"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(stored.contains(&id), "the token's record is in the catalog");
     assert!(!stored.contains(&token), "tokens are stored hashed");
     let r = s
         .post_as(
@@ -503,4 +532,87 @@ async fn per_token_rate_limit_answers_429() {
         accepted as i64,
         "refused requests stored nothing"
     );
+}
+
+/// A request whose events, encoded for the write-ahead log, exceed one record's limit is
+/// refused with 413 before anything is written; one just under the limit is stored and
+/// survives a kill -9. The body limit is raised well above, so it is the record limit
+/// that answers.
+#[tokio::test]
+async fn a_request_past_the_wal_record_limit_is_refused_and_one_under_it_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 64 << 10;
+    let limit_arg = limit.to_string();
+    let mut s = TestServer::start(
+        dir.path(),
+        &[
+            "--max-wal-record-bytes",
+            &limit_arg,
+            "--max-body-bytes",
+            "16777216",
+        ],
+    )
+    .await;
+    let body = |tag: &str, n: usize| {
+        (0..n)
+            .map(|i| order_line(&format!("{tag}-{i}"), "2026-11-25T10:00:00Z", "paid"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    // The largest request that fits, found by bisection from outside.
+    let (mut fits, mut refused) = (1usize, 20_000usize);
+    let mut stored = 0usize;
+    let mut refusal = Value::Null;
+    let mut attempt = 0;
+    while refused - fits > 1 {
+        let n = (fits + refused) / 2;
+        attempt += 1;
+        // Tags of one length, so requests of n events encode to the same size.
+        let b = body(&format!("t{attempt:02}"), n);
+        assert!(b.len() < 16 << 20);
+        let r = s.post("orders", "application/x-ndjson", b).await;
+        match r.status().as_u16() {
+            200 => {
+                fits = n;
+                stored += n;
+            }
+            413 => {
+                refused = n;
+                refusal = error_of(r).await.1;
+            }
+            other => panic!("{other}: {}", r.text().await.unwrap()),
+        }
+    }
+    assert!(
+        fits > 10,
+        "a 64 KiB record holds more than {fits} order lines"
+    );
+    assert_eq!(refusal["code"], "payload_too_large", "{refusal}");
+    let message = refusal["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("{limit}-byte limit of one write-ahead log record")),
+        "{message}"
+    );
+    // Just under: stored (again, under a fresh tag). Just over: refused again.
+    let r = s
+        .post("orders", "application/x-ndjson", body("und", fits))
+        .await;
+    assert_eq!(r.status(), 200);
+    stored += fits;
+    let r = s
+        .post("orders", "application/x-ndjson", body("ovr", fits + 1))
+        .await;
+    assert_eq!(r.status(), 413);
+
+    s.restart().await;
+    let count = s.sql_rows("SELECT COUNT(*) FROM orders").await;
+    assert_eq!(count[0][0].as_u64(), Some(stored as u64));
+    let under = s
+        .sql_rows("SELECT COUNT(*) FROM orders WHERE event_id LIKE 'und-%'")
+        .await;
+    assert_eq!(under[0][0].as_u64(), Some(fits as u64));
+    let over = s
+        .sql_rows("SELECT COUNT(*) FROM orders WHERE event_id LIKE 'ovr-%'")
+        .await;
+    assert_eq!(over[0][0].as_u64(), Some(0));
 }

@@ -1,6 +1,9 @@
-//! The `s3://` store against a real S3-compatible server (moto's S3 server, started
-//! here by `tests/s3_server.py`), including two Quiver writers committing to one table at once.
+//! The `s3://` store against a real S3-compatible server (moto's S3 server, served one
+//! request at a time by `tests/s3_server.py` so that put-if-absent is atomic as on S3),
+//! including two Quiver writers committing to one table at once, each with its own
+//! views and view checkpoints on the shared prefix.
 
+use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,15 +28,9 @@ async fn start_s3(dir: &std::path::Path) -> S3Server {
     let port = free_port();
     let python = std::env::var("QUIVER_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let log = std::fs::File::create(dir.join("s3.log")).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/s3_server.py");
     let child = Command::new(python)
-        .args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
+        .args([script, "127.0.0.1", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -95,7 +92,7 @@ async fn s3_store_with_two_concurrent_writers() {
         let url = format!("{}/v1/streams/orders/events", s.url);
         let client = s.client.clone();
         async move {
-            let mut accepted = 0u64;
+            let mut acked = BTreeSet::new();
             for q in 0..40 {
                 let body: Vec<String> = (0..25)
                     .map(|i| {
@@ -111,22 +108,23 @@ async fn s3_store_with_two_concurrent_writers() {
                     .await
                     .unwrap();
                 assert_eq!(r.status(), 200);
-                accepted += r.json::<Value>().await.unwrap()["accepted"]
-                    .as_u64()
-                    .unwrap();
+                let accepted = r.json::<Value>().await.unwrap()["accepted"].as_u64();
+                assert_eq!(accepted, Some(25));
+                acked.extend((0..25).map(|i| format!("{prefix}-{q}-{i}")));
                 tokio::time::sleep(Duration::from_millis(15)).await;
             }
-            accepted
+            acked
         }
     };
-    let (na, nb) = tokio::join!(send(&a, "a"), send(&b, "b"));
+    let (acked_a, acked_b) = tokio::join!(send(&a, "a"), send(&b, "b"));
+    let (na, nb) = (acked_a.len() as u64, acked_b.len() as u64);
     // Each server picks up the other's commits and queries see all of them.
     for server in [&a, &b] {
         wait_for_count(server, na + nb).await;
     }
     // A server that writes nothing still sees new commits of the other.
     let more: String = (0..5)
-        .map(|i| order_line(&format!("late-{i}"), "2026-11-25T11:00:00Z", "paid") + "\n")
+        .map(|i| order_line(&format!("b-late-{i}"), "2026-11-25T11:00:00Z", "paid") + "\n")
         .collect();
     assert_eq!(
         b.post("orders", "application/x-ndjson", more)
@@ -135,9 +133,31 @@ async fn s3_store_with_two_concurrent_writers() {
         200
     );
     wait_for_count(&a, na + nb + 5).await;
+    let mut acked: BTreeSet<String> = acked_a.union(&acked_b).cloned().collect();
+    acked.extend((0..5).map(|i| format!("b-late-{i}")));
     let (na, nb) = (na, nb + 5);
+    // Each server's views hold what came in through it (views are fed by their own
+    // node's log; see docs/ARCHITECTURE.md).
+    let units_a = own_units_sold(&a, "a-").await;
+    let units_b = own_units_sold(&b, "b-").await;
     assert_eq!(a.terminate(), Some(0), "log a:\n{}", a.log());
     assert_eq!(b.terminate(), Some(0), "log b:\n{}", b.log());
+
+    // Two nodes, two checkpoints, each under its own node id.
+    let shared = quiver_engine::Store::open(store).unwrap();
+    let listed: Vec<_> = futures::StreamExt::collect::<Vec<_>>(
+        shared
+            .object_store()
+            .list(Some(&shared.path("_quiver/nodes").unwrap())),
+    )
+    .await;
+    let checkpoints: BTreeSet<String> = listed
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|m| m.location.to_string())
+        .filter(|p| p.ends_with("/views/checkpoint.bin"))
+        .collect();
+    assert_eq!(checkpoints.len(), 2, "{checkpoints:?}");
 
     let table = a.table_url("orders");
     let rows = query_table(
@@ -164,13 +184,43 @@ async fn s3_store_with_two_concurrent_writers() {
             .intersection(&committed_versions(&b.log()))
             .collect::<Vec<_>>(),
     );
-    // SQL over the s3:// table, through the server, sees both writers' events once.
+    // Every acknowledged event is in the table once, and nothing else is.
+    let ids = query_table(store, table.clone(), "SELECT event_id FROM t").await;
+    let stored: Vec<String> = strings(&ids, 0);
+    let stored_set: BTreeSet<String> = stored.iter().cloned().collect();
+    assert_eq!(stored.len(), stored_set.len(), "an event was stored twice");
+    let lost: Vec<&String> = acked.difference(&stored_set).collect();
+    let extra: Vec<&String> = stored_set.difference(&acked).collect();
+    assert!(
+        lost.is_empty() && extra.is_empty(),
+        "acknowledged but lost: {lost:?}; stored but never acknowledged: {extra:?}"
+    );
+    // SQL over the s3:// table, through the server, sees both writers' events once;
+    // each server comes back from its own checkpoint with the views it had.
     a.restart().await;
+    b.restart().await;
     assert_eq!(
         a.sql_rows("SELECT COUNT(*), COUNT(DISTINCT event_id) FROM orders")
             .await,
         serde_json::json!([[na + nb, na + nb]])
     );
+    for (server, units, prefix) in [(&a, &units_a, "a-"), (&b, &units_b, "b-")] {
+        let restored = server
+            .log()
+            .lines()
+            .filter(|l| l.contains("view restored from its checkpoint"))
+            .count();
+        assert!(
+            restored >= 8,
+            "{prefix}: {restored} views restored; log:\n{}",
+            server.log()
+        );
+        assert_eq!(
+            &own_units_sold(server, prefix).await,
+            units,
+            "{prefix} after the restart"
+        );
+    }
     // Many commits from both writers interleaved in one log.
     let log = quiver_engine::Store::open(store).unwrap();
     let list: Vec<_> = futures::StreamExt::collect::<Vec<_>>(
@@ -184,6 +234,31 @@ async fn s3_store_with_two_concurrent_writers() {
         .filter(|m| m.location.as_ref().ends_with(".json"))
         .count();
     assert!(commits > 4, "expected many commits, got {commits}");
+}
+
+/// The `units_sold` view on `server`, checked against a recompute over the events
+/// whose id starts with `prefix` (those ingested through that server).
+async fn own_units_sold(server: &TestServer, prefix: &str) -> Value {
+    let want = server
+        .sql_rows(&format!(
+            "SELECT sku, warehouse_id, SUM(quantity) FROM orders \
+             WHERE status = 'paid' AND event_id LIKE '{prefix}%' GROUP BY 1, 2 ORDER BY 1, 2"
+        ))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let view = server
+            .sql_rows("SELECT sku, warehouse_id, units_sold FROM units_sold ORDER BY 1, 2")
+            .await;
+        if view == want {
+            return view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{prefix}: view {view}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Waits until `SELECT COUNT(*) FROM orders` on `server` is `want`.
