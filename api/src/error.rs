@@ -249,3 +249,74 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each surface's answer for a failure comes from its kind alone.
+    #[test]
+    fn a_kind_maps_to_one_answer_on_every_surface() {
+        let cases = [
+            (
+                QueryError::Timeout(std::time::Duration::from_secs(1)),
+                400,
+                "57014",
+                tonic::Code::DeadlineExceeded,
+            ),
+            (
+                QueryError::NotAllowed("COPY".into()),
+                403,
+                "25006",
+                tonic::Code::PermissionDenied,
+            ),
+            (
+                QueryError::Invalid("syntax".into()),
+                400,
+                "42601",
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                QueryError::MemoryLimit("pool".into()),
+                400,
+                "53200",
+                tonic::Code::ResourceExhausted,
+            ),
+            (
+                QueryError::NotFound("view".into()),
+                404,
+                "42P01",
+                tonic::Code::NotFound,
+            ),
+            (
+                QueryError::Conflict("exists".into()),
+                409,
+                "42P07",
+                tonic::Code::AlreadyExists,
+            ),
+        ];
+        for (error, status, sqlstate, grpc) in cases {
+            let code = error.code();
+            let e = ApiError::from(error);
+            assert_eq!(e.code, code);
+            assert_eq!(e.status().as_u16(), status, "{code}");
+            assert_eq!(e.kind.sqlstate(), sqlstate, "{code}");
+            assert_eq!(e.kind.grpc_code(), grpc, "{code}");
+        }
+        let full = ApiError::from(quiver_engine::Error::TooLarge {
+            what: "the events".into(),
+            bytes: 2,
+            limit: 1,
+        });
+        assert_eq!(
+            (full.status().as_u16(), full.code, full.kind.sqlstate()),
+            (413, "payload_too_large", "54000")
+        );
+        let internal = ApiError::from(QueryError::Internal("boom".into()));
+        assert_eq!(internal.status().as_u16(), 500);
+        assert!(
+            !internal.message.contains("boom"),
+            "internal detail is not answered"
+        );
+    }
+}

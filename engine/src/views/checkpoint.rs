@@ -12,8 +12,9 @@ use datafusion::common::DataFusionError;
 use futures::StreamExt;
 use tracing::{info, warn};
 
+use super::MAGIC;
 use super::codec::{Reader, Writer};
-use super::{MAGIC, Maintainer, Running, update_gauges};
+use super::maintainer::{Maintainer, Running, update_gauges};
 use crate::engine::Engine;
 
 impl Maintainer {
