@@ -104,7 +104,13 @@ where
         let store = self.store.object_store();
         for attempt in 1..=MAX_ATTEMPTS {
             let (seq, mut value) = self.newest().await?;
+            let before = serde_json::to_vec(&value)?;
             let out = change(&mut value)?;
+            // A change that changes nothing (a restart saving the same views) is not
+            // another version.
+            if serde_json::to_vec(&value)? == before {
+                return Ok((out, value));
+            }
             let next = seq + 1;
             let version = Version {
                 format: FORMAT,

@@ -93,6 +93,21 @@ async fn a_newer_format_is_refused_and_a_failed_change_writes_nothing() {
         .unwrap_err();
     assert!(matches!(err, Error::AlreadyExists(_)));
     assert!(doc.versions().await.unwrap().is_empty());
+    // Nor does a change that leaves the value as it was.
+    doc.update(|v| {
+        v.push("x".into());
+        Ok(())
+    })
+    .await
+    .unwrap();
+    doc.update(|v| {
+        v.retain(|s| s != "y");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(doc.versions().await.unwrap(), vec![1]);
+    std::fs::remove_dir_all(dir.path().join("_quiver/catalog/things")).unwrap();
 
     let newer = serde_json::json!({"format": FORMAT + 1, "seq": 1, "written_by": "future",
         "written_at": "2030-01-01T00:00:00Z", "data": {"some": "shape"}});
