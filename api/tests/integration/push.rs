@@ -348,20 +348,31 @@ async fn view_version(server: &TestServer, view: &str) -> u64 {
         .unwrap()
 }
 
-/// The rows `sql` gives and the view's version, read while the version holds still
-/// (which it does within seconds once ingest stops; a view that never settles fails).
+/// The view's version, or `None` while acknowledged events are still to be applied
+/// (`lag_ms` is 0 only when nothing is pending).
+async fn caught_up_version(server: &TestServer, view: &str) -> Option<u64> {
+    let info = server.get_json(&format!("/v1/views/{view}")).await;
+    (info["lag_ms"].as_u64() == Some(0)).then(|| info["version"].as_u64().unwrap())
+}
+
+/// The rows `sql` gives and the view's version, read while the view has applied every
+/// acknowledged event and its version holds still (which it does within seconds once
+/// ingest stops; a view that never settles fails). A version that merely held still
+/// for one query is not enough: on a busy machine the maintainer can be mid-batch.
 async fn settled(server: &TestServer, view: &str, sql: &str) -> (u64, Vec<Value>) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let before = view_version(server, view).await;
-        let rows = sorted(&server.sql_rows(sql).await);
-        if view_version(server, view).await == before {
-            return (before, rows);
+        if let Some(before) = caught_up_version(server, view).await {
+            let rows = sorted(&server.sql_rows(sql).await);
+            if caught_up_version(server, view).await == Some(before) {
+                return (before, rows);
+            }
         }
         assert!(
             Instant::now() < deadline,
-            "{view} did not hold still for one query in 30 s"
+            "{view} did not catch up and hold still for one query in 30 s"
         );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -110,7 +110,8 @@ pub struct ViewInfo {
     pub reason: Option<String>,
     /// Version: grows by one with every change set.
     pub version: u64,
-    /// How far behind acknowledged ingest the view is, in milliseconds.
+    /// How far behind acknowledged ingest the view is, in milliseconds, rounded up: 0
+    /// only when every acknowledged event has been applied.
     pub lag_ms: u64,
     /// Rows held.
     pub rows: usize,
@@ -580,7 +581,8 @@ impl Engine {
             maintenance: v.maintenance,
             reason: v.reason.clone(),
             version: state.version,
-            lag_ms: self.view_feed().lag().as_millis() as u64,
+            // Rounded up: a view with anything pending is never reported as caught up.
+            lag_ms: self.view_feed().lag().as_micros().div_ceil(1000) as u64,
             rows: state.output.len(),
             state_bytes: v.state_bytes.load(Ordering::Relaxed),
             reads: v.reads.clone(),
