@@ -23,7 +23,7 @@ pub struct ServeConfig {
     pub http_addr: SocketAddr,
 
     /// Postgres wire protocol listen address (`off` to disable).
-    #[arg(long, env = "QUIVER_PG_ADDR", default_value = "127.0.0.1:5433", value_parser = parse_listen)]
+    #[arg(long, env = "QUIVER_PG_ADDR", default_value = "127.0.0.1:5433")]
     pub pg_addr: Listen,
 
     /// PEM certificate chain for Postgres TLS (with --pg-tls-key); clients may then
@@ -36,7 +36,7 @@ pub struct ServeConfig {
     pub pg_tls_key: Option<PathBuf>,
 
     /// Arrow Flight SQL listen address (`off` to disable).
-    #[arg(long, env = "QUIVER_FLIGHT_ADDR", default_value = "127.0.0.1:50051", value_parser = parse_listen)]
+    #[arg(long, env = "QUIVER_FLIGHT_ADDR", default_value = "127.0.0.1:50051")]
     pub flight_addr: Listen,
 
     /// Largest accepted request body.
@@ -225,13 +225,25 @@ pub struct ServeConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Listen(pub Option<SocketAddr>);
 
-fn parse_listen(s: &str) -> Result<Listen, String> {
-    if matches!(s, "off" | "none" | "") {
-        return Ok(Listen(None));
+/// A listen address that is neither `ip:port` nor `off`.
+#[derive(Debug, thiserror::Error)]
+#[error("'{text}' is not an address like 127.0.0.1:5433, or off: {source}")]
+pub struct BadListen {
+    text: String,
+    source: std::net::AddrParseError,
+}
+
+impl std::str::FromStr for Listen {
+    type Err = BadListen;
+    fn from_str(s: &str) -> Result<Self, BadListen> {
+        if matches!(s, "off" | "none" | "") {
+            return Ok(Self(None));
+        }
+        s.parse().map(|a| Self(Some(a))).map_err(|source| BadListen {
+            text: s.to_owned(),
+            source,
+        })
     }
-    s.parse()
-        .map(|a| Listen(Some(a)))
-        .map_err(|e| format!("'{s}' is not an address like 127.0.0.1:5433, or off: {e}"))
 }
 
 impl ServeConfig {

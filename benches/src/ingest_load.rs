@@ -73,7 +73,7 @@ fn bodies(format: Format, batch: usize, count: usize) -> anyhow::Result<Vec<byte
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let base = args.target.base()?;
-    let format: Format = args.format.parse().map_err(anyhow::Error::msg)?;
+    let format: Format = args.format.parse()?;
     let bodies = Arc::new(bodies(format, args.batch, 64)?);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)

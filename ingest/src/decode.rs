@@ -78,17 +78,20 @@ impl Format {
     }
 }
 
+/// A format name that is none of [`Format`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown format '{0}' (ndjson, json, csv, arrow)")]
+pub struct UnknownFormat(pub String);
+
 impl std::str::FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = UnknownFormat;
+    fn from_str(s: &str) -> std::result::Result<Self, UnknownFormat> {
         match s {
             "ndjson" => Ok(Self::Ndjson),
             "json" => Ok(Self::Json),
             "csv" => Ok(Self::Csv),
             "arrow" => Ok(Self::ArrowIpc),
-            other => Err(format!(
-                "unknown format '{other}' (ndjson, json, csv, arrow)"
-            )),
+            other => Err(UnknownFormat(other.to_owned())),
         }
     }
 }
@@ -278,13 +281,12 @@ impl<'de> Visitor<'de> for FieldsSeed<'_, 'de> {
 fn parse_object<'de>(
     text: &'de [u8],
     fields: &mut Vec<(&'de str, &'de RawValue)>,
-) -> std::result::Result<(), String> {
+) -> serde_json::Result<()> {
     fields.clear();
     let mut de = serde_json::Deserializer::from_slice(text);
     FieldsSeed(fields)
         .deserialize(&mut de)
         .and_then(|()| de.end())
-        .map_err(|e| format!("malformed JSON: {e}"))
 }
 
 fn decode_ndjson(schema: &StreamSchema, body: &[u8]) -> Result<RecordBatch> {
@@ -299,7 +301,7 @@ fn decode_ndjson(schema: &StreamSchema, body: &[u8]) -> Result<RecordBatch> {
         }
         match parse_object(line, &mut fields) {
             Ok(()) => rows.json_object(line_no, &fields),
-            Err(reason) => rows.problems.push(line_no, None, reason),
+            Err(e) => rows.problems.push(line_no, None, format!("malformed JSON: {e}")),
         }
     }
     rows.finish()
@@ -315,7 +317,7 @@ fn decode_json_array(schema: &StreamSchema, body: &[u8]) -> Result<RecordBatch> 
     for (i, el) in elements.iter().enumerate() {
         match parse_object(el.get().as_bytes(), &mut fields) {
             Ok(()) => rows.json_object(i + 1, &fields),
-            Err(reason) => rows.problems.push(i + 1, None, reason),
+            Err(e) => rows.problems.push(i + 1, None, format!("malformed JSON: {e}")),
         }
     }
     rows.finish()

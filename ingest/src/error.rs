@@ -62,13 +62,13 @@ pub(crate) struct Problems {
 }
 
 impl Problems {
-    pub(crate) fn push(&mut self, row: usize, column: Option<&str>, reason: impl Into<String>) {
+    pub(crate) fn push(&mut self, row: usize, column: Option<&str>, reason: impl std::fmt::Display) {
         self.total += 1;
         if self.errors.len() < MAX_REPORTED_ERRORS {
             self.errors.push(RowError {
                 row,
                 column: column.map(str::to_owned),
-                reason: reason.into(),
+                reason: reason.to_string(),
             });
         }
     }

@@ -44,6 +44,34 @@ impl Lexical {
     }
 }
 
+/// Why one value was refused; the caller adds the row and the column.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ValueError {
+    #[error("expected {expected}, got {got}")]
+    WrongKind {
+        expected: &'static str,
+        got: &'static str,
+    },
+    #[error("'{0}' is not a whole number in the 64-bit range")]
+    NotWhole(String),
+    #[error("'{0}' is not a finite number")]
+    NotFinite(String),
+    #[error("'{0}' is not a boolean")]
+    NotBoolean(String),
+    #[error("'{0}' is out of range for epoch milliseconds")]
+    EpochOutOfRange(String),
+    #[error("'{0}' is not a timestamp: use an RFC 3339 string or whole epoch milliseconds")]
+    NumberNotTimestamp(String),
+    #[error("'{text}' is not an RFC 3339 timestamp ({reason}); e.g. 2026-11-25T14:03:00Z")]
+    NotRfc3339 { text: String, reason: String },
+    #[error("'{0}' is not a decimal with at most 2 places")]
+    NotDecimal(String),
+    #[error("'{0}' has more than {MONEY_SCALE} decimal places")]
+    TooManyPlaces(String),
+    #[error("'{0}' does not fit decimal(18,2)")]
+    TooWide(String),
+}
+
 /// Parses `text` as a value of `ty`. `lex` says how it was written; `strict` (JSON)
 /// refuses numbers written as strings except for timestamps and money.
 pub(crate) fn parse<'a>(
@@ -51,8 +79,11 @@ pub(crate) fn parse<'a>(
     text: &'a str,
     lex: Lexical,
     strict: bool,
-) -> Result<Scalar<'a>, String> {
-    let wrong = || format!("expected {}, got {}", ty.name(), lex.name());
+) -> Result<Scalar<'a>, ValueError> {
+    let wrong = || ValueError::WrongKind {
+        expected: ty.name(),
+        got: lex.name(),
+    };
     if lex == Lexical::Nested {
         return Err(wrong());
     }
@@ -69,7 +100,7 @@ pub(crate) fn parse<'a>(
             text.trim()
                 .parse::<i64>()
                 .map(Scalar::Int)
-                .map_err(|_| format!("'{}' is not a whole number in the 64-bit range", clip(text)))
+                .map_err(|_| ValueError::NotWhole(clip(text)))
         }
         ColumnType::Float64 => {
             if strict && lex != Lexical::Number {
@@ -77,7 +108,7 @@ pub(crate) fn parse<'a>(
             }
             match text.trim().parse::<f64>() {
                 Ok(v) if v.is_finite() => Ok(Scalar::Float(v)),
-                _ => Err(format!("'{}' is not a finite number", clip(text))),
+                _ => Err(ValueError::NotFinite(clip(text))),
             }
         }
         ColumnType::Boolean => match (lex, text.trim()) {
@@ -86,7 +117,7 @@ pub(crate) fn parse<'a>(
             (Lexical::Text, t) if !strict => match t.to_ascii_lowercase().as_str() {
                 "true" | "t" | "1" | "yes" => Ok(Scalar::Bool(true)),
                 "false" | "f" | "0" | "no" => Ok(Scalar::Bool(false)),
-                _ => Err(format!("'{}' is not a boolean", clip(text))),
+                _ => Err(ValueError::NotBoolean(clip(text))),
             },
             _ => Err(wrong()),
         },
@@ -113,34 +144,28 @@ fn clip(s: &str) -> String {
 }
 
 /// RFC 3339 text, or an integer count of milliseconds since the epoch.
-fn parse_timestamp(text: &str, lex: Lexical) -> Result<i64, String> {
+fn parse_timestamp(text: &str, lex: Lexical) -> Result<i64, ValueError> {
     let looks_numeric = !text.is_empty()
         && text
             .bytes()
             .enumerate()
             .all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'-'));
     if looks_numeric {
-        let ms: i64 = text
-            .parse()
-            .map_err(|_| format!("'{}' is out of range for epoch milliseconds", clip(text)))?;
-        return ms
-            .checked_mul(1000)
+        return text
+            .parse::<i64>()
+            .ok()
+            .and_then(|ms| ms.checked_mul(1000))
             .filter(|us| DateTime::from_timestamp_micros(*us).is_some())
-            .ok_or_else(|| format!("'{}' is out of range for epoch milliseconds", clip(text)));
+            .ok_or_else(|| ValueError::EpochOutOfRange(clip(text)));
     }
     if lex == Lexical::Number {
-        return Err(format!(
-            "'{}' is not a timestamp: use an RFC 3339 string or whole epoch milliseconds",
-            clip(text)
-        ));
+        return Err(ValueError::NumberNotTimestamp(clip(text)));
     }
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.timestamp_micros())
-        .map_err(|e| {
-            format!(
-                "'{}' is not an RFC 3339 timestamp ({e}); e.g. 2026-11-25T14:03:00Z",
-                clip(text)
-            )
+        .map_err(|e| ValueError::NotRfc3339 {
+            text: clip(text),
+            reason: e.to_string(),
         })
 }
 
@@ -148,8 +173,8 @@ fn parse_timestamp(text: &str, lex: Lexical) -> Result<i64, String> {
 ///
 /// Hand-written rather than arrow's `parse_decimal`: that one rounds away digits past
 /// the scale, and money with a third decimal place must be refused, not rounded.
-pub(crate) fn parse_money(text: &str) -> Result<i128, String> {
-    let bad = || format!("'{}' is not a decimal with at most 2 places", clip(text));
+pub(crate) fn parse_money(text: &str) -> Result<i128, ValueError> {
+    let bad = || ValueError::NotDecimal(clip(text));
     let (neg, digits) = match text.as_bytes().first() {
         Some(b'-') => (true, &text[1..]),
         Some(b'+') => (false, &text[1..]),
@@ -167,14 +192,11 @@ pub(crate) fn parse_money(text: &str) -> Result<i128, String> {
     }
     let frac_trimmed = frac.trim_end_matches('0');
     if frac_trimmed.len() > MONEY_SCALE as usize {
-        return Err(format!(
-            "'{}' has more than {MONEY_SCALE} decimal places",
-            clip(text)
-        ));
+        return Err(ValueError::TooManyPlaces(clip(text)));
     }
     let int_trimmed = int.trim_start_matches('0');
     if int_trimmed.len() > (MONEY_PRECISION as usize - MONEY_SCALE as usize) {
-        return Err(format!("'{}' does not fit decimal(18,2)", clip(text)));
+        return Err(ValueError::TooWide(clip(text)));
     }
     let mut cents: i128 = 0;
     for b in int_trimmed.bytes() {

@@ -24,7 +24,7 @@ pub(super) fn generate(
     out: &Path,
     data: &DataArgs,
 ) -> anyhow::Result<()> {
-    let format: Format = format.parse().map_err(anyhow::Error::msg)?;
+    let format: Format = format.parse()?;
     std::fs::create_dir_all(out)?;
     let ext = match format {
         Format::Ndjson | Format::Json => "ndjson",

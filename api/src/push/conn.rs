@@ -173,16 +173,13 @@ impl Conn {
         self.notify.notify_one();
     }
 
-    /// Adds a subscription that starts with a snapshot, or resumes after `from_version`.
-    pub(crate) fn add(
-        &self,
-        id: &Arc<str>,
-        group: Arc<Group>,
-        from_version: Option<u64>,
-    ) -> Result<(), String> {
+    /// Adds a subscription that starts with a snapshot, or resumes after `from_version`;
+    /// false if this connection already has one named `id`.
+    #[must_use]
+    pub(crate) fn add(&self, id: &Arc<str>, group: Arc<Group>, from_version: Option<u64>) -> bool {
         let mut q = self.queue.lock();
         if q.subs.contains_key(id) {
-            return Err(format!("this connection already has a subscription '{id}'"));
+            return false;
         }
         q.subs.insert(
             Arc::clone(id),
@@ -200,7 +197,7 @@ impl Conn {
         q.ready.push_back(Arc::clone(id));
         drop(q);
         self.notify.notify_one();
-        Ok(())
+        true
     }
 
     pub(crate) fn has(&self, id: &str) -> bool {

@@ -41,6 +41,44 @@ enum Cond {
     IsNull,
 }
 
+/// Why a subscription's filter was refused: what is wrong and on which column.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum FilterError {
+    #[error("a filter is a JSON object of column → value or condition, not {0}")]
+    NotAnObject(&'static str),
+    #[error("unknown column '{column}' (the view has {columns})")]
+    UnknownColumn { column: String, columns: String },
+    #[error("the condition on '{0}' is empty")]
+    EmptyCondition(String),
+    #[error("'in' on '{0}' takes a JSON array")]
+    InNeedsArray(String),
+    #[error("'in' on '{column}' has {values} values; the most is {MAX_IN_VALUES}")]
+    TooManyValues { column: String, values: usize },
+    #[error("unknown condition '{op}' on '{column}' (eq, ne, in, gt, gte, lt, lte)")]
+    UnknownCondition { op: String, column: String },
+    #[error("'{op}' needs an ordered column; '{column}' is {ty}")]
+    NotOrdered {
+        op: String,
+        column: String,
+        ty: DataType,
+    },
+    #[error("'{column}' is {ty}; {kind} does not fit it")]
+    DoesNotFit {
+        column: String,
+        ty: DataType,
+        kind: &'static str,
+    },
+    #[error("'{shown}' is not a valid {ty} for '{column}': {reason}")]
+    Invalid {
+        shown: String,
+        ty: DataType,
+        column: String,
+        reason: String,
+    },
+    #[error("'{0}' cannot hold that value")]
+    CannotHold(String),
+}
+
 /// A validated filter.
 #[derive(Debug)]
 pub(crate) struct Filter {
@@ -58,44 +96,39 @@ impl Filter {
         spec: Option<&Value>,
         schema: &Schema,
         key: &[String],
-    ) -> Result<Self, String> {
+    ) -> Result<Self, FilterError> {
         let obj = match spec {
             None | Some(Value::Null) => &Map::new(),
             Some(Value::Object(o)) => o,
-            Some(other) => {
-                return Err(format!(
-                    "a filter is a JSON object of column → value or condition, not {}",
-                    kind(other)
-                ));
-            }
+            Some(other) => return Err(FilterError::NotAnObject(kind(other))),
         };
         let mut conds = Vec::new();
         for (column, cond) in obj {
             let field = schema.field_with_name(column).map_err(|_| {
                 let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-                format!(
-                    "unknown column '{column}' (the view has {})",
-                    names.join(", ")
-                )
+                FilterError::UnknownColumn {
+                    column: column.clone(),
+                    columns: names.join(", "),
+                }
             })?;
             let ty = field.data_type();
             match cond {
                 Value::Null => conds.push((column.clone(), Cond::IsNull)),
                 Value::Object(ops) => {
                     if ops.is_empty() {
-                        return Err(format!("the condition on '{column}' is empty"));
+                        return Err(FilterError::EmptyCondition(column.clone()));
                     }
                     for (op, v) in ops {
                         let c = match op.as_str() {
                             "in" => {
-                                let list = v.as_array().ok_or_else(|| {
-                                    format!("'in' on '{column}' takes a JSON array")
-                                })?;
+                                let list = v
+                                    .as_array()
+                                    .ok_or_else(|| FilterError::InNeedsArray(column.clone()))?;
                                 if list.len() > MAX_IN_VALUES {
-                                    return Err(format!(
-                                        "'in' on '{column}' has {} values; the most is {MAX_IN_VALUES}",
-                                        list.len()
-                                    ));
+                                    return Err(FilterError::TooManyValues {
+                                        column: column.clone(),
+                                        values: list.len(),
+                                    });
                                 }
                                 Cond::In(
                                     list.iter()
@@ -112,15 +145,18 @@ impl Filter {
                                     "lt" => Op::Lt,
                                     "lte" => Op::Lte,
                                     other => {
-                                        return Err(format!(
-                                            "unknown condition '{other}' on '{column}' (eq, ne, in, gt, gte, lt, lte)"
-                                        ));
+                                        return Err(FilterError::UnknownCondition {
+                                            op: other.to_owned(),
+                                            column: column.clone(),
+                                        });
                                     }
                                 };
                                 if op != Op::Eq && op != Op::Ne && !ordered(ty) {
-                                    return Err(format!(
-                                        "'{name}' needs an ordered column; '{column}' is {ty}"
-                                    ));
+                                    return Err(FilterError::NotOrdered {
+                                        op: name.to_owned(),
+                                        column: column.clone(),
+                                        ty: ty.clone(),
+                                    });
                                 }
                                 Cond::Cmp(op, scalar(column, ty, v)?)
                             }
@@ -224,8 +260,12 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// One JSON value as a one-element array of the column's type.
-fn scalar(column: &str, ty: &DataType, v: &Value) -> Result<ArrayRef, String> {
-    let wrong = || format!("'{column}' is {ty}; {} does not fit it", kind(v));
+fn scalar(column: &str, ty: &DataType, v: &Value) -> Result<ArrayRef, FilterError> {
+    let wrong = || FilterError::DoesNotFit {
+        column: column.to_owned(),
+        ty: ty.clone(),
+        kind: kind(v),
+    };
     let source: ArrayRef = match (v, ty) {
         (Value::String(s), _) if is_text(ty) => Arc::new(StringArray::from(vec![s.as_str()])),
         (Value::String(s), DataType::Timestamp(..) | DataType::Date32 | DataType::Date64)
@@ -263,17 +303,19 @@ fn is_text(ty: &DataType) -> bool {
     )
 }
 
-fn cast(column: &str, a: &ArrayRef, ty: &DataType) -> Result<ArrayRef, String> {
+fn cast(column: &str, a: &ArrayRef, ty: &DataType) -> Result<ArrayRef, FilterError> {
     let options = CastOptions {
         safe: false,
         format_options: FormatOptions::default(),
     };
-    let out = cast_with_options(a, ty, &options).map_err(|e| {
-        let shown = arrow::util::display::array_value_to_string(a, 0).unwrap_or_default();
-        format!("'{shown}' is not a valid {ty} for '{column}': {e}")
+    let out = cast_with_options(a, ty, &options).map_err(|e| FilterError::Invalid {
+        shown: arrow::util::display::array_value_to_string(a, 0).unwrap_or_default(),
+        ty: ty.clone(),
+        column: column.to_owned(),
+        reason: e.to_string(),
     })?;
     if out.null_count() > 0 {
-        return Err(format!("'{column}' cannot hold that value"));
+        return Err(FilterError::CannotHold(column.to_owned()));
     }
     Ok(out)
 }
@@ -374,7 +416,11 @@ mod tests {
     #[test]
     fn refusals_say_what_and_where() {
         let key = vec!["sku".to_owned()];
-        let err = |spec: Value| Filter::parse(Some(&spec), &schema(), &key).unwrap_err();
+        let err = |spec: Value| {
+            Filter::parse(Some(&spec), &schema(), &key)
+                .unwrap_err()
+                .to_string()
+        };
         assert!(err(json!({"nope": 1})).contains("unknown column 'nope'"));
         assert!(err(json!({"on_hand": "many"})).contains("'on_hand' is Int64; a string"));
         assert!(

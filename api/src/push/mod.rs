@@ -726,7 +726,7 @@ impl Push {
             )
         })?;
         let filter =
-            Filter::parse(filter, &info.schema, &info.key).map_err(|e| ("bad_filter", e))?;
+            Filter::parse(filter, &info.schema, &info.key).map_err(|e| ("bad_filter", e.to_string()))?;
         let mut hub = self.hub.lock();
         let used = hub.tokens.entry(conn.token.clone()).or_default();
         if used.subscriptions >= self.config.max_subscriptions_per_token {
@@ -769,8 +769,12 @@ impl Push {
                 g
             }
         };
-        conn.add(id, group, from_version)
-            .map_err(|e| ("duplicate_id", e))?;
+        if !conn.add(id, group, from_version) {
+            return Err((
+                "duplicate_id",
+                format!("this connection already has a subscription '{id}'"),
+            ));
+        }
         members
             .subs
             .insert((conn.id, Arc::clone(id)), Arc::clone(conn));

@@ -408,7 +408,7 @@ impl Maintainer {
         }
         let (mut node, reason) = match compiled {
             Ok(node) => (Some(node), None),
-            Err(why) => (None, Some(why)),
+            Err(why) => (None, Some(why.0)),
         };
         let mut output = new_output(&schema, node.as_ref())?;
         let mut positions = BTreeMap::new();
@@ -773,7 +773,8 @@ impl Maintainer {
             None => plan::compile(&plan, &engine.view_planner().state(), &|n| {
                 self.source_kind(engine, n)
             })
-            .err(),
+            .err()
+            .map(|why| why.0),
         };
         let incremental = node.is_some();
         let shared = ViewShared::new(

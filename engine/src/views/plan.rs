@@ -71,8 +71,28 @@ pub(crate) enum Op {
     },
 }
 
-/// Why a plan cannot be maintained incrementally.
-pub(crate) type NotIncremental = String;
+/// Why a plan cannot be maintained incrementally: shown as the view's `reason` when it
+/// falls back to recomputing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NotIncremental(pub(crate) String);
+
+impl std::fmt::Display for NotIncremental {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for NotIncremental {
+    fn from(reason: String) -> Self {
+        Self(reason)
+    }
+}
+
+impl From<&str> for NotIncremental {
+    fn from(reason: &str) -> Self {
+        Self(reason.to_owned())
+    }
+}
 
 /// The rows of `d` for which `predicate` holds.
 fn filter(predicate: &Arc<dyn PhysicalExpr>, d: ZBatch) -> Result<ZBatch> {

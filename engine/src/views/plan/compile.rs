@@ -47,7 +47,7 @@ impl Compiler<'_> {
         &self,
         expr: &Expr,
         schema: &DFSchema,
-    ) -> std::result::Result<Arc<dyn PhysicalExpr>, String> {
+    ) -> std::result::Result<Arc<dyn PhysicalExpr>, NotIncremental> {
         let time_dependent = expr
             .exists(|e| {
                 Ok(match e {
@@ -61,7 +61,7 @@ impl Compiler<'_> {
         if time_dependent {
             return Err(format!(
                 "`{expr}` depends on the time or on chance, so its value changes without new events"
-            ));
+            ).into());
         }
         // Simplify first, as a query's optimizer would: some functions (COALESCE, NVL)
         // exist only to be rewritten there.
@@ -79,6 +79,7 @@ impl Compiler<'_> {
                     "`{expr}` cannot be evaluated per row: {}",
                     e.strip_backtrace()
                 )
+                .into()
             })
     }
 
@@ -86,7 +87,7 @@ impl Compiler<'_> {
         &self,
         exprs: &[Expr],
         schema: &DFSchema,
-    ) -> std::result::Result<Vec<Arc<dyn PhysicalExpr>>, String> {
+    ) -> std::result::Result<Vec<Arc<dyn PhysicalExpr>>, NotIncremental> {
         exprs.iter().map(|e| self.physical(e, schema)).collect()
     }
 
@@ -96,7 +97,7 @@ impl Compiler<'_> {
             LogicalPlan::TableScan(scan) => {
                 let name = scan.table_name.table().to_owned();
                 if !scan.filters.is_empty() || scan.fetch.is_some() {
-                    return Err(format!("the scan of {name} carries filters or a limit"));
+                    return Err(format!("the scan of {name} carries filters or a limit").into());
                 }
                 let kind = (self.source)(&name)
                     .ok_or_else(|| format!("{name} is neither a stream nor a view"))?;
@@ -281,7 +282,7 @@ impl Compiler<'_> {
                     .split(':')
                     .next()
                     .unwrap_or("this plan")
-            )),
+            ).into()),
         }
     }
 
@@ -294,7 +295,7 @@ impl Compiler<'_> {
         let kind = match j.join_type {
             JoinType::Inner => JoinKind::Inner,
             JoinType::Left => JoinKind::Left,
-            other => return Err(format!("{other} joins are recomputed")),
+            other => return Err(format!("{other} joins are recomputed").into()),
         };
         let (ls, rs) = (j.left.schema(), j.right.schema());
         let mut pairs: Vec<(Expr, Expr)> = j.on.clone();
@@ -308,7 +309,7 @@ impl Compiler<'_> {
                 else {
                     return Err(format!(
                         "the join condition `{part}` is not an equality of columns"
-                    ));
+                    ).into());
                 };
                 let in_schema = |e: &Expr, s: &DFSchema| {
                     let refs = e.column_refs();
@@ -321,7 +322,7 @@ impl Compiler<'_> {
                 } else {
                     return Err(format!(
                         "the join condition `{part}` does not compare one side with the other"
-                    ));
+                    ).into());
                 }
             }
         }
@@ -393,17 +394,17 @@ impl Compiler<'_> {
     ) -> std::result::Result<AggSpec, NotIncremental> {
         let inner = expr.clone().unalias();
         let Expr::AggregateFunction(AggregateFunction { func, params }) = &inner else {
-            return Err(format!("`{expr}` is not an aggregate Quiver maintains"));
+            return Err(format!("`{expr}` is not an aggregate Quiver maintains").into());
         };
         if params.filter.is_some() || !params.order_by.is_empty() {
             return Err(format!(
                 "`{expr}`: FILTER and ORDER BY in aggregates are recomputed"
-            ));
+            ).into());
         }
         let arg = match params.args.as_slice() {
             [] => Expr::Literal(datafusion::common::ScalarValue::Int64(Some(1)), None),
             [a] => a.clone(),
-            _ => return Err(format!("`{expr}` has several arguments")),
+            _ => return Err(format!("`{expr}` has several arguments").into()),
         };
         let arg_type = arg.get_type(in_schema).map_err(|e| e.to_string())?;
         let num = || Num::of(&arg_type).ok_or_else(|| format!("sums of {arg_type} are recomputed"));
@@ -418,11 +419,11 @@ impl Compiler<'_> {
                 return Err(format!(
                     "{}{name} is not maintained incrementally",
                     if distinct { "DISTINCT " } else { "" }
-                ));
+                ).into());
             }
         };
         let arg = self.physical(&arg, in_schema)?;
-        AggSpec::new(kind, arg, &arg_type, out).map_err(|e| e.to_string())
+        AggSpec::new(kind, arg, &arg_type, out).map_err(|e| e.to_string().into())
     }
 }
 
