@@ -154,7 +154,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
     feed(&engine, &mut generator, args.events, 100_000).await?;
-    engine.views_settled().await;
+    engine.views().views_settled().await;
     let load = started.elapsed();
     engine.flush_all().await?;
     println!(
@@ -166,20 +166,20 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // Incremental: per view, the time it spent on each batch.
-    let names: Vec<String> = engine.views_info().iter().map(|v| v.name.clone()).collect();
+    let names: Vec<String> = engine.views().views_info().iter().map(|v| v.name.clone()).collect();
     let mut spent: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut batch_wall = Vec::new();
     for _ in 0..args.batches {
         let before: BTreeMap<String, Duration> = engine
-            .views_info()
+            .views().views_info()
             .into_iter()
             .map(|v| (v.name, v.apply_time))
             .collect();
         let t = Instant::now();
         feed(&engine, &mut generator, args.batch, args.batch).await?;
-        engine.views_settled().await;
+        engine.views().views_settled().await;
         batch_wall.push(t.elapsed().as_secs_f64() * 1e3);
-        for v in engine.views_info() {
+        for v in engine.views().views_info() {
             let d = v.apply_time - before[&v.name];
             spent.entry(v.name).or_default().push(d.as_secs_f64() * 1e3);
         }
@@ -187,14 +187,14 @@ async fn main() -> anyhow::Result<()> {
 
     // A checkpoint also measures each view's state.
     let t = Instant::now();
-    engine.checkpoint_views().await?;
+    engine.views().checkpoint_views().await?;
     println!(
         "view checkpoint (every view, to the store): {:.2} s",
         t.elapsed().as_secs_f64()
     );
 
     // Recompute: each view's SQL from the streams, its inputs inlined.
-    let infos = engine.views_info();
+    let infos = engine.views().views_info();
     println!(
         "\n| view | apply {} events (median ms) | recompute (median ms) | ratio | state MiB | rows |",
         args.batch

@@ -1,5 +1,5 @@
 //! Files on the local disk that must survive a crash whole: the node id and the saved
-//! idempotency keys beside the WAL.
+//! idempotency keys beside the WAL, and the WAL's own folder.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -17,6 +17,12 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
+    sync_dir(dir)
+}
+
+/// Makes the names in `dir` durable: files created, renamed or removed in it survive a
+/// crash once this returns.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 

@@ -24,7 +24,7 @@ use crate::query::{QueryOptions, QueryRuntime, QuerySession, ReadSnapshot, Table
 use crate::schema::{ColumnDef, EVENT_TIME_COLUMN, Rule, StreamSchema};
 use crate::store::Store;
 use crate::table::{StreamTable, TableAt, TableOptions};
-use crate::views::{ViewFeed, ViewOptions, Views};
+use crate::views::{Host, ViewFeed, ViewHost, ViewOptions, Views, WeakHost};
 use crate::wal::{DurableSink, Wal, WalAppend, WalOptions, WalRecord};
 use crate::{Error, Result};
 
@@ -142,7 +142,7 @@ struct Shared {
     metrics: Arc<EngineMetrics>,
     idempotency: Idempotency,
     buffered_bytes: AtomicUsize,
-    feed: ViewFeed,
+    feed: Arc<ViewFeed>,
 }
 
 impl Shared {
@@ -267,7 +267,7 @@ impl Engine {
             metrics: Arc::clone(&metrics),
             idempotency,
             buffered_bytes: AtomicUsize::new(0),
-            feed: ViewFeed::new(),
+            feed: Arc::new(ViewFeed::new()),
         });
 
         let (wal, replay) = Wal::open(
@@ -293,6 +293,7 @@ impl Engine {
 
         let (stop, _) = watch::channel(false);
         let view_options = config.views.clone();
+        let feed = Arc::clone(&shared.feed);
         let engine = Self {
             inner: Arc::new(Inner {
                 config,
@@ -306,11 +307,11 @@ impl Engine {
                 app_id: app_id_kept,
                 node_id,
                 ddl_lock: tokio::sync::Mutex::new(()),
-                views: Views::new(view_options),
+                views: Views::new(view_options, feed),
             }),
         };
         engine.spawn_background();
-        Views::start(&engine).await?;
+        Views::start(&engine, Arc::new(engine.downgrade())).await?;
         Ok(engine)
     }
 
@@ -354,21 +355,9 @@ impl Engine {
         WeakEngine(Arc::downgrade(&self.inner))
     }
 
-    pub(crate) fn views(&self) -> &Views {
+    /// The materialized views: create, drop, read and follow them.
+    pub fn views(&self) -> &Views {
         &self.inner.views
-    }
-
-    pub(crate) fn view_feed(&self) -> &ViewFeed {
-        &self.inner.shared.feed
-    }
-
-    /// A session for planning and filling views.
-    pub(crate) fn view_planner(&self) -> QuerySession {
-        QuerySession::for_views(
-            self.table_source(),
-            Arc::clone(self.metrics()),
-            &self.inner.query,
-        )
     }
 
     /// A stream as a table now, and the WAL position that table reflects: every event
@@ -837,7 +826,7 @@ impl Engine {
             let _ = t.await;
         }
         self.flush_all().await?;
-        Views::stop(self).await;
+        self.views().stop().await;
         info!("engine stopped; all buffered events are in Delta, views checkpointed");
         Ok(())
     }
@@ -851,7 +840,7 @@ impl Engine {
         for t in self.inner.tasks.lock().drain(..) {
             t.abort();
         }
-        Views::abandon(self);
+        self.views().abandon();
     }
 
     /// Refuses new writes from now on (they get 503); what is in flight completes.
@@ -1001,6 +990,65 @@ fn decode_ipc(data: &[u8]) -> Result<RecordBatch> {
 
 #[cfg(test)]
 mod tests;
+
+impl WeakHost for WeakEngine {
+    fn upgrade(&self) -> Option<Host> {
+        WeakEngine::upgrade(self).map(|e| Arc::new(e) as Host)
+    }
+}
+
+impl ViewHost for Engine {
+    fn views(&self) -> &Views {
+        Engine::views(self)
+    }
+
+    fn stream_schema(&self, name: &str) -> Option<StreamSchema> {
+        Engine::stream_schema(self, name)
+    }
+
+    fn stream_provider_at_position(
+        &self,
+        stream: &str,
+    ) -> Option<std::result::Result<(ProviderRef, u64), crate::QueryError>> {
+        Engine::stream_provider_at_position(self, stream)
+    }
+
+    fn view_planner(&self) -> QuerySession {
+        QuerySession::for_views(
+            self.table_source(),
+            Arc::clone(self.metrics()),
+            &self.inner.query,
+        )
+    }
+
+    fn query_session(&self) -> QuerySession {
+        Engine::query_session(self)
+    }
+
+    fn query_runtime(&self) -> tokio::runtime::Handle {
+        Engine::query_runtime(self)
+    }
+
+    fn node_id(&self) -> &str {
+        Engine::node_id(self)
+    }
+
+    fn store(&self) -> &Store {
+        Engine::store(self)
+    }
+
+    fn metrics(&self) -> &Arc<EngineMetrics> {
+        Engine::metrics(self)
+    }
+
+    fn views_document(&self) -> Document<Vec<crate::views::SavedView>> {
+        Engine::views_document(self)
+    }
+
+    fn truncate_wal(&self) -> Result<()> {
+        Engine::truncate_wal(self)
+    }
+}
 
 #[async_trait::async_trait]
 impl TableSource for Engine {

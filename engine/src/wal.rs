@@ -24,6 +24,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use crate::durable_file::sync_dir;
 use crate::metrics::EngineMetrics;
 use crate::{Error, Result};
 
@@ -508,11 +509,6 @@ fn create_segment(dir: &Path, first_seq: u64) -> Result<(File, PathBuf)> {
     file.sync_all()?;
     sync_dir(dir)?;
     Ok((file, path))
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)?.sync_all()?;
-    Ok(())
 }
 
 fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {

@@ -758,7 +758,7 @@ async fn write(
                 }
             },
             Work::Resume(id, id_json, group, from) => {
-                match engine.view_changes_since(&group.view, from) {
+                match engine.views().view_changes_since(&group.view, from) {
                     Some(changes) => {
                         let last = changes.last().map_or(from, |c| c.version);
                         let head = json!({

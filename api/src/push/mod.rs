@@ -265,7 +265,7 @@ impl Group {
             && *taken_in == epoch
             && c.version <= self.last_version.load(Ordering::Acquire)
             && let Some(after) = self.recent_since(c.version)
-            && engine.view_version(&self.view).is_some()
+            && engine.views().view_version(&self.view).is_some()
         {
             return Ok((Arc::clone(c), after));
         }
@@ -285,7 +285,7 @@ impl Group {
     }
 
     fn encode_snapshot(&self, engine: &Engine) -> Result<SnapshotRows, (&'static str, String)> {
-        let snap = match engine.view_snapshot(&self.view) {
+        let snap = match engine.views().view_snapshot(&self.view) {
             None => {
                 return Err((
                     "unknown_view",
@@ -522,7 +522,7 @@ impl Push {
     /// Feeds every change set to its subscribers until the engine stops; once a second,
     /// ends the subscriptions of views that were dropped.
     async fn run(self: Arc<Self>, engine: Engine) {
-        let mut rx = engine.subscribe_changes();
+        let mut rx = engine.views().subscribe_changes();
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -546,7 +546,7 @@ impl Push {
         let gone: Vec<String> = hub
             .views
             .keys()
-            .filter(|v| engine.view_version(v).is_none())
+            .filter(|v| engine.views().view_version(v).is_none())
             .cloned()
             .collect();
         for view in gone {
@@ -588,7 +588,7 @@ impl Push {
         if change.version <= last {
             // Either a change already delivered while catching up after a lag, or the
             // view was dropped and created anew, so its versions started again.
-            let current = engine.view_version(&group.view).unwrap_or(0);
+            let current = engine.views().view_version(&group.view).unwrap_or(0);
             if current < last {
                 group.epoch.fetch_add(1, Ordering::AcqRel);
                 group.recent.lock().clear();
@@ -634,7 +634,7 @@ impl Push {
                     continue;
                 };
                 let since = group.last_version.load(Ordering::Relaxed);
-                match engine.view_changes_since(view, since) {
+                match engine.views().view_changes_since(view, since) {
                     Some(changes) => {
                         for change in changes {
                             self.deliver(engine, group, members, &change);
@@ -718,8 +718,8 @@ impl Push {
                 format!("this connection already has a subscription '{id}'"),
             ));
         }
-        let info = engine.view_info(view).ok_or_else(|| {
-            let known: Vec<String> = engine.views_info().into_iter().map(|v| v.name).collect();
+        let info = engine.views().view_info(view).ok_or_else(|| {
+            let known: Vec<String> = engine.views().views_info().into_iter().map(|v| v.name).collect();
             (
                 "unknown_view",
                 format!("no view named '{view}' (views: {})", known.join(", ")),

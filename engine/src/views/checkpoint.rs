@@ -6,16 +6,16 @@
 //! order; a full checkpoint starts a new chain and deletes the old one's deltas.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use datafusion::common::DataFusionError;
 use futures::StreamExt;
 use tracing::{info, warn};
 
-use super::MAGIC;
+use super::{MAGIC, ViewHost};
 use super::codec::{Reader, Writer};
 use super::maintainer::{Maintainer, Running, update_gauges};
-use crate::engine::Engine;
 
 impl Maintainer {
     /// Writes every view's state and positions to the store, then lets the WAL drop
@@ -36,7 +36,7 @@ impl Maintainer {
     /// twice the state), after a failed write, and when there is none yet.
     pub(super) fn start_checkpoint(&mut self) -> crate::Result<()> {
         self.finish_checkpoint()?;
-        let Some(engine) = self.engine() else {
+        let Some(host) = self.host() else {
             return Ok(());
         };
         let started = Instant::now();
@@ -66,7 +66,7 @@ impl Maintainer {
             state.output.forget_changes(&mut spent);
             drop(state);
             run.in_chain = true;
-            update_gauges(&engine, run);
+            update_gauges(&*host, run);
         }
         let paused = started.elapsed();
         self.last_checkpoint_bytes = bytes.len();
@@ -76,38 +76,38 @@ impl Maintainer {
                 base_bytes: bytes.len(),
                 ..Chain::default()
             };
-            checkpoint_file(engine.node_id())
+            checkpoint_file(host.node_id())
         } else {
             self.chain.deltas = seq;
             self.chain.delta_bytes += bytes.len();
-            delta_file(engine.node_id(), base, seq)
+            delta_file(host.node_id(), base, seq)
         };
         let floor = self.floor();
         let views = self.views.len();
-        let weak = engine.downgrade();
-        drop(engine);
+        let weak = Arc::clone(&self.host);
+        drop(host);
         self.dirty = false;
         let handle = std::thread::Builder::new()
             .name("quiver-views-checkpoint".into())
             .spawn(move || {
-                let Some(engine) = weak.upgrade() else {
+                let Some(host) = weak.upgrade() else {
                     return Ok(());
                 };
                 drop(spent);
                 let len = bytes.len();
                 let written = Instant::now();
-                let rt = engine.query_runtime();
-                rt.block_on(put(&engine, &file, bytes))?;
-                *engine.views().floor.write() = Some(floor);
-                if let Err(e) = engine.truncate_wal() {
+                let rt = host.query_runtime();
+                rt.block_on(put(&*host, &file, bytes))?;
+                *host.views().floor.write() = Some(floor);
+                if let Err(e) = host.truncate_wal() {
                     warn!(error = %e, "WAL truncation after a view checkpoint failed");
                 }
                 // A full checkpoint replaces every older chain: its deltas, and any a
                 // crash left behind, go.
-                if full && let Err(e) = rt.block_on(delete_other_chains(&engine, base)) {
+                if full && let Err(e) = rt.block_on(delete_other_chains(&*host, base)) {
                     warn!(error = %e, "cannot delete old view checkpoint deltas");
                 }
-                let m = engine.metrics();
+                let m = host.metrics();
                 m.view_checkpoint_seconds
                     .observe(started.elapsed().as_secs_f64());
                 m.view_checkpoint_pause_seconds
@@ -250,9 +250,9 @@ pub(super) fn new_chain_id(last: u64) -> u64 {
 /// Reads the full checkpoint and the deltas written on it, merged per view; `None`
 /// when there is no checkpoint. Any unreadable file fails the whole chain: the WAL
 /// may already have dropped what a later delta covered.
-pub(super) async fn read_chain(engine: &Engine) -> crate::Result<Option<(Vec<SavedState>, Chain)>> {
-    let node = engine.node_id();
-    let Some(bytes) = get(engine, &checkpoint_file(node)).await? else {
+pub(super) async fn read_chain(host: &dyn ViewHost) -> crate::Result<Option<(Vec<SavedState>, Chain)>> {
+    let node = host.node_id();
+    let Some(bytes) = get(host, &checkpoint_file(node)).await? else {
         return Ok(None);
     };
     let (base, seq, mut saved) = parse_checkpoint(&bytes)?;
@@ -266,7 +266,7 @@ pub(super) async fn read_chain(engine: &Engine) -> crate::Result<Option<(Vec<Sav
         base_bytes: bytes.len(),
         ..Chain::default()
     };
-    while let Some(bytes) = get(engine, &delta_file(node, base, chain.deltas + 1)).await? {
+    while let Some(bytes) = get(host, &delta_file(node, base, chain.deltas + 1)).await? {
         let (b, s, next) = parse_checkpoint(&bytes)?;
         if b != base || s != chain.deltas + 1 {
             return Err(crate::Error::Config(format!(
@@ -353,9 +353,9 @@ pub(super) fn parse_checkpoint(
     Ok((base, seq, out))
 }
 
-pub(super) async fn get(engine: &Engine, rel: &str) -> crate::Result<Option<bytes::Bytes>> {
+pub(super) async fn get(host: &dyn ViewHost, rel: &str) -> crate::Result<Option<bytes::Bytes>> {
     use object_store::ObjectStoreExt;
-    let store = engine.store();
+    let store = host.store();
     match store.object_store().get(&store.path(rel)?).await {
         Ok(got) => Ok(Some(got.bytes().await?)),
         Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -364,13 +364,13 @@ pub(super) async fn get(engine: &Engine, rel: &str) -> crate::Result<Option<byte
 }
 
 /// Deletes every checkpoint delta that does not belong to chain `base`.
-pub(super) async fn delete_other_chains(engine: &Engine, base: u64) -> crate::Result<()> {
+pub(super) async fn delete_other_chains(host: &dyn ViewHost, base: u64) -> crate::Result<()> {
     use object_store::ObjectStoreExt;
-    let store = engine.store();
+    let store = host.store();
     let ours = format!("checkpoint-{base}-");
     let mut listed = store
         .object_store()
-        .list(Some(&store.path(&checkpoint_dir(engine.node_id()))?));
+        .list(Some(&store.path(&checkpoint_dir(host.node_id()))?));
     let mut stale = Vec::new();
     while let Some(meta) = listed.next().await {
         let meta = meta?;
@@ -388,9 +388,9 @@ pub(super) async fn delete_other_chains(engine: &Engine, base: u64) -> crate::Re
     Ok(())
 }
 
-pub(super) async fn put(engine: &Engine, rel: &str, body: Vec<u8>) -> crate::Result<()> {
+pub(super) async fn put(host: &dyn ViewHost, rel: &str, body: Vec<u8>) -> crate::Result<()> {
     use object_store::ObjectStoreExt;
-    let store = engine.store();
+    let store = host.store();
     store
         .object_store()
         .put(&store.path(rel)?, body.into())

@@ -29,7 +29,7 @@ impl Running {
 }
 
 pub(super) struct Maintainer {
-    pub(super) engine: WeakEngine,
+    pub(super) host: Arc<dyn WeakHost>,
     pub(super) views: Vec<Running>,
     pub(super) rx: mpsc::Receiver<Msg>,
     pub(super) dirty: bool,
@@ -42,17 +42,17 @@ pub(super) struct Maintainer {
 }
 
 impl Maintainer {
-    pub(super) fn engine(&self) -> Option<Engine> {
-        self.engine.upgrade()
+    pub(super) fn host(&self) -> Option<Host> {
+        self.host.upgrade()
     }
 
     pub(super) fn run(&mut self) {
         let mut last_checkpoint = Instant::now();
         let mut held: Option<Msg> = None;
         loop {
-            let Some(engine) = self.engine() else { return };
-            let options = engine.views().options.clone();
-            drop(engine);
+            let Some(host) = self.host() else { return };
+            let options = host.views().options.clone();
+            drop(host);
             let now = Instant::now();
             let next_recompute = self
                 .views
@@ -147,7 +147,7 @@ impl Maintainer {
 
     /// Applies durable events to every view, then publishes the change sets.
     pub(super) fn apply_events(&mut self, events: Vec<Event>) {
-        let Some(engine) = self.engine() else { return };
+        let Some(host) = self.host() else { return };
         let started = Instant::now();
         let acked = events.iter().map(|e| e.acked).min();
         let mut by_stream: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
@@ -198,7 +198,7 @@ impl Maintainer {
                 };
                 deltas.extend(delta.map(|d| (src.clone(), d)));
             }
-            match advance(&engine, run, &deltas, acked) {
+            match advance(&*host, run, &deltas, acked) {
                 Ok(Some(diff)) => {
                     diffs.insert(run.shared.name.clone(), diff);
                 }
@@ -213,7 +213,7 @@ impl Maintainer {
             run.shared
                 .apply_nanos
                 .fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
-            engine
+            host
                 .metrics()
                 .view_apply_seconds
                 .get_or_create(&ViewLabel {
@@ -222,13 +222,13 @@ impl Maintainer {
                 .observe(spent.as_secs_f64());
         }
         {
-            let mut pending = engine.view_feed().pending.lock();
+            let mut pending = host.views().feed.pending.lock();
             for _ in 0..events.len() {
                 pending.pop_front();
             }
         }
         self.dirty = true;
-        engine
+        host
             .metrics()
             .view_batch_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -279,8 +279,8 @@ impl Maintainer {
 
     /// Runs every due recompute view and passes its change to the views reading it.
     pub(super) fn recompute_due(&mut self) {
-        let Some(engine) = self.engine() else { return };
-        let interval = engine.views().options.recompute_interval;
+        let Some(host) = self.host() else { return };
+        let interval = host.views().options.recompute_interval;
         let now = Instant::now();
         for i in 0..self.views.len() {
             if self.views[i].incremental || self.views[i].next_recompute > now {
@@ -288,7 +288,7 @@ impl Maintainer {
             }
             self.views[i].next_recompute = now + interval;
             let sql = self.views[i].shared.sql.clone();
-            let result = run_query(&engine, &sql);
+            let result = run_query(&*host, &sql);
             let applied = result.and_then(|batch| {
                 let run = &self.views[i];
                 let mut state = run.shared.state.write();
@@ -298,9 +298,9 @@ impl Maintainer {
             });
             match applied {
                 Ok((version, applied)) if !applied.is_empty() => {
-                    let diff = finish(&engine, &self.views[i], applied, version, None);
+                    let diff = finish(&*host, &self.views[i], applied, version, None);
                     self.dirty = true;
-                    self.propagate(&engine, i, diff);
+                    self.propagate(&*host, i, diff);
                 }
                 Ok(_) => {}
                 Err(e) => warn!(view = self.views[i].name(), error = %e, "recompute failed"),
@@ -309,7 +309,7 @@ impl Maintainer {
     }
 
     /// Feeds one view's change to the incremental views after it.
-    pub(super) fn propagate(&mut self, engine: &Engine, from: usize, diff: ZBatch) {
+    pub(super) fn propagate(&mut self, host: &dyn ViewHost, from: usize, diff: ZBatch) {
         let mut diffs: HashMap<String, ZBatch> = HashMap::new();
         diffs.insert(self.views[from].shared.name.clone(), diff);
         let mut broken = Vec::new();
@@ -324,7 +324,7 @@ impl Maintainer {
             if deltas.is_empty() {
                 continue;
             }
-            match advance(engine, run, &deltas, None) {
+            match advance(host, run, &deltas, None) {
                 Ok(Some(d)) => {
                     diffs.insert(run.shared.name.clone(), d);
                 }
@@ -342,10 +342,10 @@ impl Maintainer {
 
     /// Refills a view whose state can no longer be trusted, publishing the difference.
     pub(super) fn rebuild(&mut self, i: usize) {
-        let Some(engine) = self.engine() else { return };
+        let Some(host) = self.host() else { return };
         let sql = self.views[i].shared.sql.clone();
         let name = self.views[i].shared.name.clone();
-        match self.build(&engine, &name, &sql) {
+        match self.build(&*host, &name, &sql) {
             Ok(fresh) => {
                 let rows = fresh.shared.snapshot().map(|(_, r)| r);
                 let applied = {
@@ -362,16 +362,16 @@ impl Maintainer {
                 if let Ok((version, applied)) = applied
                     && !applied.is_empty()
                 {
-                    let diff = finish(&engine, &self.views[i], applied, version, None);
-                    self.propagate(&engine, i, diff);
+                    let diff = finish(&*host, &self.views[i], applied, version, None);
+                    self.propagate(&*host, i, diff);
                 }
             }
             Err(e) => error!(view = %name, error = %e, "rebuilding the view failed"),
         }
     }
 
-    pub(super) fn source_kind(&self, engine: &Engine, name: &str) -> Option<SourceKind> {
-        if engine.stream_schema(name).is_some() {
+    pub(super) fn source_kind(&self, host: &dyn ViewHost, name: &str) -> Option<SourceKind> {
+        if host.stream_schema(name).is_some() {
             return Some(SourceKind::Stream);
         }
         let v = self.views.iter().find(|v| v.name() == name)?;
@@ -386,21 +386,21 @@ impl Maintainer {
     /// Plans a view and fills it from the data as it is now.
     pub(super) fn build(
         &self,
-        engine: &Engine,
+        host: &dyn ViewHost,
         name: &str,
         sql: &str,
     ) -> Result<Running, QueryError> {
-        let plan = engine
+        let plan = host
             .query_runtime()
-            .block_on(engine.view_planner().plan_view(sql))?;
-        let compiled = plan::compile(&plan, &engine.view_planner().state(), &|n| {
-            self.source_kind(engine, n)
+            .block_on(host.view_planner().plan_view(sql))?;
+        let compiled = plan::compile(&plan, &host.view_planner().state(), &|n| {
+            self.source_kind(host, n)
         });
         let schema: SchemaRef = Arc::clone(plan.schema().inner());
         let mut reads = Vec::new();
         collect_tables(&plan, &mut reads);
         for r in &reads {
-            if self.source_kind(engine, r).is_none() {
+            if self.source_kind(host, r).is_none() {
                 return Err(QueryError::Invalid(format!(
                     "view {name} reads '{r}', which is neither a stream nor a view"
                 )));
@@ -425,7 +425,7 @@ impl Maintainer {
                 for src in &sources {
                     let mut feed = |batch: RecordBatch| -> datafusion::common::Result<()> {
                         rows += batch.num_rows() as u64;
-                        engine
+                        host
                             .metrics()
                             .view_backfill_rows_total
                             .get_or_create(&label)
@@ -439,10 +439,10 @@ impl Maintainer {
                         }
                         Ok(())
                     };
-                    if engine.stream_schema(src).is_some() {
-                        let position = engine
+                    if host.stream_schema(src).is_some() {
+                        let position = host
                             .query_runtime()
-                            .block_on(scan_stream(engine, src, &mut feed))?;
+                            .block_on(scan_stream(host, src, &mut feed))?;
                         positions.insert(src.clone(), position);
                     } else if let Some(parent) = self.views.iter().find(|v| v.name() == src) {
                         let (_, rows) = parent.shared.snapshot()?;
@@ -452,7 +452,7 @@ impl Maintainer {
                 // Once over no rows, so an aggregate without GROUP BY has its one row
                 // even over empty sources.
                 if let Some(src) = sources.first() {
-                    let empty = match engine.stream_schema(src) {
+                    let empty = match host.stream_schema(src) {
                         Some(s) => crate::query::query_schema(s.stored_schema()),
                         None => self
                             .views
@@ -473,7 +473,7 @@ impl Maintainer {
                 );
             }
             None => {
-                let batch = run_query(engine, sql)?;
+                let batch = run_query(host, sql)?;
                 let batch = crate::query::cast_batch(&batch, &schema)
                     .map_err(|e| QueryError::Internal(e.to_string()))?;
                 output.replace(&output.snapshot()?, &batch)?;
@@ -486,7 +486,7 @@ impl Maintainer {
         }
         let incremental = node.is_some();
         let shared = ViewShared::new(
-            engine,
+            host,
             name,
             sql,
             incremental,
@@ -496,7 +496,7 @@ impl Maintainer {
             node,
             1,
         );
-        let interval = engine.views().options.recompute_interval;
+        let interval = host.views().options.recompute_interval;
         let run = Running {
             shared,
             incremental,
@@ -505,7 +505,7 @@ impl Maintainer {
             next_recompute: Instant::now() + interval,
             in_chain: false,
         };
-        update_gauges(engine, &run);
+        update_gauges(host, &run);
         Ok(run)
     }
 
@@ -516,27 +516,27 @@ impl Maintainer {
         if_not_exists: bool,
         save: bool,
     ) -> Result<ViewInfo, QueryError> {
-        let engine = self.engine().ok_or_else(gone)?;
+        let host = self.host().ok_or_else(gone)?;
         if !crate::schema::is_valid_identifier(name) {
             return Err(QueryError::Invalid(format!(
                 "'{name}' is not a valid view name: use lower-case letters, digits and _, \
                  starting with a letter"
             )));
         }
-        if engine.stream_schema(name).is_some() {
+        if host.stream_schema(name).is_some() {
             return Err(QueryError::Conflict(format!("'{name}' is a stream")));
         }
         if let Some(v) = self.views.iter().find(|v| v.name() == name) {
             if if_not_exists {
-                return Ok(engine.info_of(&v.shared));
+                return Ok(host.views().info_of(&v.shared));
             }
             return Err(QueryError::Conflict(format!(
                 "materialized view '{name}' already exists"
             )));
         }
-        let run = self.build(&engine, name, sql)?;
-        let info = engine.info_of(&run.shared);
-        engine
+        let run = self.build(&*host, name, sql)?;
+        let info = host.views().info_of(&run.shared);
+        host
             .views()
             .registry
             .write()
@@ -548,7 +548,7 @@ impl Maintainer {
                 name: name.to_owned(),
                 sql: sql.to_owned(),
             };
-            self.store_definitions(&engine, |defs| upsert(defs, &saved))?;
+            self.store_definitions(&*host, |defs| upsert(defs, &saved))?;
         }
         info!(
             view = name,
@@ -559,7 +559,7 @@ impl Maintainer {
     }
 
     pub(super) fn drop_view(&mut self, name: &str, if_exists: bool) -> Result<bool, QueryError> {
-        let engine = self.engine().ok_or_else(gone)?;
+        let host = self.host().ok_or_else(gone)?;
         let Some(i) = self.views.iter().position(|v| v.name() == name) else {
             if if_exists {
                 return Ok(false);
@@ -583,8 +583,8 @@ impl Maintainer {
             )));
         }
         self.views.remove(i);
-        engine.views().registry.write().remove(name);
-        self.store_definitions(&engine, |defs| defs.retain(|d| d.name != name))?;
+        host.views().registry.write().remove(name);
+        self.store_definitions(&*host, |defs| defs.retain(|d| d.name != name))?;
         self.dirty = true;
         if let Err(e) = self.checkpoint() {
             warn!(error = %e, "view checkpoint after a drop failed");
@@ -611,7 +611,7 @@ impl Maintainer {
             Some(node) => node.explain(1, &mut lines),
             None => lines.push(format!(
                 "  recomputed every {:?}: {}",
-                self.engine()
+                self.host()
                     .map(|e| e.views().options.recompute_interval)
                     .unwrap_or_default(),
                 run.shared.reason.as_deref().unwrap_or("")
@@ -624,12 +624,12 @@ impl Maintainer {
     /// change made meanwhile by another server on the store is kept, not overwritten).
     pub(super) fn store_definitions(
         &self,
-        engine: &Engine,
+        host: &dyn ViewHost,
         mut change: impl FnMut(&mut Vec<SavedView>),
     ) -> Result<(), QueryError> {
-        engine
+        host
             .query_runtime()
-            .block_on(engine.views_document().update(|defs| {
+            .block_on(host.views_document().update(|defs| {
                 change(defs);
                 Ok(())
             }))
@@ -639,17 +639,17 @@ impl Maintainer {
 
     /// Loads saved definitions and the checkpoint, then brings every view up.
     pub(super) fn restore(&mut self) {
-        let Some(engine) = self.engine() else { return };
+        let Some(host) = self.host() else { return };
         let started = Instant::now();
-        let rt = engine.query_runtime();
-        let mut defs: Vec<SavedView> = match rt.block_on(engine.views_document().read()) {
+        let rt = host.query_runtime();
+        let mut defs: Vec<SavedView> = match rt.block_on(host.views_document().read()) {
             Ok(defs) => defs,
             Err(e) => {
                 error!(error = %e, "cannot read the view definitions; starting from the configured views");
                 Vec::new()
             }
         };
-        for stmt in &engine.views().options.definitions {
+        for stmt in &host.views().options.definitions {
             match crate::query::parse_view_definition(stmt) {
                 Ok((name, sql)) => match defs.iter_mut().find(|d| d.name == name) {
                     Some(d) => d.sql = sql,
@@ -658,7 +658,7 @@ impl Maintainer {
                 Err(e) => error!(error = %e, "a configured view definition is invalid; skipped"),
             }
         }
-        let saved = match rt.block_on(read_chain(&engine)) {
+        let saved = match rt.block_on(read_chain(&*host)) {
             Ok(Some((saved, chain))) => {
                 self.chain = chain;
                 saved
@@ -673,7 +673,7 @@ impl Maintainer {
             let restored = saved
                 .iter()
                 .find(|s| s.name == def.name && s.sql == def.sql)
-                .and_then(|s| match self.load_view(&engine, s) {
+                .and_then(|s| match self.load_view(&*host, s) {
                     Ok(run) => Some(run),
                     Err(e) => {
                         warn!(view = %def.name, error = %e, "cannot restore the view from its checkpoint; refilling it");
@@ -682,7 +682,7 @@ impl Maintainer {
                 });
             let result = match restored {
                 Some(run) => {
-                    engine
+                    host
                         .views()
                         .registry
                         .write()
@@ -697,7 +697,7 @@ impl Maintainer {
                 error!(view = %def.name, error = %e, "view could not be created; skipped");
             }
         }
-        *engine.views().floor.write() = Some(self.floor());
+        *host.views().floor.write() = Some(self.floor());
         let running: Vec<SavedView> = self
             .views
             .iter()
@@ -706,7 +706,7 @@ impl Maintainer {
                 sql: v.shared.sql.clone(),
             })
             .collect();
-        if let Err(e) = self.store_definitions(&engine, |defs| {
+        if let Err(e) = self.store_definitions(&*host, |defs| {
             for view in &running {
                 upsert(defs, view);
             }
@@ -722,15 +722,15 @@ impl Maintainer {
 
     pub(super) fn load_view(
         &self,
-        engine: &Engine,
+        host: &dyn ViewHost,
         saved: &SavedState,
     ) -> Result<Running, QueryError> {
-        let plan = engine
+        let plan = host
             .query_runtime()
-            .block_on(engine.view_planner().plan_view(&saved.sql))?;
+            .block_on(host.view_planner().plan_view(&saved.sql))?;
         let schema: SchemaRef = Arc::clone(plan.schema().inner());
-        let mut node = plan::compile(&plan, &engine.view_planner().state(), &|n| {
-            self.source_kind(engine, n)
+        let mut node = plan::compile(&plan, &host.view_planner().state(), &|n| {
+            self.source_kind(host, n)
         })
         .ok();
         if node.is_some() != saved.incremental {
@@ -770,15 +770,15 @@ impl Maintainer {
         collect_tables(&plan, &mut reads);
         let reason = match &node {
             Some(_) => None,
-            None => plan::compile(&plan, &engine.view_planner().state(), &|n| {
-                self.source_kind(engine, n)
+            None => plan::compile(&plan, &host.view_planner().state(), &|n| {
+                self.source_kind(host, n)
             })
             .err()
             .map(|why| why.0),
         };
         let incremental = node.is_some();
         let shared = ViewShared::new(
-            engine,
+            host,
             &saved.name,
             &saved.sql,
             incremental,
@@ -796,7 +796,7 @@ impl Maintainer {
             next_recompute: Instant::now(),
             in_chain: true,
         };
-        update_gauges(engine, &run);
+        update_gauges(host, &run);
         Ok(run)
     }
 
@@ -819,12 +819,12 @@ impl Maintainer {
 /// rows derived from the operators match the rows held). Then records and broadcasts
 /// the change set; returns the change for views that read this one.
 pub(super) fn advance(
-    engine: &Engine,
+    host: &dyn ViewHost,
     run: &Running,
     deltas: &[(String, ZBatch)],
     acked: Option<Instant>,
 ) -> datafusion::common::Result<Option<ZBatch>> {
-    let read_by_others = engine
+    let read_by_others = host
         .views()
         .registry
         .read()
@@ -850,12 +850,12 @@ pub(super) fn advance(
     if applied.is_empty() {
         return Ok(None);
     }
-    Ok(Some(finish(engine, run, applied, version, acked)))
+    Ok(Some(finish(host, run, applied, version, acked)))
 }
 
 /// Versions and sends out an applied change.
 pub(super) fn finish(
-    engine: &Engine,
+    host: &dyn ViewHost,
     run: &Running,
     applied: output::Applied,
     version: u64,
@@ -872,7 +872,7 @@ pub(super) fn finish(
     let label = ViewLabel {
         view: run.shared.name.clone(),
     };
-    let m = engine.metrics();
+    let m = host.metrics();
     m.view_changes_total.get_or_create(&label).inc();
     if let Some(t) = acked {
         m.view_freshness_seconds.observe(t.elapsed().as_secs_f64());
@@ -880,24 +880,24 @@ pub(super) fn finish(
     {
         let mut history = run.shared.history.lock();
         history.push_back(Arc::clone(&change));
-        while history.len() > engine.views().options.history.max(1) {
+        while history.len() > host.views().options.history.max(1) {
             history.pop_front();
         }
     }
-    let changes = &engine.views().changes;
+    let changes = &host.views().changes;
     let _ = changes.send(change);
     m.view_changes_queued.set(changes.len() as i64);
     applied.diff
 }
 
-pub(super) fn update_gauges(engine: &Engine, run: &Running) {
+pub(super) fn update_gauges(host: &dyn ViewHost, run: &Running) {
     let state = run.shared.state.read();
     let bytes = state.output.state_bytes() + state.node.as_ref().map_or(0, Node::state_bytes);
     run.shared.state_bytes.store(bytes, Ordering::Relaxed);
     let label = ViewLabel {
         view: run.shared.name.clone(),
     };
-    let m = engine.metrics();
+    let m = host.metrics();
     m.view_rows
         .get_or_create(&label)
         .set(state.output.len() as i64);
@@ -935,14 +935,14 @@ pub(super) fn collect_tables(plan: &datafusion::logical_expr::LogicalPlan, out: 
 
 /// Reads a stream as it is now, batch by batch; returns the WAL position read up to.
 pub(super) async fn scan_stream(
-    engine: &Engine,
+    host: &dyn ViewHost,
     stream: &str,
     feed: &mut dyn FnMut(RecordBatch) -> datafusion::common::Result<()>,
 ) -> Result<u64, QueryError> {
-    let (provider, position) = engine
+    let (provider, position) = host
         .stream_provider_at_position(stream)
         .ok_or_else(|| QueryError::Invalid(format!("stream '{stream}' does not exist")))??;
-    let session = engine.view_planner();
+    let session = host.view_planner();
     let mut batches = session.scan(provider).await?;
     while let Some(batch) = batches.next().await {
         feed(batch?)?;
@@ -951,10 +951,10 @@ pub(super) async fn scan_stream(
 }
 
 /// Runs a view's SQL as a query; one batch of all rows.
-pub(super) fn run_query(engine: &Engine, sql: &str) -> datafusion::common::Result<RecordBatch> {
-    let session = engine.query_session();
+pub(super) fn run_query(host: &dyn ViewHost, sql: &str) -> datafusion::common::Result<RecordBatch> {
+    let session = host.query_session();
     let sql = sql.to_owned();
-    engine.query_runtime().block_on(async move {
+    host.query_runtime().block_on(async move {
         let plan = match session.prepare(&sql, &[]).await {
             Ok(crate::query::Prepared::Query(p)) => *p,
             Ok(_) => return Err(DataFusionError::Plan("a view must be a query".into())),

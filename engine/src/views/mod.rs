@@ -41,8 +41,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot};
 use tracing::{error, info, warn};
 
-use crate::engine::{Engine, WeakEngine};
-use crate::metrics::ViewLabel;
+use crate::catalog::Document;
+use crate::metrics::{EngineMetrics, ViewLabel};
+use crate::query::QuerySession;
+use crate::schema::StreamSchema;
+use crate::store::Store;
 use crate::query::QueryError;
 use checkpoint::{Chain, SavedState, read_chain};
 use codec::Reader;
@@ -50,6 +53,51 @@ use maintainer::Maintainer;
 use output::{Output, Rows};
 use plan::{Node, SourceKind};
 use zset::ZBatch;
+
+/// What the views need from the engine that hosts them. The engine is the one host; the
+/// views never see the rest of it (ingest, flushing, tables).
+pub(crate) trait ViewHost: Send + Sync {
+    /// The views themselves.
+    fn views(&self) -> &Views;
+    /// A stream's schema; `None` when there is no such stream.
+    fn stream_schema(&self, name: &str) -> Option<StreamSchema>;
+    /// A stream as a table now, and the WAL position that table reflects (every event
+    /// of the stream at or below it is in the table, none above it): what a new view
+    /// is filled from.
+    fn stream_provider_at_position(
+        &self,
+        stream: &str,
+    ) -> Option<Result<PositionedTable, QueryError>>;
+    /// A session for planning and filling views (reads streams and views).
+    fn view_planner(&self) -> QuerySession;
+    /// A session for running a recompute view's SQL, as a query would.
+    fn query_session(&self) -> QuerySession;
+    /// The runtime queries run on.
+    fn query_runtime(&self) -> tokio::runtime::Handle;
+    /// This node's identity: checkpoints are kept under it.
+    fn node_id(&self) -> &str;
+    /// The object store checkpoints are written to.
+    fn store(&self) -> &Store;
+    /// The engine's metrics.
+    fn metrics(&self) -> &Arc<EngineMetrics>;
+    /// The catalog document of view definitions.
+    fn views_document(&self) -> Document<Vec<SavedView>>;
+    /// Lets the WAL drop what every view's checkpoint covers.
+    fn truncate_wal(&self) -> crate::Result<()>;
+}
+
+/// A stream's table and the WAL position it reflects.
+pub(crate) type PositionedTable = (Arc<dyn datafusion::catalog::TableProvider>, u64);
+
+/// A handle to the host that does not keep it alive: the maintainer and checkpoint
+/// threads hold one, so dropping the engine stops them.
+pub(crate) trait WeakHost: Send + Sync {
+    /// The host, while it lives.
+    fn upgrade(&self) -> Option<Host>;
+}
+
+/// A live host.
+pub(crate) type Host = Arc<dyn ViewHost>;
 
 /// How views are maintained.
 #[derive(Debug, Clone)]
@@ -220,7 +268,7 @@ impl Published {
 impl ViewShared {
     #[allow(clippy::too_many_arguments)]
     fn new(
-        engine: &Engine,
+        host: &dyn ViewHost,
         name: &str,
         sql: &str,
         incremental: bool,
@@ -237,7 +285,7 @@ impl ViewShared {
             .map(|&c| schema.field(c).name().clone())
             .collect();
         Arc::new(Self {
-            ordinal: engine.views().next_ordinal(),
+            ordinal: host.views().next_ordinal(),
             name: name.to_owned(),
             sql: sql.to_owned(),
             maintenance: if incremental {
@@ -373,9 +421,10 @@ impl ViewFeed {
     }
 }
 
-/// The views of an engine.
+/// The views of an engine, and their public API (reached through `Engine::views`).
 #[derive(Debug)]
-pub(crate) struct Views {
+pub struct Views {
+    feed: Arc<ViewFeed>,
     registry: RwLock<BTreeMap<String, Arc<ViewShared>>>,
     changes: broadcast::Sender<Arc<ChangeSet>>,
     /// Per stream, the lowest WAL position a checkpointed view still needs replayed.
@@ -386,8 +435,9 @@ pub(crate) struct Views {
 }
 
 impl Views {
-    pub(crate) fn new(options: ViewOptions) -> Self {
+    pub(crate) fn new(options: ViewOptions, feed: Arc<ViewFeed>) -> Self {
         Self {
+            feed,
             registry: RwLock::new(BTreeMap::new()),
             changes: broadcast::channel(CHANGE_FEED_CAPACITY).0,
             floor: RwLock::new(None),
@@ -428,20 +478,20 @@ impl Views {
 
     /// Starts the maintainer, restores checkpointed views, defines the rest; returns
     /// once every view is ready.
-    pub(crate) async fn start(engine: &Engine) -> crate::Result<()> {
-        let rx = engine
-            .view_feed()
+    pub(crate) async fn start(host: &dyn ViewHost, weak: Arc<dyn WeakHost>) -> crate::Result<()> {
+        let views = host.views();
+        let rx = views
+            .feed
             .rx
             .lock()
             .take()
             .ok_or_else(|| crate::Error::Config("the view maintainer already runs".into()))?;
         let (ready_tx, ready_rx) = oneshot::channel();
-        let weak = engine.downgrade();
         let handle = std::thread::Builder::new()
             .name("quiver-views".into())
             .spawn(move || {
                 let mut m = Maintainer {
-                    engine: weak,
+                    host: weak,
                     views: Vec::new(),
                     rx,
                     dirty: false,
@@ -453,31 +503,31 @@ impl Views {
                 let _ = ready_tx.send(());
                 m.run();
             })?;
-        *engine.views().thread.lock() = Some(handle);
+        *views.thread.lock() = Some(handle);
         let _ = ready_rx.await;
         // Records replayed from the WAL wait in the feed; ready means applied.
-        engine.views_settled().await;
+        views.views_settled().await;
         Ok(())
     }
 
     /// Stops the maintainer without a checkpoint, as a crash would.
     #[cfg(test)]
-    pub(crate) fn abandon(engine: &Engine) {
-        engine.view_feed().send(Msg::Stop);
+    pub(crate) fn abandon(&self) {
+        self.feed.send(Msg::Stop);
     }
 
     /// Checkpoints every view, then stops the maintainer.
-    pub(crate) async fn stop(engine: &Engine) {
+    pub(crate) async fn stop(&self) {
         let (tx, rx) = oneshot::channel();
-        if engine.view_feed().send(Msg::Checkpoint { reply: tx }) {
+        if self.feed.send(Msg::Checkpoint { reply: tx }) {
             match rx.await {
                 Ok(Err(e)) => error!(error = %e, "final view checkpoint failed"),
                 Ok(Ok(())) => info!("views checkpointed"),
                 Err(_) => {}
             }
         }
-        engine.view_feed().send(Msg::Stop);
-        let handle = engine.views().thread.lock().take();
+        self.feed.send(Msg::Stop);
+        let handle = self.thread.lock().take();
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
@@ -488,7 +538,7 @@ fn gone() -> QueryError {
     QueryError::Internal("the view maintainer has stopped".into())
 }
 
-impl Engine {
+impl Views {
     /// Creates a materialized view from `CREATE MATERIALIZED VIEW`'s parts. Returns once
     /// it is filled from the existing data.
     pub async fn create_view(
@@ -498,7 +548,7 @@ impl Engine {
         if_not_exists: bool,
     ) -> Result<ViewInfo, QueryError> {
         let (tx, rx) = oneshot::channel();
-        let sent = self.view_feed().send(Msg::Create {
+        let sent = self.feed.send(Msg::Create {
             name: name.to_owned(),
             sql: sql.to_owned(),
             if_not_exists,
@@ -513,7 +563,7 @@ impl Engine {
     /// Drops a view. False when it did not exist and `if_exists` is set.
     pub async fn drop_view(&self, name: &str, if_exists: bool) -> Result<bool, QueryError> {
         let (tx, rx) = oneshot::channel();
-        if !self.view_feed().send(Msg::Drop {
+        if !self.feed.send(Msg::Drop {
             name: name.to_owned(),
             if_exists,
             reply: tx,
@@ -526,7 +576,7 @@ impl Engine {
     /// How a view is maintained: the operator tree, or why it is recomputed.
     pub async fn explain_view(&self, name: &str) -> Result<Vec<String>, QueryError> {
         let (tx, rx) = oneshot::channel();
-        if !self.view_feed().send(Msg::Explain {
+        if !self.feed.send(Msg::Explain {
             name: name.to_owned(),
             reply: tx,
         }) {
@@ -538,7 +588,7 @@ impl Engine {
     /// Writes a checkpoint of every view now (after the events already acknowledged).
     pub async fn checkpoint_views(&self) -> crate::Result<()> {
         let (tx, rx) = oneshot::channel();
-        if !self.view_feed().send(Msg::Checkpoint { reply: tx }) {
+        if !self.feed.send(Msg::Checkpoint { reply: tx }) {
             return Err(crate::Error::Config(
                 "the view maintainer has stopped".into(),
             ));
@@ -550,28 +600,26 @@ impl Engine {
     /// Returns once every event acknowledged before the call is applied to the views.
     pub async fn views_settled(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.view_feed().send(Msg::Barrier { reply: tx }) {
+        if self.feed.send(Msg::Barrier { reply: tx }) {
             let _ = rx.await;
         }
     }
 
     /// Every view, in creation order (a view after those it reads).
     pub fn views_info(&self) -> Vec<ViewInfo> {
-        let views = self.views();
-        views
-            .names_in_order()
+        self.names_in_order()
             .iter()
-            .filter_map(|n| views.get(n))
+            .filter_map(|n| self.get(n))
             .map(|v| self.info_of(&v))
             .collect()
     }
 
     /// One view.
     pub fn view_info(&self, name: &str) -> Option<ViewInfo> {
-        self.views().get(name).map(|v| self.info_of(&v))
+        self.get(name).map(|v| self.info_of(&v))
     }
 
-    fn info_of(&self, v: &ViewShared) -> ViewInfo {
+    pub(crate) fn info_of(&self, v: &ViewShared) -> ViewInfo {
         let state = v.state.read();
         ViewInfo {
             name: v.name.clone(),
@@ -582,7 +630,7 @@ impl Engine {
             reason: v.reason.clone(),
             version: state.version,
             // Rounded up: a view with anything pending is never reported as caught up.
-            lag_ms: self.view_feed().lag().as_micros().div_ceil(1000) as u64,
+            lag_ms: self.feed.lag().as_micros().div_ceil(1000) as u64,
             rows: state.output.len(),
             state_bytes: v.state_bytes.load(Ordering::Relaxed),
             reads: v.reads.clone(),
@@ -592,7 +640,7 @@ impl Engine {
 
     /// A view's rows now, with their version.
     pub fn view_snapshot(&self, name: &str) -> Option<Result<ViewSnapshot, QueryError>> {
-        let v = self.views().get(name)?;
+        let v = self.get(name)?;
         Some(
             v.snapshot()
                 .map(|(version, rows)| ViewSnapshot {
@@ -606,17 +654,17 @@ impl Engine {
 
     /// Change sets of every view as they are published.
     pub fn subscribe_changes(&self) -> broadcast::Receiver<Arc<ChangeSet>> {
-        self.views().changes.subscribe()
+        self.changes.subscribe()
     }
 
     /// A view's current version; `None` when there is no such view.
     pub fn view_version(&self, name: &str) -> Option<u64> {
-        Some(self.views().get(name)?.state.read().version)
+        Some(self.get(name)?.state.read().version)
     }
 
     /// The change sets a view has kept after `version`, if they reach back that far.
     pub fn view_changes_since(&self, name: &str, version: u64) -> Option<Vec<Arc<ChangeSet>>> {
-        let v = self.views().get(name)?;
+        let v = self.get(name)?;
         let history = v.history.lock();
         let current = v.state.read().version;
         if version > current {

@@ -299,14 +299,14 @@ fn from_scratch(engine: &Engine, name: &str) -> String {
         let sql = if v == "orders_current" {
             ORDERS_CURRENT_EXACT.to_owned()
         } else {
-            engine.view_info(v).unwrap().sql
+            engine.views().view_info(v).unwrap().sql
         };
         ctes.push(format!("{v} AS ({sql})"));
     }
     let sql = if name == "orders_current" {
         ORDERS_CURRENT_EXACT.to_owned()
     } else {
-        engine.view_info(name).unwrap().sql
+        engine.views().view_info(name).unwrap().sql
     };
     if ctes.is_empty() {
         sql
@@ -316,9 +316,9 @@ fn from_scratch(engine: &Engine, name: &str) -> String {
 }
 
 async fn check_all(engine: &Engine, when: &str) -> Result<(), TestCaseError> {
-    engine.views_settled().await;
+    engine.views().views_settled().await;
     for name in engine.views().names_in_order() {
-        let snap = engine.view_snapshot(&name).unwrap().unwrap();
+        let snap = engine.views().view_snapshot(&name).unwrap().unwrap();
         let (schema, expected) = query(engine, &from_scratch(engine, &name)).await;
         let got_types: Vec<_> = snap
             .rows
@@ -335,7 +335,7 @@ async fn check_all(engine: &Engine, when: &str) -> Result<(), TestCaseError> {
         prop_assert_eq!(got_types, want_types, "columns of {} {}", name, when);
         // The count the view keeps (held rows or, where the rows are derived from the
         // operators, kept by the changes alone) agrees with the rows it lists.
-        let counted = engine.view_info(&name).unwrap().rows;
+        let counted = engine.views().view_info(&name).unwrap().rows;
         prop_assert_eq!(
             counted,
             snap.rows.num_rows(),
@@ -380,7 +380,7 @@ async fn run_case(plan: Vec<(Vec<Ev>, bool)>) -> Result<(), TestCaseError> {
         }
         if step == 0 {
             for (name, sql) in EXTRA {
-                engine.create_view(name, sql, false).await.unwrap();
+                engine.views().create_view(name, sql, false).await.unwrap();
             }
         }
         check_all(&engine, &format!("after batch {step}")).await?;
@@ -455,7 +455,7 @@ async fn views_come_back_after_a_clean_restart_and_after_a_crash() {
         .unwrap();
     let mut next_id = 0;
     for (name, sql) in EXTRA {
-        engine.create_view(name, sql, false).await.unwrap();
+        engine.views().create_view(name, sql, false).await.unwrap();
     }
     for round in 0..3 {
         let (o, i) = batches(&fixed_events(60, round), &mut next_id);
@@ -466,7 +466,7 @@ async fn views_come_back_after_a_clean_restart_and_after_a_crash() {
         }
     }
     check_all(&engine, "before the restart").await.unwrap();
-    let versions: Vec<u64> = engine.views_info().iter().map(|v| v.version).collect();
+    let versions: Vec<u64> = engine.views().views_info().iter().map(|v| v.version).collect();
     // A delta of another chain, as a crash between a full checkpoint and the deletion
     // of the old chain leaves behind: the next full checkpoint removes it.
     let views_dir = store
@@ -481,7 +481,7 @@ async fn views_come_back_after_a_clean_restart_and_after_a_crash() {
     let engine = Engine::open(config(&store_url, wal.path()), Arc::clone(&metrics))
         .await
         .unwrap();
-    let again: Vec<u64> = engine.views_info().iter().map(|v| v.version).collect();
+    let again: Vec<u64> = engine.views().views_info().iter().map(|v| v.version).collect();
     assert_eq!(
         again, versions,
         "views restored at their checkpointed versions"
@@ -508,8 +508,8 @@ async fn views_come_back_after_a_clean_restart_and_after_a_crash() {
         let (o, i) = batches(&fixed_events(20, round), &mut next_id);
         engine.ingest("orders", o.unwrap(), None).await.unwrap();
         engine.ingest("inventory", i.unwrap(), None).await.unwrap();
-        engine.views_settled().await;
-        engine.checkpoint_views().await.unwrap();
+        engine.views().views_settled().await;
+        engine.views().checkpoint_views().await.unwrap();
         if round == 10 {
             assert_eq!(
                 deltas(),
@@ -526,13 +526,13 @@ async fn views_come_back_after_a_clean_restart_and_after_a_crash() {
     engine.ingest("orders", o.unwrap(), None).await.unwrap();
     engine.flush_all().await.unwrap();
     engine.ingest("inventory", i.unwrap(), None).await.unwrap();
-    engine.views_settled().await;
+    engine.views().views_settled().await;
     let before_crash: Vec<(String, Vec<String>)> = engine
         .views()
         .names_in_order()
         .into_iter()
         .map(|n| {
-            let snap = engine.view_snapshot(&n).unwrap().unwrap();
+            let snap = engine.views().view_snapshot(&n).unwrap().unwrap();
             (n, rows(&[snap.rows]))
         })
         .collect();
@@ -541,9 +541,9 @@ async fn views_come_back_after_a_clean_restart_and_after_a_crash() {
     let engine = Engine::open(config(&store_url, wal.path()), Arc::clone(&metrics))
         .await
         .unwrap();
-    engine.views_settled().await;
+    engine.views().views_settled().await;
     for (name, want) in before_crash {
-        let snap = engine.view_snapshot(&name).unwrap().unwrap();
+        let snap = engine.views().view_snapshot(&name).unwrap().unwrap();
         assert_eq!(rows(&[snap.rows]), want, "view {name} after the crash");
     }
     check_all(&engine, "after a crash").await.unwrap();
@@ -558,7 +558,7 @@ async fn unsupported_shapes_are_recomputed_and_say_why() {
         .await
         .unwrap();
     let info = engine
-        .create_view(
+        .views().create_view(
             "top_skus",
             "SELECT sku, SUM(quantity) AS units FROM orders GROUP BY sku ORDER BY units DESC LIMIT 2",
             false,
@@ -571,10 +571,10 @@ async fn unsupported_shapes_are_recomputed_and_say_why() {
         "{:?}",
         info.reason
     );
-    let explained = engine.explain_view("top_skus").await.unwrap().join("\n");
+    let explained = engine.views().explain_view("top_skus").await.unwrap().join("\n");
     assert!(explained.contains("maintenance=recompute"), "{explained}");
     let explained = engine
-        .explain_view("stock_on_hand")
+        .views().explain_view("stock_on_hand")
         .await
         .unwrap()
         .join("\n");
@@ -584,12 +584,12 @@ async fn unsupported_shapes_are_recomputed_and_say_why() {
     let mut next_id = 0;
     let (o, _) = batches(&fixed_events(50, 3), &mut next_id);
     engine.ingest("orders", o.unwrap(), None).await.unwrap();
-    let mut changes = engine.subscribe_changes();
+    let mut changes = engine.views().subscribe_changes();
     // The recompute view catches up within a few intervals.
     let want = rows(&query(&engine, "SELECT sku, SUM(quantity) AS units FROM orders GROUP BY sku ORDER BY units DESC LIMIT 2").await.1);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let snap = engine.view_snapshot("top_skus").unwrap().unwrap();
+        let snap = engine.views().view_snapshot("top_skus").unwrap().unwrap();
         if rows(&[snap.rows]) == want {
             break;
         }
