@@ -239,10 +239,12 @@ impl std::str::FromStr for Listen {
         if matches!(s, "off" | "none" | "") {
             return Ok(Self(None));
         }
-        s.parse().map(|a| Self(Some(a))).map_err(|source| BadListen {
-            text: s.to_owned(),
-            source,
-        })
+        s.parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|source| BadListen {
+                text: s.to_owned(),
+                source,
+            })
     }
 }
 

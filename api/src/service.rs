@@ -118,7 +118,8 @@ pub(crate) async fn execute_ddl(
         } => {
             let existed = engine.views().view_info(&name).is_some();
             let view = engine
-                .views().create_view(&name, &sql, if_not_exists)
+                .views()
+                .create_view(&name, &sql, if_not_exists)
                 .await
                 .map_err(ApiError::from)?;
             info!(view = %name, principal = %principal.token_id, "CREATE MATERIALIZED VIEW");
@@ -139,7 +140,8 @@ pub(crate) async fn execute_ddl(
         }
         QuiverDdl::DropMaterializedView { name, if_exists } => {
             let dropped = engine
-                .views().drop_view(&name, if_exists)
+                .views()
+                .drop_view(&name, if_exists)
                 .await
                 .map_err(ApiError::from)?;
             info!(view = %name, principal = %principal.token_id, "DROP MATERIALIZED VIEW");
@@ -154,7 +156,11 @@ pub(crate) async fn execute_ddl(
             )
         }
         QuiverDdl::ExplainMaterializedView { name } => Ok(DdlOutcome::Plan(
-            engine.views().explain_view(&name).await.map_err(ApiError::from)?,
+            engine
+                .views()
+                .explain_view(&name)
+                .await
+                .map_err(ApiError::from)?,
         )),
     }
 }

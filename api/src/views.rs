@@ -53,7 +53,12 @@ fn engine(state: &AppState) -> ApiResult<&quiver_engine::Engine> {
 
 pub(crate) async fn list(State(state): AppStateRef, headers: HeaderMap) -> ApiResult<Json<Value>> {
     state.tokens.authenticate(&headers)?.require(Scope::Read)?;
-    let views: Vec<Value> = engine(&state)?.views().views_info().iter().map(view_json).collect();
+    let views: Vec<Value> = engine(&state)?
+        .views()
+        .views_info()
+        .iter()
+        .map(view_json)
+        .collect();
     Ok(Json(Value::Array(views)))
 }
 
@@ -71,9 +76,13 @@ pub(crate) async fn get_one(
 ) -> ApiResult<Json<Value>> {
     state.tokens.authenticate(&headers)?.require(Scope::Read)?;
     let engine = engine(&state)?;
-    let info = engine.views().view_info(&name).ok_or_else(|| unknown(&name))?;
+    let info = engine
+        .views()
+        .view_info(&name)
+        .ok_or_else(|| unknown(&name))?;
     let snapshot = engine
-        .views().view_snapshot(&name)
+        .views()
+        .view_snapshot(&name)
         .ok_or_else(|| unknown(&name))?
         .map_err(ApiError::from)?;
     let rows = encode::json_result(&snapshot.rows)
@@ -106,7 +115,8 @@ pub(crate) async fn create(
     })?;
     let engine = engine(&state)?;
     let view = engine
-        .views().create_view(&req.name, &req.sql, false)
+        .views()
+        .create_view(&req.name, &req.sql, false)
         .await
         .map_err(ApiError::from)?;
     info!(view = %req.name, principal = %principal.token_id, "view created over HTTP");
@@ -121,7 +131,8 @@ pub(crate) async fn delete(
     let principal = state.tokens.authenticate(&headers)?;
     principal.require(Scope::Admin)?;
     engine(&state)?
-        .views().drop_view(&name, false)
+        .views()
+        .drop_view(&name, false)
         .await
         .map_err(ApiError::from)?;
     info!(view = %name, principal = %principal.token_id, "view dropped over HTTP");

@@ -166,12 +166,18 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // Incremental: per view, the time it spent on each batch.
-    let names: Vec<String> = engine.views().views_info().iter().map(|v| v.name.clone()).collect();
+    let names: Vec<String> = engine
+        .views()
+        .views_info()
+        .iter()
+        .map(|v| v.name.clone())
+        .collect();
     let mut spent: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut batch_wall = Vec::new();
     for _ in 0..args.batches {
         let before: BTreeMap<String, Duration> = engine
-            .views().views_info()
+            .views()
+            .views_info()
             .into_iter()
             .map(|v| (v.name, v.apply_time))
             .collect();

@@ -301,7 +301,9 @@ fn decode_ndjson(schema: &StreamSchema, body: &[u8]) -> Result<RecordBatch> {
         }
         match parse_object(line, &mut fields) {
             Ok(()) => rows.json_object(line_no, &fields),
-            Err(e) => rows.problems.push(line_no, None, format!("malformed JSON: {e}")),
+            Err(e) => rows
+                .problems
+                .push(line_no, None, format!("malformed JSON: {e}")),
         }
     }
     rows.finish()
@@ -317,7 +319,9 @@ fn decode_json_array(schema: &StreamSchema, body: &[u8]) -> Result<RecordBatch> 
     for (i, el) in elements.iter().enumerate() {
         match parse_object(el.get().as_bytes(), &mut fields) {
             Ok(()) => rows.json_object(i + 1, &fields),
-            Err(e) => rows.problems.push(i + 1, None, format!("malformed JSON: {e}")),
+            Err(e) => rows
+                .problems
+                .push(i + 1, None, format!("malformed JSON: {e}")),
         }
     }
     rows.finish()

@@ -62,7 +62,12 @@ pub(crate) struct Problems {
 }
 
 impl Problems {
-    pub(crate) fn push(&mut self, row: usize, column: Option<&str>, reason: impl std::fmt::Display) {
+    pub(crate) fn push(
+        &mut self,
+        row: usize,
+        column: Option<&str>,
+        reason: impl std::fmt::Display,
+    ) {
         self.total += 1;
         if self.errors.len() < MAX_REPORTED_ERRORS {
             self.errors.push(RowError {

@@ -719,14 +719,19 @@ impl Push {
             ));
         }
         let info = engine.views().view_info(view).ok_or_else(|| {
-            let known: Vec<String> = engine.views().views_info().into_iter().map(|v| v.name).collect();
+            let known: Vec<String> = engine
+                .views()
+                .views_info()
+                .into_iter()
+                .map(|v| v.name)
+                .collect();
             (
                 "unknown_view",
                 format!("no view named '{view}' (views: {})", known.join(", ")),
             )
         })?;
-        let filter =
-            Filter::parse(filter, &info.schema, &info.key).map_err(|e| ("bad_filter", e.to_string()))?;
+        let filter = Filter::parse(filter, &info.schema, &info.key)
+            .map_err(|e| ("bad_filter", e.to_string()))?;
         let mut hub = self.hub.lock();
         let used = hub.tokens.entry(conn.token.clone()).or_default();
         if used.subscriptions >= self.config.max_subscriptions_per_token {

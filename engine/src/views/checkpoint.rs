@@ -13,9 +13,9 @@ use datafusion::common::DataFusionError;
 use futures::StreamExt;
 use tracing::{info, warn};
 
-use super::{MAGIC, ViewHost};
 use super::codec::{Reader, Writer};
 use super::maintainer::{Maintainer, Running, update_gauges};
+use super::{MAGIC, ViewHost};
 
 impl Maintainer {
     /// Writes every view's state and positions to the store, then lets the WAL drop
@@ -250,7 +250,9 @@ pub(super) fn new_chain_id(last: u64) -> u64 {
 /// Reads the full checkpoint and the deltas written on it, merged per view; `None`
 /// when there is no checkpoint. Any unreadable file fails the whole chain: the WAL
 /// may already have dropped what a later delta covered.
-pub(super) async fn read_chain(host: &dyn ViewHost) -> crate::Result<Option<(Vec<SavedState>, Chain)>> {
+pub(super) async fn read_chain(
+    host: &dyn ViewHost,
+) -> crate::Result<Option<(Vec<SavedState>, Chain)>> {
     let node = host.node_id();
     let Some(bytes) = get(host, &checkpoint_file(node)).await? else {
         return Ok(None);

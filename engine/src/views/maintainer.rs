@@ -213,8 +213,7 @@ impl Maintainer {
             run.shared
                 .apply_nanos
                 .fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
-            host
-                .metrics()
+            host.metrics()
                 .view_apply_seconds
                 .get_or_create(&ViewLabel {
                     view: run.shared.name.clone(),
@@ -228,8 +227,7 @@ impl Maintainer {
             }
         }
         self.dirty = true;
-        host
-            .metrics()
+        host.metrics()
             .view_batch_seconds
             .observe(started.elapsed().as_secs_f64());
         for i in broken {
@@ -425,8 +423,7 @@ impl Maintainer {
                 for src in &sources {
                     let mut feed = |batch: RecordBatch| -> datafusion::common::Result<()> {
                         rows += batch.num_rows() as u64;
-                        host
-                            .metrics()
+                        host.metrics()
                             .view_backfill_rows_total
                             .get_or_create(&label)
                             .inc_by(batch.num_rows() as u64);
@@ -485,17 +482,7 @@ impl Maintainer {
             }
         }
         let incremental = node.is_some();
-        let shared = ViewShared::new(
-            host,
-            name,
-            sql,
-            incremental,
-            reason,
-            reads,
-            output,
-            node,
-            1,
-        );
+        let shared = ViewShared::new(host, name, sql, incremental, reason, reads, output, node, 1);
         let interval = host.views().options.recompute_interval;
         let run = Running {
             shared,
@@ -536,8 +523,7 @@ impl Maintainer {
         }
         let run = self.build(&*host, name, sql)?;
         let info = host.views().info_of(&run.shared);
-        host
-            .views()
+        host.views()
             .registry
             .write()
             .insert(name.to_owned(), Arc::clone(&run.shared));
@@ -627,8 +613,7 @@ impl Maintainer {
         host: &dyn ViewHost,
         mut change: impl FnMut(&mut Vec<SavedView>),
     ) -> Result<(), QueryError> {
-        host
-            .query_runtime()
+        host.query_runtime()
             .block_on(host.views_document().update(|defs| {
                 change(defs);
                 Ok(())
@@ -682,8 +667,7 @@ impl Maintainer {
                 });
             let result = match restored {
                 Some(run) => {
-                    host
-                        .views()
+                    host.views()
                         .registry
                         .write()
                         .insert(def.name.clone(), Arc::clone(&run.shared));

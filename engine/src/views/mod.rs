@@ -43,10 +43,10 @@ use tracing::{error, info, warn};
 
 use crate::catalog::Document;
 use crate::metrics::{EngineMetrics, ViewLabel};
+use crate::query::QueryError;
 use crate::query::QuerySession;
 use crate::schema::StreamSchema;
 use crate::store::Store;
-use crate::query::QueryError;
 use checkpoint::{Chain, SavedState, read_chain};
 use codec::Reader;
 use maintainer::Maintainer;

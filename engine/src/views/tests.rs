@@ -466,7 +466,12 @@ async fn views_come_back_after_a_clean_restart_and_after_a_crash() {
         }
     }
     check_all(&engine, "before the restart").await.unwrap();
-    let versions: Vec<u64> = engine.views().views_info().iter().map(|v| v.version).collect();
+    let versions: Vec<u64> = engine
+        .views()
+        .views_info()
+        .iter()
+        .map(|v| v.version)
+        .collect();
     // A delta of another chain, as a crash between a full checkpoint and the deletion
     // of the old chain leaves behind: the next full checkpoint removes it.
     let views_dir = store
@@ -481,7 +486,12 @@ async fn views_come_back_after_a_clean_restart_and_after_a_crash() {
     let engine = Engine::open(config(&store_url, wal.path()), Arc::clone(&metrics))
         .await
         .unwrap();
-    let again: Vec<u64> = engine.views().views_info().iter().map(|v| v.version).collect();
+    let again: Vec<u64> = engine
+        .views()
+        .views_info()
+        .iter()
+        .map(|v| v.version)
+        .collect();
     assert_eq!(
         again, versions,
         "views restored at their checkpointed versions"
@@ -571,10 +581,16 @@ async fn unsupported_shapes_are_recomputed_and_say_why() {
         "{:?}",
         info.reason
     );
-    let explained = engine.views().explain_view("top_skus").await.unwrap().join("\n");
+    let explained = engine
+        .views()
+        .explain_view("top_skus")
+        .await
+        .unwrap()
+        .join("\n");
     assert!(explained.contains("maintenance=recompute"), "{explained}");
     let explained = engine
-        .views().explain_view("stock_on_hand")
+        .views()
+        .explain_view("stock_on_hand")
         .await
         .unwrap()
         .join("\n");

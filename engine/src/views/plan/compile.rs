@@ -61,7 +61,8 @@ impl Compiler<'_> {
         if time_dependent {
             return Err(format!(
                 "`{expr}` depends on the time or on chance, so its value changes without new events"
-            ).into());
+            )
+            .into());
         }
         // Simplify first, as a query's optimizer would: some functions (COALESCE, NVL)
         // exist only to be rewritten there.
@@ -282,7 +283,8 @@ impl Compiler<'_> {
                     .split(':')
                     .next()
                     .unwrap_or("this plan")
-            ).into()),
+            )
+            .into()),
         }
     }
 
@@ -309,7 +311,8 @@ impl Compiler<'_> {
                 else {
                     return Err(format!(
                         "the join condition `{part}` is not an equality of columns"
-                    ).into());
+                    )
+                    .into());
                 };
                 let in_schema = |e: &Expr, s: &DFSchema| {
                     let refs = e.column_refs();
@@ -322,7 +325,8 @@ impl Compiler<'_> {
                 } else {
                     return Err(format!(
                         "the join condition `{part}` does not compare one side with the other"
-                    ).into());
+                    )
+                    .into());
                 }
             }
         }
@@ -397,9 +401,9 @@ impl Compiler<'_> {
             return Err(format!("`{expr}` is not an aggregate Quiver maintains").into());
         };
         if params.filter.is_some() || !params.order_by.is_empty() {
-            return Err(format!(
-                "`{expr}`: FILTER and ORDER BY in aggregates are recomputed"
-            ).into());
+            return Err(
+                format!("`{expr}`: FILTER and ORDER BY in aggregates are recomputed").into(),
+            );
         }
         let arg = match params.args.as_slice() {
             [] => Expr::Literal(datafusion::common::ScalarValue::Int64(Some(1)), None),
@@ -419,7 +423,8 @@ impl Compiler<'_> {
                 return Err(format!(
                     "{}{name} is not maintained incrementally",
                     if distinct { "DISTINCT " } else { "" }
-                ).into());
+                )
+                .into());
             }
         };
         let arg = self.physical(&arg, in_schema)?;
