@@ -4,6 +4,9 @@
 # the same machine, and prints events/s, request latency and server RSS.
 #
 #   benches/ingest.sh [duration] [concurrency]
+#
+# QUIVER_BENCH_SERVE_ARGS adds flags to `quiver serve`, e.g. "--kpi-dir none" to
+# measure ingest without the KPI views maintained beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/lib.sh
@@ -22,7 +25,7 @@ for format in ndjson arrow; do
   rm -rf "$scratch/store"
   QUIVER_ADMIN_TOKEN="$token" QUIVER_LOG=warn "$bin/quiver" serve \
     --store "file://$scratch/store" --http-addr "127.0.0.1:$port" \
-    --upkeep-interval 0s >"$scratch/server-$format.log" 2>&1 &
+    --upkeep-interval 0s ${QUIVER_BENCH_SERVE_ARGS:-} >"$scratch/server-$format.log" 2>&1 &
   pid=$!
   wait_ready "$port"
   "$bin/ingest-load" --url "http://127.0.0.1:$port" --token "$token" --format "$format" \

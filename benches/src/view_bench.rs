@@ -258,7 +258,8 @@ async fn main() -> anyhow::Result<()> {
     );
     engine.shutdown().await?;
     drop(engine);
-    std::fs::remove_file(dir.join("store/_quiver/views/checkpoint.bin"))?;
+    // Every node's view checkpoints live under `_quiver/nodes/<node id>/views/`.
+    std::fs::remove_dir_all(dir.join("store/_quiver/nodes"))?;
     let t = Instant::now();
     let engine = Engine::open(config(&dir, kpis), Arc::clone(&metrics)).await?;
     println!(
