@@ -1,8 +1,12 @@
 //! Quiver's batch jobs: demand forecasts, stock-out risk and anomaly flags, read through
 //! SQL and written back as Delta tables.
 //!
-//! Nothing is built here yet; the crate exists so the workspace has its final shape and
-//! the engine's public face is checked against a second consumer.
+//! Built so far: [`demand`], the forecast of one daily demand series (method chosen by
+//! rolling-origin backtest, fallbacks for histories no model fits, intervals from the
+//! backtest's errors). The job runner that reads order lines, forecasts every
+//! (sku, warehouse_id) and writes the output tables comes next.
 
-/// The names of the job outputs this crate will write, reserved in the catalog.
-pub const RESERVED_OUTPUTS: [&str; 3] = ["demand_forecast", "stockout_risk", "anomalies"];
+pub mod demand;
+
+/// The tables the forecast jobs write, reserved in the catalog.
+pub const OUTPUT_TABLES: [&str; 4] = ["forecasts", "stockout_risk", "anomalies", "model_runs"];
