@@ -51,14 +51,36 @@ export function inventoryIngest({ prefix, skus, warehouses, eventTime }) {
   };
 }
 
+/**
+ * Waits up to 20 s until the views have applied every event acknowledged so far
+ * (`lag_ms` is 0 only then). Without it a copy and a query can agree only because the
+ * view has not yet applied the last ingest, on a busy machine.
+ */
+export async function viewsCaughtUp() {
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    const r = await fetch(`${url}/v1/views`, { headers: { authorization: `Bearer ${token}` } });
+    const body = await r.json();
+    assert.equal(r.status, 200, JSON.stringify(body));
+    const views = Array.isArray(body) ? body : body.views;
+    if (views.every((v) => v.lag_ms === 0)) return;
+    assert.ok(Date.now() < deadline, "the views did not catch up with ingest in 20 s");
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
 const canon = (rows) => rows.map((r) => JSON.stringify(r)).sort();
 
-/** Waits up to 20 s until `rowsNow()` (a local copy) equals `query`'s rows. */
+/**
+ * Waits up to 20 s until `rowsNow()` (a local copy) equals `query`'s rows, read once
+ * the views have caught up with ingest.
+ */
 export async function untilEqual(rowsNow, query, what) {
   const deadline = Date.now() + 20_000;
   let want;
   let got;
   for (;;) {
+    await viewsCaughtUp();
     want = canon(await sql(query));
     got = canon(await rowsNow());
     if (JSON.stringify(got) === JSON.stringify(want)) return;

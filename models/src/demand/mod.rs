@@ -25,6 +25,8 @@
 mod methods;
 
 #[cfg(test)]
+mod golden;
+#[cfg(test)]
 mod tests;
 
 pub use methods::{Fitted, Method, MethodError, WEEK};
