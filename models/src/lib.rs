@@ -3,10 +3,12 @@
 //!
 //! Built so far: [`demand`], the forecast of one daily demand series (method chosen by
 //! rolling-origin backtest, fallbacks for histories no model fits, intervals from the
-//! backtest's errors). The job runner that reads order lines, forecasts every
+//! backtest's errors), and [`stockout`], the stock-out risk of one series from its
+//! forecast and stock on hand. The job runner that reads order lines, forecasts every
 //! (sku, warehouse_id) and writes the output tables comes next.
 
 pub mod demand;
+pub mod stockout;
 
 /// The tables the forecast jobs write, reserved in the catalog.
 pub const OUTPUT_TABLES: [&str; 4] = ["forecasts", "stockout_risk", "anomalies", "model_runs"];
