@@ -9,6 +9,7 @@
 
 pub mod demand;
 pub mod stockout;
+pub mod synthetic;
 
 /// The tables the forecast jobs write, reserved in the catalog.
 pub const OUTPUT_TABLES: [&str; 4] = ["forecasts", "stockout_risk", "anomalies", "model_runs"];

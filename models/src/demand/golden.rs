@@ -73,6 +73,7 @@ fn mstl_with_auto_ets_matches_statsforecast() {
     let got = Method::MstlEts.forecast(&y, h).unwrap().point;
     let worst = worst_relative(&got, &want);
     // The decompositions differ in detail (stlrs, a port of R's STL, against
-    // statsmodels' STL in statsforecast): 0.07% apart at most on this series.
+    // statsmodels' STL in statsforecast): 0.07% apart at most on a 26-week series,
+    // within 0.5% on this 13-week one.
     assert!(worst < 0.005, "{got:?} vs {want:?}");
 }

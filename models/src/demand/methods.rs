@@ -112,7 +112,17 @@ fn seasonal_naive(history: &[f64], horizon: usize) -> Fitted {
     }
 }
 
+/// Days MSTL + AutoETS is fitted on: the most recent 13 weeks. Fitting cost grows
+/// with the history (AutoETS tries several models, each optimized over every day), and
+/// older days say little about the next two weeks' level and weekly shape. On 500
+/// generated 730-day series (`forecast-bench`, 2 threads) the whole history forecast
+/// 21 series/s, 26 weeks 77/s and 13 weeks 139/s, with held-out error against seasonal
+/// naive of 0.762, 0.769 and 0.769. What it gives up: a trend that needs more than a
+/// quarter to show, and any yearly season (not modelled here either way).
+const MSTL_WINDOW: usize = 13 * WEEK;
+
 fn mstl_ets(history: &[f64], horizon: usize) -> Result<Fitted, MethodError> {
+    let history = &history[history.len().saturating_sub(MSTL_WINDOW)..];
     let failed = |e: &dyn std::fmt::Display| MethodError::Failed {
         method: Method::MstlEts.name(),
         reason: e.to_string(),
@@ -128,7 +138,7 @@ fn mstl_ets(history: &[f64], horizon: usize) -> Result<Fitted, MethodError> {
     }
     Ok(Fitted {
         point: forecast.point,
-        params: json!({ "periods": [WEEK], "trend": "auto_ets(ZZN)" }),
+        params: json!({ "periods": [WEEK], "trend": "auto_ets(ZZN)", "window_days": history.len() }),
     })
 }
 
