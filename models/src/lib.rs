@@ -4,9 +4,11 @@
 //! Built so far: [`demand`], the forecast of one daily demand series (method chosen by
 //! rolling-origin backtest, fallbacks for histories no model fits, intervals from the
 //! backtest's errors), and [`stockout`], the stock-out risk of one series from its
-//! forecast and stock on hand. The job runner that reads order lines, forecasts every
+//! forecast and stock on hand, and [`anomaly`], points outside their expected band
+//! (robust STL, median-absolute-deviation scores). The job runner that reads order lines, forecasts every
 //! (sku, warehouse_id) and writes the output tables comes next.
 
+pub mod anomaly;
 pub mod demand;
 pub mod stockout;
 pub mod synthetic;

@@ -1,0 +1,210 @@
+//! Points of a series that lie outside their expected band.
+//!
+//! The series is decomposed with robust STL (trend + one season + remainder; robust,
+//! so the anomalies themselves barely bend the trend and season they are judged
+//! against). A point's expected value is its trend plus season, and its score is its
+//! remainder's distance from the median remainder in robust standard deviations
+//! (1.4826 × the median absolute deviation, which a few large outliers do not inflate
+//! as they would a plain standard deviation). A point whose score passes the
+//! threshold is an anomaly; its band is the expected value ± threshold × scale.
+
+use augurs_mstl::stlrs;
+
+/// Turns a median absolute deviation into a standard deviation for normal data.
+const MAD_TO_SD: f64 = 1.4826;
+
+/// One point outside its band.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Anomaly {
+    /// Position in the series.
+    pub index: usize,
+    /// The value seen.
+    pub value: f64,
+    /// Trend plus season there.
+    pub expected: f64,
+    /// The band's lower edge.
+    pub lower: f64,
+    /// The band's upper edge.
+    pub upper: f64,
+    /// Robust standard deviations from the usual remainder (signed).
+    pub score: f64,
+    /// What a person reads: which side, by how much.
+    pub reason: String,
+}
+
+/// Why a series could not be checked.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AnomalyError {
+    /// Fewer than two seasons of points.
+    #[error(
+        "{got} points are too few to decompose with a season of {period}; at least {needs} are needed"
+    )]
+    TooShort {
+        got: usize,
+        period: usize,
+        needs: usize,
+    },
+    /// The decomposition failed.
+    #[error("the seasonal decomposition failed: {0}")]
+    Decomposition(String),
+}
+
+/// The anomalies of `values` (evenly spaced, oldest first) with a season of `period`
+/// points, at robust scores beyond `threshold` (3.5 is the usual cut for modified z
+/// scores).
+pub fn point_anomalies(
+    values: &[f64],
+    period: usize,
+    threshold: f64,
+) -> Result<Vec<Anomaly>, AnomalyError> {
+    let needs = 2 * period.max(2);
+    if values.len() < needs {
+        return Err(AnomalyError::TooShort {
+            got: values.len(),
+            period,
+            needs,
+        });
+    }
+    let mut params = stlrs::params();
+    // A season smoothed over every cycle (near "periodic"): with STL's short default
+    // window the season follows the noise, the remainder shrinks and ordinary points
+    // score as outliers (precision fell to 0.83 in the test with it).
+    let cycles = values.len() / period.max(2);
+    params.robust(true).seasonal_length(2 * cycles + 1);
+    let stl = params
+        .fit(values, period.max(2))
+        .map_err(|e| AnomalyError::Decomposition(e.to_string()))?;
+    let remainder = stl.remainder();
+    let center = median(remainder.to_vec());
+    let deviations: Vec<f64> = remainder.iter().map(|r| (r - center).abs()).collect();
+    // Differences below this are rounding in the decomposition, not in the data.
+    let magnitude = values.iter().map(|v| v.abs()).sum::<f64>() / values.len() as f64;
+    let tiny = 1e-9 * (1.0 + magnitude);
+    let mean_deviation = deviations.iter().sum::<f64>() / deviations.len() as f64;
+    let scale = match MAD_TO_SD * median(deviations) {
+        s if s > tiny => s,
+        // Over half the remainders equal (a regular series with a few odd points):
+        // the mean absolute deviation, scaled to a standard deviation for normal data,
+        // as Iglewicz and Hoaglin do when the MAD is zero.
+        _ if mean_deviation > tiny => 1.2533 * mean_deviation,
+        // Every remainder the same: nothing stands out.
+        _ => return Ok(Vec::new()),
+    };
+    Ok(values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &value)| {
+            let score = (remainder[i] - center) / scale;
+            if score.abs() <= threshold {
+                return None;
+            }
+            let expected = stl.trend()[i] + stl.seasonal()[i] + center;
+            let half = threshold * scale;
+            let side = if score > 0.0 { "above" } else { "below" };
+            Some(Anomaly {
+                index: i,
+                value,
+                expected,
+                lower: expected - half,
+                upper: expected + half,
+                score,
+                reason: format!(
+                    "{value:.2} is {:.2} {side} the expected {expected:.2} ({:.1} robust standard deviations; the band is ±{half:.2})",
+                    (value - expected).abs(),
+                    score.abs()
+                ),
+            })
+        })
+        .collect())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    /// Hourly units with a daily shape, a drift and noise of standard deviation σ.
+    fn hourly(rng: &mut StdRng, hours: usize, sigma: f64) -> Vec<f64> {
+        let level = rng.random_range(20.0..80.0);
+        (0..hours)
+            .map(|h| {
+                let daily = 1.0 + 0.6 * ((h % 24) as f64 / 24.0 * std::f64::consts::TAU).sin();
+                let e: f64 = (0..12).map(|_| rng.random_range(0.0..1.0)).sum::<f64>() - 6.0;
+                level * daily + 0.01 * h as f64 + sigma * e
+            })
+            .collect()
+    }
+
+    /// 60 series of four weeks of hours, 6 spikes and dips of 7σ injected at random
+    /// hours in each. A 7σ jump scores about 7 against a 3.5 cut, so recall should be
+    /// near 1; 0.9 fails when the daily season is not taken out first (scored against
+    /// the series' median, the ±60% daily swing hides them). Precision: on the same
+    /// series without anomalies 48 of 40,320 points scored past 3.5 (0.12%, more than a
+    /// normal tail's 0.05%, because trend and season absorb part of the noise and the
+    /// remainder is about 8% narrower than it), so about 50 false alarms against 360
+    /// true ones, a precision near 0.87 (0.863 seen); 0.8 fails if ordinary points are
+    /// flagged wholesale.
+    #[test]
+    fn injected_anomalies_are_found_with_high_precision_and_recall() {
+        let mut rng = StdRng::seed_from_u64(43);
+        let sigma = 2.0;
+        let (mut found, mut correct, mut injected) = (0usize, 0usize, 0usize);
+        for _ in 0..60 {
+            let mut y = hourly(&mut rng, 24 * 28, sigma);
+            let mut truth = HashSet::new();
+            while truth.len() < 6 {
+                truth.insert(rng.random_range(24..y.len() - 24));
+            }
+            for &i in &truth {
+                y[i] += if rng.random_bool(0.5) { 7.0 } else { -7.0 } * sigma;
+            }
+            let flagged = point_anomalies(&y, 24, 3.5).unwrap();
+            found += flagged.len();
+            correct += flagged.iter().filter(|a| truth.contains(&a.index)).count();
+            injected += truth.len();
+            for a in &flagged {
+                assert!(a.value < a.lower || a.value > a.upper, "{a:?}");
+                assert!(
+                    a.reason
+                        .contains(if a.score > 0.0 { "above" } else { "below" })
+                );
+            }
+        }
+        let precision = correct as f64 / found as f64;
+        let recall = correct as f64 / injected as f64;
+        assert!(
+            precision > 0.8,
+            "precision {precision:.3} ({correct} of {found})"
+        );
+        assert!(recall > 0.9, "recall {recall:.3} ({correct} of {injected})");
+    }
+
+    #[test]
+    fn short_and_flat_series_are_answered_not_crashed() {
+        let mut spike = vec![5.0; 200];
+        spike[120] = 50.0;
+        let found = point_anomalies(&spike, 24, 3.5).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!((found[0].index, found[0].value), (120, 50.0));
+        assert!(matches!(
+            point_anomalies(&[1.0; 30], 24, 3.5),
+            Err(AnomalyError::TooShort { needs: 48, .. })
+        ));
+        assert_eq!(point_anomalies(&[5.0; 200], 24, 3.5).unwrap(), vec![]);
+        assert!(point_anomalies(&[], 24, 3.5).is_err());
+    }
+}
