@@ -1,7 +1,7 @@
 //! The engine: streams, their live buffers and tables, the WAL, and the background work
 //! that moves events from one to the other.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -21,6 +21,7 @@ use crate::catalog::Document;
 use crate::idempotency::{Idempotency, KeyState};
 use crate::metrics::{EngineMetrics, stream_label};
 use crate::query::{QueryOptions, QueryRuntime, QuerySession, ReadSnapshot, TableSource};
+use crate::results::ResultTables;
 use crate::schema::{ColumnDef, EVENT_TIME_COLUMN, Rule, StreamSchema};
 use crate::store::Store;
 use crate::table::{StreamTable, TableAt, TableOptions};
@@ -224,6 +225,9 @@ struct Inner {
     /// Serialises stream creation, so the saved definitions never lose one.
     ddl_lock: tokio::sync::Mutex<()>,
     views: Views,
+    /// Tables batch jobs write whole (see [`crate::results`]).
+    results: ResultTables,
+    results_refreshed: parking_lot::Mutex<Instant>,
 }
 
 /// Where an earlier release kept user-declared streams (read once, into the catalog).
@@ -308,8 +312,13 @@ impl Engine {
                 node_id,
                 ddl_lock: tokio::sync::Mutex::new(()),
                 views: Views::new(view_options, feed),
+                results: ResultTables::default(),
+                results_refreshed: parking_lot::Mutex::new(Instant::now()),
             }),
         };
+        if let Err(e) = engine.refresh_results().await {
+            warn!(error = %e, "cannot list the result tables");
+        }
         engine.spawn_background();
         Views::start(&engine, Arc::new(engine.downgrade())).await?;
         Ok(engine)
@@ -680,6 +689,17 @@ impl Engine {
         if every.is_zero() {
             return;
         }
+        let due = {
+            let mut last = self.inner.results_refreshed.lock();
+            let due = last.elapsed() >= every;
+            if due {
+                *last = Instant::now();
+            }
+            due
+        };
+        if due && let Err(e) = self.refresh_results().await {
+            warn!(error = %e, "cannot list the result tables");
+        }
         let states: Vec<Arc<StreamState>> =
             self.inner.shared.streams.read().values().cloned().collect();
         for state in states {
@@ -687,6 +707,35 @@ impl Engine {
                 warn!(stream = state.schema.name(), error = %e, "could not reload the table");
             }
         }
+    }
+
+    async fn refresh_results(&self) -> Result<()> {
+        let streams: HashSet<String> = self.stream_names().into_iter().collect();
+        self.inner
+            .results
+            .refresh(&self.inner.store, &streams)
+            .await
+    }
+
+    /// Replaces every row of result table `name` (a batch job's output: forecasts,
+    /// anomalies, …) by `batches` in one Delta commit, creating it if needed. Readers
+    /// see the previous rows or the new ones, never a mix; older runs stay readable as
+    /// Delta versions. Returns the new version.
+    pub async fn replace_result_table(&self, name: &str, batches: Vec<RecordBatch>) -> Result<u64> {
+        if self.stream_schema(name).is_some() || self.views().view_info(name).is_some() {
+            return Err(Error::Config(format!(
+                "'{name}' is a stream or a view; a result table needs a name of its own"
+            )));
+        }
+        self.inner
+            .results
+            .replace(&self.inner.store, name, batches)
+            .await
+    }
+
+    /// The result tables, by name.
+    pub fn result_tables(&self) -> Vec<String> {
+        self.inner.results.names()
     }
 
     /// Flushes every stream now, whatever its size or age.
@@ -1070,6 +1119,14 @@ impl TableSource for Engine {
 
     fn view(&self, name: &str) -> Option<Arc<crate::views::ViewShared>> {
         self.views().get(name)
+    }
+
+    fn result_names(&self) -> Vec<String> {
+        self.inner.results.names()
+    }
+
+    fn result_table(&self, name: &str) -> Option<deltalake::DeltaTable> {
+        self.inner.results.get(name)
     }
 
     async fn historical_table(&self, stream: &str, at: TableAt) -> Result<deltalake::DeltaTable> {

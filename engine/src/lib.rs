@@ -18,6 +18,7 @@ mod error;
 mod idempotency;
 pub mod metrics;
 pub mod query;
+mod results;
 pub mod schema;
 mod store;
 mod table;

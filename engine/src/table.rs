@@ -320,7 +320,7 @@ async fn txn_version(table: &DeltaTable, app_id: &str) -> Result<u64> {
     Ok(v.map(|v| v.max(0) as u64).unwrap_or(0))
 }
 
-fn builder(store: &Store, url: &Url) -> Result<DeltaTableBuilder> {
+pub(crate) fn builder(store: &Store, url: &Url) -> Result<DeltaTableBuilder> {
     Ok(DeltaTableBuilder::from_url(url.clone())?
         .with_storage_backend(Arc::clone(&store.object_store()), url.clone()))
 }

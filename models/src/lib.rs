@@ -10,6 +10,7 @@
 
 pub mod anomaly;
 pub mod demand;
+pub mod job;
 pub mod stockout;
 pub mod synthetic;
 

@@ -39,6 +39,10 @@ pub(crate) trait TableSource: std::fmt::Debug + Send + Sync + 'static {
     fn read_snapshot(&self, stream: &str) -> Option<ReadSnapshot>;
     /// A view, to read its rows at its latest version.
     fn view(&self, name: &str) -> Option<Arc<ViewShared>>;
+    /// Names of the result tables batch jobs wrote.
+    fn result_names(&self) -> Vec<String>;
+    /// A result table as last loaded.
+    fn result_table(&self, name: &str) -> Option<DeltaTable>;
     /// A stream's Delta table as it was at a version or instant.
     async fn historical_table(&self, stream: &str, at: TableAt) -> crate::Result<DeltaTable>;
 }
@@ -122,6 +126,7 @@ impl SchemaProvider for PublicSchema {
     fn table_names(&self) -> Vec<String> {
         let mut names = self.engine.stream_names();
         names.extend(self.engine.view_names());
+        names.extend(self.engine.result_names());
         names
     }
 
@@ -131,6 +136,9 @@ impl SchemaProvider for PublicSchema {
                 snapshot.table,
                 snapshot.buffered,
             )?)));
+        }
+        if let Some(table) = self.engine.result_table(name) {
+            return Ok(Some(Arc::new(StreamProvider::live(table, Vec::new())?)));
         }
         let Some(view) = self.engine.view(name) else {
             return Ok(None);
@@ -142,7 +150,9 @@ impl SchemaProvider for PublicSchema {
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.engine.stream_schema(name).is_some() || self.engine.view(name).is_some()
+        self.engine.stream_schema(name).is_some()
+            || self.engine.view(name).is_some()
+            || self.engine.result_table(name).is_some()
     }
 }
 
