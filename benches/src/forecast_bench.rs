@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use clap::Parser;
-use quiver_models::demand::{DemandConfig, Method, SeriesForecast, forecast};
+use quiver_models::demand::{DemandConfig, Method, forecast_many};
 use quiver_models::synthetic::{intermittent, smooth};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -50,25 +50,12 @@ fn main() {
         horizon: args.horizon,
         ..DemandConfig::default()
     };
+    let training: Vec<Vec<f64>> = histories
+        .iter()
+        .map(|y| y[..y.len() - args.horizon].to_vec())
+        .collect();
     let started = Instant::now();
-    let chunk = histories.len().div_ceil(args.threads.max(1));
-    let results: Vec<SeriesForecast> = std::thread::scope(|s| {
-        let handles: Vec<_> = histories
-            .chunks(chunk)
-            .map(|part| {
-                let config = &config;
-                s.spawn(move || {
-                    part.iter()
-                        .map(|y| forecast(&y[..y.len() - config.horizon], config))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("a forecast thread panicked"))
-            .collect()
-    });
+    let results = forecast_many(&training, &config, args.threads);
     let wall = started.elapsed().as_secs_f64();
 
     let mut methods: BTreeMap<String, usize> = BTreeMap::new();

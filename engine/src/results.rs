@@ -59,13 +59,17 @@ impl ResultTables {
             if streams.contains(&name) || !is_valid_identifier(&name) {
                 continue;
             }
+            // A known table only needs its new commits; an unknown folder is a result
+            // table once it has a Delta log.
+            let known = self.tables.read().contains_key(&name);
             let log = prefix.clone().join("_delta_log");
-            let has_log = store
-                .object_store()
-                .list(Some(&log))
-                .try_next()
-                .await?
-                .is_some();
+            let has_log = known
+                || store
+                    .object_store()
+                    .list(Some(&log))
+                    .try_next()
+                    .await?
+                    .is_some();
             if !has_log {
                 continue;
             }
@@ -102,13 +106,7 @@ impl ResultTables {
                 "'{name}' is not a valid table name (lower-case letters, digits and _)"
             )));
         }
-        let url = store.table_url(name)?;
-        if url.scheme() == "file"
-            && let Ok(path) = url.to_file_path()
-        {
-            std::fs::create_dir_all(path)?;
-        }
-        let mut table = builder(store, &url)?.build()?;
+        let mut table = builder(store, &store.table_url(name)?)?.build()?;
         // A table not there yet is created by the write.
         let _ = table.load().await;
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();

@@ -94,12 +94,6 @@ impl StreamTable {
         options: TableOptions,
     ) -> Result<Self> {
         let url = store.table_url(schema.name())?;
-        if url.scheme() == "file"
-            && let Ok(path) = url.to_file_path()
-        {
-            // The Delta kernel refuses a local location that does not exist yet.
-            std::fs::create_dir_all(path)?;
-        }
         let mut table = builder(store, &url)?.build()?;
         match table.load().await {
             Ok(()) => {}
@@ -320,7 +314,14 @@ async fn txn_version(table: &DeltaTable, app_id: &str) -> Result<u64> {
     Ok(v.map(|v| v.max(0) as u64).unwrap_or(0))
 }
 
+/// A builder for the Delta table at `url` on `store`. A local location is created
+/// first: the Delta kernel refuses one that does not exist yet.
 pub(crate) fn builder(store: &Store, url: &Url) -> Result<DeltaTableBuilder> {
+    if url.scheme() == "file"
+        && let Ok(path) = url.to_file_path()
+    {
+        std::fs::create_dir_all(path)?;
+    }
     Ok(DeltaTableBuilder::from_url(url.clone())?
         .with_storage_backend(Arc::clone(&store.object_store()), url.clone()))
 }

@@ -13,7 +13,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use chrono::{NaiveDate, Utc};
 use quiver_engine::Engine;
 
-use crate::demand::{DemandConfig, SeriesForecast, forecast};
+use crate::demand::{DemandConfig, SeriesForecast, forecast_many};
 
 /// Why a forecast run failed; the previous forecasts are left as they were.
 #[derive(Debug, thiserror::Error)]
@@ -148,31 +148,9 @@ async fn forecast_all(
     config: DemandConfig,
     threads: usize,
 ) -> Result<Vec<SeriesForecast>, JobError> {
-    tokio::task::spawn_blocking(move || {
-        let chunk = histories.len().div_ceil(threads.max(1)).max(1);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = histories
-                .chunks(chunk)
-                .map(|part| {
-                    s.spawn(|| {
-                        part.iter()
-                            .map(|y| forecast(y, &config))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .map_err(|_| JobError::Thread("a forecast panicked".into()))
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map(|parts| parts.into_iter().flatten().collect())
-        })
-    })
-    .await
-    .map_err(|e| JobError::Thread(e.to_string()))?
+    tokio::task::spawn_blocking(move || forecast_many(&histories, &config, threads))
+        .await
+        .map_err(|e| JobError::Thread(e.to_string()))
 }
 
 /// The schema of the `forecasts` table.

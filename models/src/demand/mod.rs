@@ -241,6 +241,27 @@ impl SeriesForecast {
     }
 }
 
+/// Forecasts every history on `threads` threads (the calling thread waits), in order.
+pub fn forecast_many(
+    histories: &[Vec<f64>],
+    config: &DemandConfig,
+    threads: usize,
+) -> Vec<SeriesForecast> {
+    let chunk = histories.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = histories
+            .chunks(chunk)
+            .map(|part| s.spawn(|| part.iter().map(|y| forecast(y, config)).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            // A forecast does not panic on any history (tested); if one did, this
+            // thread carries it on rather than losing series silently.
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
 /// The fallback for a history no model should be chosen for, if it is one.
 fn fallback(history: &[f64], config: &DemandConfig) -> Option<SeriesForecast> {
     let horizon = config.horizon;
