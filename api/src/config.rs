@@ -213,6 +213,24 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_WS_COMPRESSION", default_value_t = true, action = clap::ArgAction::Set)]
     pub ws_compression: bool,
 
+    /// When the forecast job runs: a cron expression in UTC (`0 2 * * *`: daily at
+    /// 02:00; six fields put seconds first). Off unless given (`quiver demo`: hourly).
+    #[arg(long, env = "QUIVER_FORECAST_SCHEDULE")]
+    pub forecast_schedule: Option<String>,
+
+    /// When the anomaly job runs: a cron expression in UTC. Off unless given
+    /// (`quiver demo`: every 10 minutes).
+    #[arg(long, env = "QUIVER_ANOMALIES_SCHEDULE")]
+    pub anomalies_schedule: Option<String>,
+
+    /// Threads a batch job computes on (its reads run on the query threads).
+    #[arg(long, env = "QUIVER_JOB_THREADS", default_value_t = 1)]
+    pub job_threads: usize,
+
+    /// Days the forecast job forecasts.
+    #[arg(long, env = "QUIVER_FORECAST_HORIZON", default_value_t = 14)]
+    pub forecast_horizon: usize,
+
     #[arg(long, env = "QUIVER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
@@ -336,6 +354,48 @@ impl ServeConfig {
         c.views.history = self.view_history.max(1);
         c
     }
+}
+
+impl ServeConfig {
+    /// The job settings and schedules these flags describe; an error names a bad cron
+    /// expression.
+    pub(crate) fn jobs(&self) -> anyhow::Result<crate::jobs::Jobs> {
+        use quiver_models::job::JobKind;
+        let mut schedules = std::collections::BTreeMap::new();
+        for (kind, text, flag) in [
+            (
+                JobKind::Forecast,
+                &self.forecast_schedule,
+                "--forecast-schedule",
+            ),
+            (
+                JobKind::Anomalies,
+                &self.anomalies_schedule,
+                "--anomalies-schedule",
+            ),
+        ] {
+            match text.as_deref().map(str::trim) {
+                None | Some("" | "off") => {}
+                Some(t) => {
+                    let s = crate::jobs::Schedule::parse(t)
+                        .map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+                    schedules.insert(kind, s);
+                }
+            }
+        }
+        Ok(crate::jobs::Jobs::new(
+            job_config(self.forecast_horizon, self.job_threads),
+            schedules,
+        ))
+    }
+}
+
+/// Job settings from the flags `serve` and the job commands share.
+pub(crate) fn job_config(horizon: usize, threads: usize) -> quiver_models::job::JobConfig {
+    let mut c = quiver_models::job::JobConfig::default();
+    c.demand.horizon = horizon.clamp(1, 366);
+    c.threads = threads.max(1);
+    c
 }
 
 /// The KPI catalog (`sql/kpis`), built in for when the folder is not at hand.

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 mod error;
 mod flight;
+mod jobs;
 mod memory;
 mod pg;
 mod push;

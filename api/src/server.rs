@@ -56,6 +56,7 @@ impl RunningServer {
         let (tokens, generated) = Tokens::load(&store, &node, config.admin_token.clone())
             .await
             .context("loading tokens")?;
+        let jobs = Arc::new(config.jobs()?);
         let rate_limiter = NonZeroU32::new(config.ingest_rate_limit)
             .map(|n| RateLimiter::keyed(Quota::per_second(n)));
         let state = Arc::new(AppState {
@@ -70,6 +71,7 @@ impl RunningServer {
                 config.max_concurrent_queries.max(1),
             )),
             push,
+            jobs,
         });
 
         let listener = TcpListener::bind(config.http_addr)
@@ -118,10 +120,12 @@ impl RunningServer {
         engine_config.views.definitions = config.view_definitions()?;
         let recovering = Arc::clone(&state);
         let (failed_tx, failed) = tokio::sync::watch::channel(None);
+        let jobs_stop = shutdown.subscribe();
         tokio::spawn(async move {
             match Engine::open(engine_config, Arc::clone(&recovering.metrics)).await {
                 Ok(engine) => {
                     recovering.push.start(engine.clone());
+                    recovering.jobs.spawn(engine.clone(), jobs_stop);
                     let _ = recovering.engine.set(engine);
                     info!("ready");
                 }
@@ -160,6 +164,18 @@ impl RunningServer {
         }
     }
 
+    /// Runs batch job `kind` once as soon as no other run is in progress (the demo's
+    /// first forecast); an error before recovery has finished.
+    pub fn run_job_soon(&self, kind: quiver_models::job::JobKind) -> anyhow::Result<()> {
+        let engine = self
+            .state
+            .engine
+            .get()
+            .context("the engine is still recovering")?;
+        self.state.jobs.run_soon(engine.clone(), kind);
+        Ok(())
+    }
+
     /// Makes a token directly in the registry (used by `quiver demo` for its feed).
     pub async fn create_token(
         &self,
@@ -188,6 +204,11 @@ impl RunningServer {
         }
         let _ = self.shutdown.send(true);
         self.state.push.stop();
+        // A job run in progress stops at its next check and writes nothing more.
+        self.state
+            .jobs
+            .stop(std::time::Duration::from_secs(10))
+            .await;
         let _ = self.http.await;
         for task in self.listeners {
             let _ = task.await;
@@ -222,6 +243,11 @@ fn router(state: Arc<AppState>) -> Router {
             post(routes::create_token).get(routes::list_tokens),
         )
         .route("/v1/tokens/{id}", delete(routes::delete_token))
+        .route("/v1/jobs", get(crate::jobs::list))
+        .route(
+            "/v1/jobs/{kind_or_id}",
+            post(crate::jobs::start).delete(crate::jobs::cancel),
+        )
         .fallback(routes::not_found)
         .layer(middleware::from_fn_with_state(Arc::clone(&state), observe))
         .with_state(state)

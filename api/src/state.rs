@@ -23,4 +23,6 @@ pub(crate) struct AppState {
     /// One permit per query allowed to run at once.
     pub(crate) query_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) push: Arc<crate::push::Push>,
+    /// Batch jobs: runs on request and on schedule.
+    pub(crate) jobs: Arc<crate::jobs::Jobs>,
 }

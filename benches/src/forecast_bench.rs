@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use quiver_models::demand::{DemandConfig, Method, forecast_many};
+use quiver_models::progress::Progress;
 use quiver_models::synthetic::{intermittent, smooth};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -55,7 +56,8 @@ fn main() {
         .map(|y| y[..y.len() - args.horizon].to_vec())
         .collect();
     let started = Instant::now();
-    let results = forecast_many(&training, &config, args.threads);
+    let results = forecast_many(&training, &config, args.threads, &Progress::default())
+        .expect("nothing cancels the benchmark");
     let wall = started.elapsed().as_secs_f64();
 
     let mut methods: BTreeMap<String, usize> = BTreeMap::new();

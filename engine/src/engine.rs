@@ -722,15 +722,30 @@ impl Engine {
     /// see the previous rows or the new ones, never a mix; older runs stay readable as
     /// Delta versions. Returns the new version.
     pub async fn replace_result_table(&self, name: &str, batches: Vec<RecordBatch>) -> Result<u64> {
+        self.check_result_name(name)?;
+        self.inner
+            .results
+            .replace(&self.inner.store, name, batches)
+            .await
+    }
+
+    /// Adds rows to result table `name` in one commit (creating it on first use): for
+    /// tables that keep a history, such as a job's run log. Returns the new version.
+    pub async fn append_result_table(&self, name: &str, batches: Vec<RecordBatch>) -> Result<u64> {
+        self.check_result_name(name)?;
+        self.inner
+            .results
+            .append(&self.inner.store, name, batches)
+            .await
+    }
+
+    fn check_result_name(&self, name: &str) -> Result<()> {
         if self.stream_schema(name).is_some() || self.views().view_info(name).is_some() {
             return Err(Error::Config(format!(
                 "'{name}' is a stream or a view; a result table needs a name of its own"
             )));
         }
-        self.inner
-            .results
-            .replace(&self.inner.store, name, batches)
-            .await
+        Ok(())
     }
 
     /// The result tables, by name.
@@ -1129,7 +1144,11 @@ impl TableSource for Engine {
         self.inner.results.get(name)
     }
 
-    async fn historical_table(&self, stream: &str, at: TableAt) -> Result<deltalake::DeltaTable> {
-        self.state(stream)?.table.historical(at).await
+    async fn historical_table(&self, name: &str, at: TableAt) -> Result<deltalake::DeltaTable> {
+        if self.stream_schema(name).is_none() && self.inner.results.get(name).is_some() {
+            let url = self.inner.store.table_url(name)?;
+            return crate::table::load_at(&self.inner.store, &url, at).await;
+        }
+        self.state(name)?.table.historical(at).await
     }
 }

@@ -101,6 +101,27 @@ impl ResultTables {
         name: &str,
         batches: Vec<RecordBatch>,
     ) -> Result<u64> {
+        self.write(store, name, batches, SaveMode::Overwrite).await
+    }
+
+    /// Adds `batches` to table `name` in one commit (creating the table, or adding
+    /// new columns, as needed); returns the new version.
+    pub(crate) async fn append(
+        &self,
+        store: &Store,
+        name: &str,
+        batches: Vec<RecordBatch>,
+    ) -> Result<u64> {
+        self.write(store, name, batches, SaveMode::Append).await
+    }
+
+    async fn write(
+        &self,
+        store: &Store,
+        name: &str,
+        batches: Vec<RecordBatch>,
+        mode: SaveMode,
+    ) -> Result<u64> {
         if !is_valid_identifier(name) {
             return Err(Error::Config(format!(
                 "'{name}' is not a valid table name (lower-case letters, digits and _)"
@@ -112,8 +133,11 @@ impl ResultTables {
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         let written = table
             .write(batches)
-            .with_save_mode(SaveMode::Overwrite)
-            .with_schema_mode(SchemaMode::Overwrite)
+            .with_save_mode(mode)
+            .with_schema_mode(match mode {
+                SaveMode::Overwrite => SchemaMode::Overwrite,
+                _ => SchemaMode::Merge,
+            })
             .with_writer_properties(
                 WriterProperties::builder()
                     .set_compression(Compression::ZSTD(ZstdLevel::default()))
@@ -121,7 +145,7 @@ impl ResultTables {
             )
             .await?;
         let version = written.version().unwrap_or(0);
-        info!(table = name, rows, version, "result table replaced");
+        info!(table = name, rows, version, ?mode, "result table written");
         self.tables.write().insert(name.to_owned(), written);
         Ok(version)
     }

@@ -156,12 +156,7 @@ impl StreamTable {
 
     /// The table as it was at `at` (a version or a point in time), for time travel.
     pub(crate) async fn historical(&self, at: TableAt) -> Result<DeltaTable> {
-        let builder = builder(&self.store, &self.url)?;
-        let builder = match at {
-            TableAt::Version(v) => builder.with_version(v),
-            TableAt::Time(t) => builder.with_timestamp(t),
-        };
-        Ok(builder.load().await?)
+        load_at(&self.store, &self.url, at).await
     }
 
     /// Reloads the writer's handle to the latest version and publishes it.
@@ -324,4 +319,14 @@ pub(crate) fn builder(store: &Store, url: &Url) -> Result<DeltaTableBuilder> {
     }
     Ok(DeltaTableBuilder::from_url(url.clone())?
         .with_storage_backend(Arc::clone(&store.object_store()), url.clone()))
+}
+
+/// The Delta table at `url` as it was at a version or instant.
+pub(crate) async fn load_at(store: &Store, url: &Url, at: TableAt) -> Result<DeltaTable> {
+    let builder = builder(store, url)?;
+    let builder = match at {
+        TableAt::Version(v) => builder.with_version(v),
+        TableAt::Time(t) => builder.with_timestamp(t),
+    };
+    Ok(builder.load().await?)
 }

@@ -118,6 +118,100 @@ pub fn point_anomalies(
         .collect())
 }
 
+/// A stretch in which one series of a group moved unlike the others.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerOutlier {
+    /// Which series of the group.
+    pub series: usize,
+    /// First point of the stretch.
+    pub start: usize,
+    /// One past its last point.
+    pub end: usize,
+    /// The series' mean over the stretch.
+    pub value: f64,
+    /// What it would have been moving like its peers: the peers' median level,
+    /// relative to each one's own median, times this series' median.
+    pub expected: f64,
+    /// The peers' band over the stretch (mean of its edges), on this series' scale.
+    pub lower: f64,
+    /// See `lower`.
+    pub upper: f64,
+}
+
+/// Stretches where one series of a group (e.g. one warehouse's hourly revenue among
+/// all warehouses') moves unlike the rest, by augurs' DBSCAN outlier detector: at
+/// each point the series are clustered, and one outside the main cluster is outlying
+/// there. Each series is first divided by its own median, so a big warehouse is not
+/// an outlier for being big: only its shape is compared. Needs at least three series
+/// of equal length with a positive median; returns nothing otherwise.
+/// `sensitivity` (0–1) is augurs': higher flags smaller departures.
+pub fn peer_outliers(series: &[Vec<f64>], sensitivity: f64) -> Vec<PeerOutlier> {
+    use augurs_outlier::{DbscanDetector, OutlierDetector};
+    let len = series.first().map_or(0, Vec::len);
+    if series.len() < 3 || len == 0 || series.iter().any(|s| s.len() != len) {
+        return Vec::new();
+    }
+    let medians: Vec<f64> = series.iter().map(|s| median(s.clone())).collect();
+    if medians.iter().any(|m| *m <= 0.0 || !m.is_finite()) {
+        return Vec::new();
+    }
+    let relative: Vec<Vec<f64>> = series
+        .iter()
+        .zip(&medians)
+        .map(|(s, m)| s.iter().map(|v| v / m).collect())
+        .collect();
+    let rows: Vec<&[f64]> = relative.iter().map(Vec::as_slice).collect();
+    let Ok(detector) = DbscanDetector::with_sensitivity(sensitivity) else {
+        return Vec::new();
+    };
+    let Ok(output) = detector
+        .preprocess(&rows)
+        .and_then(|data| detector.detect(&data))
+    else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for (k, result) in output.series_results.iter().enumerate() {
+        for interval in &result.outlier_intervals.intervals {
+            let (start, end) = (interval.start, interval.end.unwrap_or(len));
+            if start >= end {
+                continue;
+            }
+            let span = start..end;
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+            let peers: Vec<f64> = span
+                .clone()
+                .map(|i| {
+                    median(
+                        relative
+                            .iter()
+                            .enumerate()
+                            .filter(|(j, _)| *j != k)
+                            .map(|(_, r)| r[i])
+                            .collect(),
+                    )
+                })
+                .collect();
+            let band = |edge: Option<&Vec<f64>>| {
+                edge.map(|e| mean(&e[span.clone()]) * medians[k])
+                    .filter(|v| v.is_finite())
+            };
+            let expected = mean(&peers) * medians[k];
+            let cluster = output.cluster_band.as_ref();
+            found.push(PeerOutlier {
+                series: k,
+                start,
+                end,
+                value: mean(&series[k][span.clone()]),
+                expected,
+                lower: band(cluster.map(|b| &b.min)).unwrap_or(expected),
+                upper: band(cluster.map(|b| &b.max)).unwrap_or(expected),
+            });
+        }
+    }
+    found
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -191,6 +285,43 @@ mod tests {
             "precision {precision:.3} ({correct} of {found})"
         );
         assert!(recall > 0.9, "recall {recall:.3} ({correct} of {injected})");
+    }
+
+    /// Four warehouses of different sizes with the same daily shape and noise; one
+    /// stops selling for six hours. Only that stretch of that warehouse is flagged:
+    /// sizes differ fourfold, so without the division by each median the big one
+    /// would be flagged everywhere. Breaking it (comparing raw values) fails the test.
+    #[test]
+    fn a_warehouse_that_stops_while_its_peers_sell_is_flagged() {
+        let mut rng = StdRng::seed_from_u64(44);
+        let mut series: Vec<Vec<f64>> = [40.0, 80.0, 120.0, 160.0]
+            .iter()
+            .map(|&size| {
+                (0..24 * 7)
+                    .map(|h| {
+                        let daily =
+                            1.0 + 0.5 * ((h % 24) as f64 / 24.0 * std::f64::consts::TAU).sin();
+                        size * daily * rng.random_range(0.9..1.1)
+                    })
+                    .collect()
+            })
+            .collect();
+        for v in &mut series[2][100..106] {
+            *v = 0.0;
+        }
+        let found = peer_outliers(&series, 0.8);
+        assert!(!found.is_empty(), "the outage was not found");
+        for f in &found {
+            assert_eq!(f.series, 2, "{f:?}");
+            assert!(f.start >= 98 && f.end <= 108, "{f:?}");
+            assert!(f.value < f.lower && f.expected > 50.0, "{f:?}");
+        }
+        let hours: usize = found.iter().map(|f| f.end - f.start).sum();
+        assert!(hours >= 5, "{found:?}");
+        assert!(
+            peer_outliers(&series[..2], 0.8).is_empty(),
+            "two are no group"
+        );
     }
 
     #[test]

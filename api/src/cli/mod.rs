@@ -1,6 +1,8 @@
-//! The `quiver` command line: `serve`, `demo`, `generate`, `load`, `token`.
+//! The `quiver` command line: `serve`, `demo`, `generate`, `load`, `token`, and the
+//! batch jobs `forecast` and `anomalies`.
 
 mod files;
+mod jobs;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -36,6 +38,10 @@ enum Command {
         /// Events per second to send.
         #[arg(long, env = "QUIVER_DEMO_RATE", default_value_t = 500.0)]
         rate: f64,
+        /// Days of history to send at start when the store has no orders yet, so the
+        /// forecast job has something to learn from (0: none).
+        #[arg(long, env = "QUIVER_DEMO_BACKFILL_DAYS", default_value_t = 28)]
+        backfill_days: u32,
     },
     /// Write generated events to files, one per stream (`orders.<ext>`, `inventory.<ext>`).
     Generate {
@@ -67,6 +73,12 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// Forecast daily demand per SKU and warehouse, and stock-out risk, into the
+    /// tables `forecasts`, `forecast_models` and `stockout_risk` of a store.
+    Forecast(jobs::JobArgs),
+    /// Find anomalies in revenue per minute and hourly units, and warehouses unlike
+    /// their peers, into the table `anomalies` of a store.
+    Anomalies(jobs::JobArgs),
     /// Manage tokens on a running server.
     Token {
         #[command(subcommand)]
@@ -159,9 +171,16 @@ enum TokenCommand {
 }
 
 fn init_logging(format: &str) {
+    init_logging_at(format, "info");
+}
+
+/// Logs at `level` and above (`QUIVER_LOG` overrides), as `format` says.
+fn init_logging_at(format: &str, level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("QUIVER_LOG").unwrap_or_else(|_| {
-        EnvFilter::new("info,deltalake=warn,deltalake_core=warn,datafusion=warn,buoyant_kernel=off")
+        EnvFilter::new(format!(
+            "{level},deltalake=warn,deltalake_core=warn,datafusion=warn,buoyant_kernel=off"
+        ))
     });
     let json = match format {
         "json" => true,
@@ -193,9 +212,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Demo { serve, data, rate } => {
+        Command::Demo {
+            serve,
+            data,
+            rate,
+            backfill_days,
+        } => {
             init_logging(&serve.log_format);
-            demo(serve, data, rate).await
+            demo(serve, data, rate, backfill_days).await
         }
         Command::Generate {
             events,
@@ -211,6 +235,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             remote,
         } => files::load(&file, &stream, batch.max(1), concurrency.max(1), &remote).await,
         Command::Token { command } => token(command).await,
+        Command::Forecast(args) => {
+            init_logging_at("auto", "warn");
+            jobs::run(quiver_models::job::JobKind::Forecast, args).await
+        }
+        Command::Anomalies(args) => {
+            init_logging_at("auto", "warn");
+            jobs::run(quiver_models::job::JobKind::Anomalies, args).await
+        }
     }
 }
 
@@ -244,24 +276,45 @@ async fn wait_for_signal() {
     }
 }
 
-async fn demo(serve: ServeConfig, data: DataArgs, rate: f64) -> anyhow::Result<()> {
+async fn demo(
+    mut serve: ServeConfig,
+    data: DataArgs,
+    rate: f64,
+    backfill_days: u32,
+) -> anyhow::Result<()> {
+    // The demo runs the jobs on a schedule unless told otherwise.
+    serve
+        .forecast_schedule
+        .get_or_insert_with(|| "0 * * * *".to_owned());
+    serve
+        .anomalies_schedule
+        .get_or_insert_with(|| "*/10 * * * *".to_owned());
     let server = RunningServer::start(serve).await?;
     announce(&server);
     server.wait_ready().await?;
     let token = server
-        .create_token("demo-feed", vec![Scope::Ingest])
+        .create_token("demo-feed", vec![Scope::Ingest, Scope::Read])
         .await?;
     let base = format!("http://{}", server.http_addr);
+    let client = reqwest::Client::new();
+    let backfilled = backfill_days > 0 && has_no_orders(&client, &base, &token).await;
+    if backfilled {
+        backfill(&client, &base, &token, &data, backfill_days).await;
+    }
+    // Forecasts and anomalies from what is there now; then hourly and every 10 minutes.
+    server.run_job_soon(quiver_models::job::JobKind::Forecast)?;
+    server.run_job_soon(quiver_models::job::JobKind::Anomalies)?;
     println!("Demo feed: about {rate} events/s into 'orders' and 'inventory'. Ctrl-C stops.");
     println!(
         "Try: curl -s {base}/v1/sql -H \"Authorization: Bearer $QUIVER_TOKEN\" \
          -d '{{\"sql\": \"SELECT status, COUNT(*) FROM orders GROUP BY 1\"}}'"
     );
-    let client = reqwest::Client::new();
     // About 1.4 events per order line over its life (status changes and stock moves).
     let mut generator = data.generator((rate / 5.0).max(0.1));
-    let opening = generator.opening_stock();
-    send_events(&client, &base, &token, opening).await;
+    if !backfilled {
+        let opening = generator.opening_stock();
+        send_events(&client, &base, &token, opening).await;
+    }
     let feed = async {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         let mut sent: u64 = 0;
@@ -282,6 +335,54 @@ async fn demo(serve: ServeConfig, data: DataArgs, rate: f64) -> anyhow::Result<(
         _ = wait_for_signal() => {}
     }
     server.shutdown().await
+}
+
+/// Whether the store holds no order events yet (a fresh demo).
+async fn has_no_orders(client: &reqwest::Client, base: &str, token: &str) -> bool {
+    let answer = client
+        .post(format!("{base}/v1/sql"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"sql": "SELECT COUNT(*) AS n FROM orders"}))
+        .send()
+        .await;
+    let body: serde_json::Value = match answer {
+        Ok(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
+        _ => return false,
+    };
+    body["rows"][0][0].as_i64() == Some(0)
+}
+
+/// Sends `days` of generated history ending now (a slower rate than the live feed, so
+/// it takes seconds), with a progress line.
+async fn backfill(client: &reqwest::Client, base: &str, token: &str, data: &DataArgs, days: u32) {
+    let now = chrono::Utc::now();
+    let start = now - chrono::Duration::days(i64::from(days));
+    // About 12 order lines a day per SKU and warehouse at the defaults.
+    let lines_per_sec = (data.skus.max(1) * data.warehouses.max(1)) as f64 * 12.0 / 86_400.0;
+    let mut generator = Generator::new(GeneratorConfig {
+        skus: data.skus.max(1),
+        warehouses: data.warehouses.max(1),
+        order_lines_per_sec: lines_per_sec,
+        late_fraction: 0.0,
+        seed: data.seed.unwrap_or_else(rand::random),
+        start,
+        ..GeneratorConfig::default()
+    });
+    println!("Backfilling {days} days of history…");
+    let began = Instant::now();
+    let opening = generator.opening_stock();
+    let mut sent = opening.len();
+    send_events(client, base, token, opening).await;
+    while generator.now_us() < now.timestamp_micros() {
+        let mut events = generator.next_events(20_000);
+        events.retain(|e| e.event_time_us < now.timestamp_micros());
+        sent += events.len();
+        send_events(client, base, token, events).await;
+    }
+    println!(
+        "Backfilled {sent} events in {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
 }
 
 async fn send_events(

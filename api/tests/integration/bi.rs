@@ -12,7 +12,7 @@ use crate::common::{ADMIN, TestServer};
 use crate::sql::fixture_server;
 
 /// A token with the given scopes, made by the admin.
-async fn token(server: &TestServer, scopes: &[&str]) -> String {
+pub(crate) async fn token(server: &TestServer, scopes: &[&str]) -> String {
     let made: Value = server
         .client
         .post(format!("{}/v1/tokens", server.url))
@@ -27,7 +27,7 @@ async fn token(server: &TestServer, scopes: &[&str]) -> String {
     made["token"].as_str().expect("token").to_owned()
 }
 
-async fn pg_connect(
+pub(crate) async fn pg_connect(
     server: &TestServer,
     password: &str,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
@@ -54,7 +54,7 @@ fn psql(server: &TestServer, password: &str, command: &str) -> std::process::Out
         .expect("psql is installed (scripts/test.sh installs postgresql-client)")
 }
 
-fn psql_ok(server: &TestServer, command: &str) -> String {
+pub(crate) fn psql_ok(server: &TestServer, command: &str) -> String {
     let out = psql(server, ADMIN, command);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(

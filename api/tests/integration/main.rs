@@ -6,6 +6,7 @@ mod common;
 mod crash;
 mod disk_full;
 mod ingest;
+mod jobs;
 mod push;
 mod s3;
 mod sql;

@@ -43,8 +43,8 @@ pub(crate) trait TableSource: std::fmt::Debug + Send + Sync + 'static {
     fn result_names(&self) -> Vec<String>;
     /// A result table as last loaded.
     fn result_table(&self, name: &str) -> Option<DeltaTable>;
-    /// A stream's Delta table as it was at a version or instant.
-    async fn historical_table(&self, stream: &str, at: TableAt) -> crate::Result<DeltaTable>;
+    /// A stream's or result table's Delta table as it was at a version or instant.
+    async fn historical_table(&self, name: &str, at: TableAt) -> crate::Result<DeltaTable>;
 }
 
 /// What a query reads of one stream: a published table state and the buffered batches
@@ -231,12 +231,13 @@ impl StreamProvider {
         })
     }
 
-    fn history(engine: Arc<dyn TableSource>, stream: &StreamSchema, at: TableAt) -> Self {
+    /// `name` (a stream or a result table) as it was at `at`, read with `schema`.
+    fn history(engine: Arc<dyn TableSource>, name: &str, schema: SchemaRef, at: TableAt) -> Self {
         Self {
-            schema: query_schema(stream.stored_schema()),
+            schema,
             source: Source::History {
                 engine,
-                stream: stream.name().to_owned(),
+                stream: name.to_owned(),
                 at,
             },
         }
@@ -366,8 +367,8 @@ fn describe(at: TableAt) -> String {
     }
 }
 
-/// `table_at_version('stream', n)` and `table_at_time('stream', '2026-11-25T10:00:00Z')`:
-/// a stream as its Delta table was at a version or an instant (stored events only).
+/// `table_at_version('orders', n)` and `table_at_time('orders', '2026-11-25T10:00:00Z')`:
+/// a stream (stored events only) or a result table as its Delta table was at a version or instant.
 #[derive(Debug)]
 pub(crate) struct TimeTravel {
     engine: Arc<dyn TableSource>,
@@ -407,11 +408,17 @@ impl TableFunctionImpl for TimeTravel {
         };
         let Expr::Literal(ScalarValue::Utf8(Some(stream)), _) = stream else {
             return plan_err!(
-                "{name}: the first argument must be a stream name in quotes: {usage}"
+                "{name}: the first argument must be a stream or table name in quotes: {usage}"
             );
         };
-        let Some(schema) = self.engine.stream_schema(stream) else {
-            return plan_err!("{name}: unknown stream '{stream}'");
+        // A stream is read with its stored schema; a result table (whose schema a
+        // job may change between runs) with its latest one.
+        let schema = match self.engine.stream_schema(stream) {
+            Some(s) => query_schema(s.stored_schema()),
+            None => match self.engine.result_table(stream) {
+                Some(table) => delta_scan(&table)?.schema(),
+                None => return plan_err!("{name}: unknown stream or table '{stream}'"),
+            },
         };
         let at = match (self.by_time, at) {
             (false, Expr::Literal(ScalarValue::Int64(Some(v)), _)) if *v >= 0 => {
@@ -435,7 +442,8 @@ impl TableFunctionImpl for TimeTravel {
         };
         Ok(Arc::new(StreamProvider::history(
             Arc::clone(&self.engine),
-            &schema,
+            stream,
+            schema,
             at,
         )))
     }

@@ -110,6 +110,10 @@ pub struct ViewOptions {
     pub checkpoint_interval: Duration,
     /// Change sets kept per view for subscribers that resume.
     pub history: usize,
+    /// Whether views run at all. Off for batch tools (`quiver forecast`) that share a
+    /// store with a server: they read tables and write result tables, and must not
+    /// load, refill or checkpoint the server's views.
+    pub maintain: bool,
 }
 
 impl Default for ViewOptions {
@@ -119,6 +123,7 @@ impl Default for ViewOptions {
             recompute_interval: Duration::from_secs(1),
             checkpoint_interval: Duration::from_secs(30),
             history: 256,
+            maintain: true,
         }
     }
 }
@@ -486,6 +491,12 @@ impl Views {
             .lock()
             .take()
             .ok_or_else(|| crate::Error::Config("the view maintainer already runs".into()))?;
+        if !views.options.maintain {
+            // With the receiver gone every request to the maintainer is refused at
+            // once, as after a stop.
+            drop(rx);
+            return Ok(());
+        }
         let (ready_tx, ready_rx) = oneshot::channel();
         let handle = std::thread::Builder::new()
             .name("quiver-views".into())

@@ -5,6 +5,8 @@ use augurs_core::{Fit, Predict};
 use augurs_ets::AutoETS;
 use augurs_mstl::MSTLModel;
 use serde_json::{Value, json};
+use smartcore::linalg::basic::matrix::DenseMatrix;
+use smartcore::linear::ridge_regression::{RidgeRegression, RidgeRegressionParameters};
 
 /// Days in the weekly season every method here knows about.
 pub const WEEK: usize = 7;
@@ -27,6 +29,11 @@ pub enum Method {
     /// Teunter–Syntetos–Babai: demand probability and size smoothed apart, so a
     /// series that stops selling sees its forecast decay.
     Tsb,
+    /// Ridge regression (smartcore) on features of the days before: the same weekday
+    /// one and two weeks back, the last 7- and 28-day means, the day of the week and a
+    /// trend; forecast one day at a time, each day's forecast feeding the next's
+    /// features.
+    RidgeFeatures,
 }
 
 /// Why a method could not forecast a series.
@@ -77,6 +84,8 @@ impl Method {
             // MSTL needs two full seasons.
             Self::MstlEts => 2 * WEEK,
             Self::CrostonSba | Self::Tsb => 1,
+            // A row needs 28 days before it, and the fit two weeks of rows.
+            Self::RidgeFeatures => RIDGE_LOOKBACK + 2 * WEEK,
         }
     }
 
@@ -95,6 +104,7 @@ impl Method {
             Self::MstlEts => mstl_ets(history, horizon)?,
             Self::CrostonSba => croston_sba(history, horizon),
             Self::Tsb => tsb(history, horizon),
+            Self::RidgeFeatures => ridge_features(history, horizon)?,
         };
         for v in &mut fitted.point {
             // Demand is never negative; a trend model can extrapolate below zero.
@@ -206,4 +216,87 @@ fn tsb(history: &[f64], horizon: usize) -> Fitted {
             "size": size,
         }),
     }
+}
+
+/// Days of history before a regression row that its features read.
+const RIDGE_LOOKBACK: usize = 4 * WEEK;
+
+/// Rows (days) the regression is fitted on at most: the most recent 13 weeks, as for
+/// MSTL, so the fit follows the current level and weekly shape.
+const RIDGE_WINDOW: usize = 13 * WEEK;
+
+/// Ridge penalty on the standardized features: small, to keep the fit stable where
+/// features move together (the two means, the two lags) without flattening it.
+const RIDGE_ALPHA: f64 = 1.0;
+
+/// The features' names, in [`ridge_row`]'s order.
+const RIDGE_FEATURES: [&str; 11] = [
+    "lag_7", "lag_14", "mean_7", "mean_28", "trend", "dow_1", "dow_2", "dow_3", "dow_4", "dow_5",
+    "dow_6",
+];
+
+/// The features of day `t` of `y`, from the days before it only.
+fn ridge_row(y: &[f64], t: usize) -> Vec<f64> {
+    let mean = |days: usize| y[t - days..t].iter().sum::<f64>() / days as f64;
+    let mut row = vec![
+        y[t - WEEK],
+        y[t - 2 * WEEK],
+        mean(WEEK),
+        mean(4 * WEEK),
+        t as f64,
+    ];
+    // Days of the week relative to the series' first day: six indicators, the seventh
+    // day the base.
+    row.extend((1..WEEK).map(|d| if t % WEEK == d { 1.0 } else { 0.0 }));
+    row
+}
+
+fn ridge_features(history: &[f64], horizon: usize) -> Result<Fitted, MethodError> {
+    let failed = |e: &dyn std::fmt::Display| MethodError::Failed {
+        method: Method::RidgeFeatures.name(),
+        reason: e.to_string(),
+    };
+    let first = RIDGE_LOOKBACK.max(history.len().saturating_sub(RIDGE_WINDOW));
+    let rows: Vec<Vec<f64>> = (first..history.len())
+        .map(|t| ridge_row(history, t))
+        .collect();
+    let targets: Vec<f64> = history[first..].to_vec();
+    let x = DenseMatrix::from_2d_vec(&rows).map_err(|e| failed(&e))?;
+    let model = RidgeRegression::fit(
+        &x,
+        &targets,
+        RidgeRegressionParameters::default()
+            .with_alpha(RIDGE_ALPHA)
+            .with_normalize(true),
+    )
+    .map_err(|e| failed(&e))?;
+    // One day at a time: each forecast becomes history for the next day's features.
+    let mut extended = history.to_vec();
+    for _ in 0..horizon {
+        let row = ridge_row(&extended, extended.len());
+        let x = DenseMatrix::from_2d_vec(&vec![row]).map_err(|e| failed(&e))?;
+        let next = model.predict(&x).map_err(|e| failed(&e))?[0];
+        extended.push(if next.is_finite() { next.max(0.0) } else { 0.0 });
+    }
+    let coefficients: serde_json::Map<String, Value> = RIDGE_FEATURES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            use smartcore::linalg::basic::arrays::Array;
+            (
+                (*name).to_owned(),
+                json!(model.coefficients().get((i, 0)).to_owned()),
+            )
+        })
+        .collect();
+    Ok(Fitted {
+        point: extended[history.len()..].to_vec(),
+        params: json!({
+            "alpha": RIDGE_ALPHA,
+            "standardized": true,
+            "rows": rows.len(),
+            "intercept": model.intercept(),
+            "coefficients": coefficients,
+        }),
+    })
 }

@@ -31,6 +31,8 @@ mod tests;
 
 pub use methods::{Fitted, Method, MethodError, WEEK};
 use serde::Serialize;
+
+use crate::progress::{Cancelled, Progress};
 use serde_json::Value;
 
 /// How a demand forecast is made.
@@ -241,24 +243,38 @@ impl SeriesForecast {
     }
 }
 
-/// Forecasts every history on `threads` threads (the calling thread waits), in order.
+/// Forecasts every history on `threads` threads (the calling thread waits), in order,
+/// counting each series done in `progress` and stopping early when it is cancelled.
 pub fn forecast_many(
     histories: &[Vec<f64>],
     config: &DemandConfig,
     threads: usize,
-) -> Vec<SeriesForecast> {
+    progress: &Progress,
+) -> Result<Vec<SeriesForecast>, Cancelled> {
     let chunk = histories.len().div_ceil(threads.max(1)).max(1);
     std::thread::scope(|s| {
         let handles: Vec<_> = histories
             .chunks(chunk)
-            .map(|part| s.spawn(|| part.iter().map(|y| forecast(y, config)).collect::<Vec<_>>()))
+            .map(|part| {
+                s.spawn(|| {
+                    part.iter()
+                        .map(|y| {
+                            progress.check()?;
+                            let f = forecast(y, config);
+                            progress.advance(1);
+                            Ok(f)
+                        })
+                        .collect::<Result<Vec<_>, Cancelled>>()
+                })
+            })
             .collect();
-        handles
-            .into_iter()
+        let mut all = Vec::with_capacity(histories.len());
+        for h in handles {
             // A forecast does not panic on any history (tested); if one did, this
             // thread carries it on rather than losing series silently.
-            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
+            all.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?);
+        }
+        Ok(all)
     })
 }
 
@@ -353,7 +369,14 @@ fn candidates(history: &[f64]) -> (Vec<Method>, bool) {
             true,
         )
     } else {
-        (vec![Method::SeasonalNaive, Method::MstlEts], false)
+        (
+            vec![
+                Method::SeasonalNaive,
+                Method::MstlEts,
+                Method::RidgeFeatures,
+            ],
+            false,
+        )
     }
 }
 
