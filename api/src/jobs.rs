@@ -113,8 +113,7 @@ impl Jobs {
         *self.running.lock() = None;
     }
 
-    /// Runs the schedules until `stop`; first reads each job's last run from
-    /// `model_runs`, so `GET /v1/jobs` shows it after a restart.
+    /// Runs the schedules until `stop`.
     pub(crate) fn spawn(
         self: &Arc<Self>,
         engine: Engine,
@@ -122,7 +121,6 @@ impl Jobs {
     ) {
         let jobs = Arc::clone(self);
         tokio::spawn(async move {
-            jobs.load_last(&engine).await;
             if jobs.schedules.is_empty() {
                 return;
             }
@@ -171,7 +169,9 @@ impl Jobs {
         let _ = tokio::time::timeout(patience, self.gate.lock()).await;
     }
 
-    async fn load_last(&self, engine: &Engine) {
+    /// Reads each job's last run from `model_runs`, so `GET /v1/jobs` shows it after
+    /// a restart (called before the server reports ready).
+    pub(crate) async fn load_last(&self, engine: &Engine) {
         if !engine.result_tables().iter().any(|t| t == "model_runs") {
             return;
         }

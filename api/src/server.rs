@@ -125,6 +125,7 @@ impl RunningServer {
             match Engine::open(engine_config, Arc::clone(&recovering.metrics)).await {
                 Ok(engine) => {
                     recovering.push.start(engine.clone());
+                    recovering.jobs.load_last(&engine).await;
                     recovering.jobs.spawn(engine.clone(), jobs_stop);
                     let _ = recovering.engine.set(engine);
                     info!("ready");

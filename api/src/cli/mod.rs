@@ -297,25 +297,26 @@ async fn demo(
         .await?;
     let base = format!("http://{}", server.http_addr);
     let client = reqwest::Client::new();
-    let backfilled = backfill_days > 0 && has_no_orders(&client, &base, &token).await;
-    if backfilled {
-        backfill(&client, &base, &token, &data, backfill_days).await;
-    }
-    // Forecasts and anomalies from what is there now; then hourly and every 10 minutes.
-    server.run_job_soon(quiver_models::job::JobKind::Forecast)?;
-    server.run_job_soon(quiver_models::job::JobKind::Anomalies)?;
-    println!("Demo feed: about {rate} events/s into 'orders' and 'inventory'. Ctrl-C stops.");
-    println!(
-        "Try: curl -s {base}/v1/sql -H \"Authorization: Bearer $QUIVER_TOKEN\" \
-         -d '{{\"sql\": \"SELECT status, COUNT(*) FROM orders GROUP BY 1\"}}'"
-    );
-    // About 1.4 events per order line over its life (status changes and stock moves).
-    let mut generator = data.generator((rate / 5.0).max(0.1));
-    if !backfilled {
-        let opening = generator.opening_stock();
-        send_events(&client, &base, &token, opening).await;
-    }
-    let feed = async {
+    // Everything from here stops at Ctrl-C or SIGTERM, the backfill included.
+    let work = async {
+        let backfilled = backfill_days > 0 && has_no_orders(&client, &base, &token).await;
+        if backfilled {
+            backfill(&client, &base, &token, &data, backfill_days).await;
+        }
+        // Forecasts and anomalies from what is there now; then on their schedules.
+        server.run_job_soon(quiver_models::job::JobKind::Forecast)?;
+        server.run_job_soon(quiver_models::job::JobKind::Anomalies)?;
+        println!("Demo feed: about {rate} events/s into 'orders' and 'inventory'. Ctrl-C stops.");
+        println!(
+            "Try: curl -s {base}/v1/sql -H \"Authorization: Bearer $QUIVER_TOKEN\" \
+             -d '{{\"sql\": \"SELECT status, COUNT(*) FROM orders GROUP BY 1\"}}'"
+        );
+        // About 1.4 events per order line over its life (status changes and stock moves).
+        let mut generator = data.generator((rate / 5.0).max(0.1));
+        if !backfilled {
+            let opening = generator.opening_stock();
+            send_events(&client, &base, &token, opening).await;
+        }
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         let mut sent: u64 = 0;
         let started = Instant::now();
@@ -329,12 +330,15 @@ async fn demo(
                 send_events(&client, &base, &token, events).await;
             }
         }
+        #[allow(unreachable_code)]
+        Ok::<(), anyhow::Error>(())
     };
-    tokio::select! {
-        _ = feed => {}
-        _ = wait_for_signal() => {}
-    }
-    server.shutdown().await
+    let outcome = tokio::select! {
+        done = work => done,
+        () = wait_for_signal() => Ok(()),
+    };
+    let stopped = server.shutdown().await;
+    outcome.and(stopped)
 }
 
 /// Whether the store holds no order events yet (a fresh demo).
