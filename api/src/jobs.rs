@@ -89,6 +89,11 @@ impl Jobs {
             return Err(self.running_json().unwrap_or(Value::Null));
         };
         let run = Run::new(kind);
+        // Registered before the answer, so the id it gives can be cancelled at once.
+        *self.running.lock() = Some(Running {
+            run: run.clone(),
+            trigger: "api",
+        });
         let jobs = Arc::clone(self);
         let started = run.clone();
         tokio::spawn(async move {
