@@ -138,6 +138,10 @@ pub struct PeerOutlier {
     pub upper: f64,
 }
 
+/// The most, in multiples of its median, that a series' value counts as when peers are
+/// compared (see [`peer_outliers`]).
+const PEER_CAP: f64 = 3.0;
+
 /// Stretches where one series of a group (e.g. one warehouse's hourly revenue among
 /// all warehouses') moves unlike the rest, by augurs' DBSCAN outlier detector: at
 /// each point the series are clustered, and one outside the main cluster is outlying
@@ -160,7 +164,15 @@ pub fn peer_outliers(series: &[Vec<f64>], sensitivity: f64) -> Vec<PeerOutlier> 
         .zip(&medians)
         .map(|(s, m)| s.iter().map(|v| v / m).collect())
         .collect();
-    let rows: Vec<&[f64]> = relative.iter().map(Vec::as_slice).collect();
+    // augurs sets DBSCAN's epsilon from the span of all the data, so one large spike
+    // anywhere would widen it until a warehouse dropping to nothing sat inside its
+    // peers' cluster. Clustered values are capped at PEER_CAP times a series' median:
+    // a spike still stands out (at the cap), without deciding the scale for the rest.
+    let capped: Vec<Vec<f64>> = relative
+        .iter()
+        .map(|r| r.iter().map(|v| v.min(PEER_CAP)).collect())
+        .collect();
+    let rows: Vec<&[f64]> = capped.iter().map(Vec::as_slice).collect();
     let Ok(detector) = DbscanDetector::with_sensitivity(sensitivity) else {
         return Vec::new();
     };
