@@ -40,7 +40,7 @@ enum Command {
         rate: f64,
         /// Days of history to send at start when the store has no orders yet, so the
         /// forecast job has something to learn from (0: none).
-        #[arg(long, env = "QUIVER_DEMO_BACKFILL_DAYS", default_value_t = 28)]
+        #[arg(long, env = "QUIVER_DEMO_BACKFILL_DAYS", default_value_t = 56)]
         backfill_days: u32,
     },
     /// Write generated events to files, one per stream (`orders.<ext>`, `inventory.<ext>`).
@@ -361,8 +361,10 @@ async fn has_no_orders(client: &reqwest::Client, base: &str, token: &str) -> boo
 async fn backfill(client: &reqwest::Client, base: &str, token: &str, data: &DataArgs, days: u32) {
     let now = chrono::Utc::now();
     let start = now - chrono::Duration::days(i64::from(days));
-    // About 12 order lines a day per SKU and warehouse at the defaults.
-    let lines_per_sec = (data.skus.max(1) * data.warehouses.max(1)) as f64 * 12.0 / 86_400.0;
+    // Enough demand per SKU and warehouse for weekly patterns (about 30,000 events a
+    // day at the defaults; 56 days took 35 s into a debug build): the forecast
+    // needs 6 weeks of history for a backtest.
+    let lines_per_sec = (data.skus.max(1) * data.warehouses.max(1)) as f64 * 3.5 / 86_400.0;
     let mut generator = Generator::new(GeneratorConfig {
         skus: data.skus.max(1),
         warehouses: data.warehouses.max(1),
