@@ -268,13 +268,6 @@ impl Jobs {
 
 type AppStateRef = State<Arc<AppState>>;
 
-fn engine(state: &AppState) -> ApiResult<&Engine> {
-    state
-        .engine
-        .get()
-        .ok_or_else(|| ApiError::unavailable("recovering the write-ahead log", 1))
-}
-
 /// `POST /v1/jobs/{kind}`: runs a job now; 202 with the run's id.
 pub(crate) async fn start(
     State(state): AppStateRef,
@@ -289,7 +282,7 @@ pub(crate) async fn start(
             format!("there is no job '{kind}'; jobs are: {}", known.join(", ")),
         )
     })?;
-    let engine = engine(&state)?.clone();
+    let engine = state.ready_engine()?.clone();
     match state.jobs.start(engine, kind) {
         Ok(run) => Ok((
             StatusCode::ACCEPTED,

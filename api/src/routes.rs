@@ -8,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use quiver_engine::metrics::{RejectLabel, stream_label};
-use quiver_engine::{Engine, IdempotencyKey, IngestOutcome};
+use quiver_engine::{IdempotencyKey, IngestOutcome};
 use quiver_ingest::Format;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -57,19 +57,12 @@ pub(crate) async fn not_found() -> ApiError {
     ApiError::not_found("not_found", "no such endpoint")
 }
 
-fn engine(state: &AppState) -> ApiResult<&Engine> {
-    state
-        .engine
-        .get()
-        .ok_or_else(|| ApiError::unavailable("recovering the write-ahead log", 1))
-}
-
 pub(crate) async fn list_streams(
     State(state): AppStateRef,
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
     state.tokens.authenticate(&headers)?.require(Scope::Read)?;
-    let engine = engine(&state)?;
+    let engine = state.ready_engine()?;
     let streams: Vec<Value> = engine
         .streams()
         .await
@@ -142,7 +135,7 @@ async fn ingest_inner(
         )
         .retry_after(1));
     }
-    let engine = engine(state)?;
+    let engine = state.ready_engine()?;
     let schema = engine.stream_schema(stream).ok_or_else(|| {
         ApiError::not_found("unknown_stream", format!("unknown stream '{stream}'"))
     })?;

@@ -26,3 +26,12 @@ pub(crate) struct AppState {
     /// Batch jobs: runs on request and on schedule.
     pub(crate) jobs: Arc<crate::jobs::Jobs>,
 }
+
+impl AppState {
+    /// The engine, or 503 while the write-ahead log is still being recovered.
+    pub(crate) fn ready_engine(&self) -> crate::error::ApiResult<&Engine> {
+        self.engine
+            .get()
+            .ok_or_else(|| crate::error::ApiError::unavailable("recovering the write-ahead log", 1))
+    }
+}

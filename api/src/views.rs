@@ -44,16 +44,10 @@ pub(crate) fn view_json(v: &ViewInfo) -> Value {
     out
 }
 
-fn engine(state: &AppState) -> ApiResult<&quiver_engine::Engine> {
-    state
-        .engine
-        .get()
-        .ok_or_else(|| ApiError::unavailable("recovering the write-ahead log", 1))
-}
-
 pub(crate) async fn list(State(state): AppStateRef, headers: HeaderMap) -> ApiResult<Json<Value>> {
     state.tokens.authenticate(&headers)?.require(Scope::Read)?;
-    let views: Vec<Value> = engine(&state)?
+    let views: Vec<Value> = state
+        .ready_engine()?
         .views()
         .views_info()
         .iter()
@@ -75,7 +69,7 @@ pub(crate) async fn get_one(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
     state.tokens.authenticate(&headers)?.require(Scope::Read)?;
-    let engine = engine(&state)?;
+    let engine = state.ready_engine()?;
     let info = engine
         .views()
         .view_info(&name)
@@ -113,7 +107,7 @@ pub(crate) async fn create(
             format!("expected {{\"name\": \"...\", \"sql\": \"SELECT ...\"}}: {e}"),
         )
     })?;
-    let engine = engine(&state)?;
+    let engine = state.ready_engine()?;
     let view = engine
         .views()
         .create_view(&req.name, &req.sql, false)
@@ -130,7 +124,8 @@ pub(crate) async fn delete(
 ) -> ApiResult<Response> {
     let principal = state.tokens.authenticate(&headers)?;
     principal.require(Scope::Admin)?;
-    engine(&state)?
+    state
+        .ready_engine()?
         .views()
         .drop_view(&name, false)
         .await
