@@ -7,6 +7,10 @@
 //! Each delta frame carries `acked_at`, the server's wall-clock time when the oldest
 //! event behind it was acknowledged; client and server share this machine's clock.
 //!
+//! With `--job forecast` the driver starts that batch job over HTTP `--job-after` into
+//! the run and splits the latency into what arrived while the job ran and what arrived
+//! while none did, so one run compares the two.
+//!
 //! Only loopback targets are accepted, and the run stops by itself.
 
 use std::sync::Arc;
@@ -47,6 +51,13 @@ struct Args {
     /// Server process id, to sample its RSS.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// A batch job to start during the run (`forecast`, `anomalies`); the token then
+    /// needs the admin scope.
+    #[arg(long)]
+    job: Option<String>,
+    /// When to start the job, after measuring begins.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    job_after: Duration,
 }
 
 /// Latency histogram in 0.1 ms buckets up to 60 s, lock-free.
@@ -87,17 +98,88 @@ impl Histogram {
     }
 }
 
-/// Where a subscriber records latency: the windowed histogram of all subscribers, and
-/// the whole-run one of its view.
+/// Whole-run latency split by whether a batch job was running when a delta arrived.
+struct JobSplit {
+    running: std::sync::atomic::AtomicBool,
+    idle: Histogram,
+    busy: Histogram,
+}
+
+/// Where a subscriber records latency: the windowed histogram of all subscribers, the
+/// whole-run one of its view, and the job split.
 struct Latency {
     all: Arc<Histogram>,
     view: Arc<Histogram>,
+    split: Arc<JobSplit>,
 }
 
 impl Latency {
     fn record(&self, ms: f64) {
         self.all.record(ms);
         self.view.record(ms);
+        if self.split.running.load(Ordering::Relaxed) {
+            self.split.busy.record(ms);
+        } else {
+            self.split.idle.record(ms);
+        }
+    }
+}
+
+/// Starts batch job `kind` and keeps `split.running` true while a run of it is in
+/// progress, polling `GET /v1/jobs`; prints when it started and how it ended.
+async fn run_job(
+    base: String,
+    token: String,
+    kind: String,
+    split: Arc<JobSplit>,
+    t0: Instant,
+) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let started = client
+        .post(format!("{base}/v1/jobs/{kind}"))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    if !started.status().is_success() {
+        bail!(
+            "starting job {kind}: {} {}",
+            started.status(),
+            started.text().await?
+        );
+    }
+    let run: serde_json::Value = started.json().await?;
+    split.running.store(true, Ordering::Relaxed);
+    println!(
+        "{:>5.0}s  job {} started",
+        t0.elapsed().as_secs_f64(),
+        run["id"].as_str().unwrap_or("?")
+    );
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let jobs: serde_json::Value = client
+            .get(format!("{base}/v1/jobs"))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let job = jobs["jobs"]
+            .as_array()
+            .and_then(|js| js.iter().find(|j| j["kind"] == kind.as_str()))
+            .context("the job is not listed")?;
+        if job["running"].is_null() {
+            split.running.store(false, Ordering::Relaxed);
+            let last = &job["last_run"];
+            println!(
+                "{:>5.0}s  job {} {}: {} series, {} rows",
+                t0.elapsed().as_secs_f64(),
+                last["run_id"].as_str().unwrap_or("?"),
+                last["state"].as_str().unwrap_or("?"),
+                last["series"],
+                last["rows"]
+            );
+            return Ok(());
+        }
     }
 }
 
@@ -320,6 +402,11 @@ async fn main() -> anyhow::Result<()> {
     let view_hists: Vec<Arc<Histogram>> =
         views.iter().map(|_| Arc::new(Histogram::new())).collect();
     let counts = Arc::new(Counts::default());
+    let split = Arc::new(JobSplit {
+        running: false.into(),
+        idle: Histogram::new(),
+        busy: Histogram::new(),
+    });
 
     // Connect everyone, a few hundred at a time, and wait for every snapshot.
     let started = Instant::now();
@@ -336,11 +423,13 @@ async fn main() -> anyhow::Result<()> {
         let (url, token) = (ws_url.clone(), args.target.token.clone());
         let (hist, counts, ready) = (Arc::clone(&hist), Arc::clone(&counts), ready_tx.clone());
         let view_hist = Arc::clone(&view_hists[i % views.len()]);
+        let split = Arc::clone(&split);
         tokio::spawn(async move {
             let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(1);
             let latency = Latency {
                 all: hist,
                 view: view_hist,
+                split,
             };
             let run = tokio::spawn(subscriber(
                 url, token, view, filter, latency, counts, done_tx,
@@ -383,10 +472,23 @@ async fn main() -> anyhow::Result<()> {
     for h in &view_hists {
         h.take();
     }
+    split.idle.take();
+    split.busy.take();
     let mut all = vec![0u64; Histogram::BUCKETS + 1];
     let mut all_max: f64 = 0.0;
     let mut rss = Vec::new();
     let t0 = Instant::now();
+    let job = args.job.clone().map(|kind| {
+        let (base, token, split) = (base.clone(), args.target.token.clone(), Arc::clone(&split));
+        let after = args.job_after;
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Err(e) = run_job(base, token, kind, Arc::clone(&split), t0).await {
+                split.running.store(false, Ordering::Relaxed);
+                eprintln!("job failed: {e:#}");
+            }
+        })
+    });
     let metrics_client = reqwest::Client::new();
     println!(
         "window  events/s  deltas/s  coalesced  p50_ms  p99_ms  max_ms  server_rss_mib  allocated_mib  view_state_mib  ws_queue_mib"
@@ -444,6 +546,21 @@ async fn main() -> anyhow::Result<()> {
         percentile(&all, 0.99),
         all_max
     );
+    if job.is_some() {
+        let (idle, idle_max) = split.idle.take();
+        let (busy, busy_max) = split.busy.take();
+        for (name, c, max) in [
+            ("no job running", idle, idle_max),
+            ("job running", busy, busy_max),
+        ] {
+            println!(
+                "latency while {name}: {} deltas, p50 {:.1} ms, p99 {:.1} ms, max {max:.1} ms",
+                c.iter().sum::<u64>(),
+                percentile(&c, 0.50),
+                percentile(&c, 0.99),
+            );
+        }
+    }
     println!("per view: subscribers  deltas  p50_ms  p99_ms  max_ms");
     for (i, ((name, _), h)) in views.iter().zip(&view_hists).enumerate() {
         let (c, max) = h.take();

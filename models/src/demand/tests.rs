@@ -234,3 +234,27 @@ fn the_regression_follows_trend_and_weekly_shape() {
         Err(MethodError::TooShort { needs: 42, .. })
     ));
 }
+
+#[test]
+fn many_threads_return_each_series_forecast_in_input_order() {
+    let mut rng = StdRng::seed_from_u64(11);
+    // Cheap and costly series mixed, so threads finish out of order.
+    let series: Vec<Vec<f64>> = (0..24)
+        .map(|i| {
+            if i % 3 == 0 {
+                intermittent(&mut rng, 120)
+            } else {
+                smooth(&mut rng, 120)
+            }
+        })
+        .collect();
+    let config = DemandConfig::default();
+    let alone: Vec<SeriesForecast> = series.iter().map(|y| forecast(y, &config)).collect();
+    let progress = Progress::default();
+    let many = forecast_many(&series, &config, 3, &progress).unwrap();
+    assert_eq!(many, alone);
+    assert_eq!(progress.report().done, 24);
+
+    progress.cancel();
+    assert!(forecast_many(&series, &config, 3, &progress).is_err());
+}
