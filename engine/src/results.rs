@@ -12,11 +12,11 @@
 use std::collections::{BTreeMap, HashSet};
 
 use arrow::record_batch::RecordBatch;
-use deltalake::DeltaTable;
 use deltalake::operations::write::SchemaMode;
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::SaveMode;
+use deltalake::{DeltaTable, DeltaTableError};
 use futures::TryStreamExt;
 use object_store::ObjectStore;
 use parking_lot::RwLock;
@@ -26,6 +26,9 @@ use crate::schema::is_valid_identifier;
 use crate::store::Store;
 use crate::table::builder;
 use crate::{Error, Result};
+
+/// Tries at one result-table write before its commit conflict is the caller's.
+const WRITE_ATTEMPTS: u32 = 8;
 
 /// The result tables this process knows, by name, as last loaded.
 #[derive(Debug, Default)]
@@ -127,23 +130,40 @@ impl ResultTables {
                 "'{name}' is not a valid table name (lower-case letters, digits and _)"
             )));
         }
-        let mut table = builder(store, &store.table_url(name)?)?.build()?;
-        // A table not there yet is created by the write.
-        let _ = table.load().await;
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        let written = table
-            .write(batches)
-            .with_save_mode(mode)
-            .with_schema_mode(match mode {
-                SaveMode::Overwrite => SchemaMode::Overwrite,
-                _ => SchemaMode::Merge,
-            })
-            .with_writer_properties(
-                WriterProperties::builder()
-                    .set_compression(Compression::ZSTD(ZstdLevel::default()))
-                    .build(),
-            )
-            .await?;
+        // Another process may commit to the same table meanwhile (a CLI job and the
+        // server both adding a `model_runs` row, or both creating the table): Delta
+        // refuses a commit whose metadata raced another's, and the write is then made
+        // again on the table as it now is. Appends of rows never conflict otherwise.
+        let mut attempt = 0;
+        let written = loop {
+            attempt += 1;
+            let mut table = builder(store, &store.table_url(name)?)?.build()?;
+            // A table not there yet is created by the write.
+            let _ = table.load().await;
+            let result = table
+                .write(batches.clone())
+                .with_save_mode(mode)
+                .with_schema_mode(match mode {
+                    SaveMode::Overwrite => SchemaMode::Overwrite,
+                    _ => SchemaMode::Merge,
+                })
+                .with_writer_properties(
+                    WriterProperties::builder()
+                        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+                        .build(),
+                )
+                .await;
+            match result {
+                Err(
+                    e @ (DeltaTableError::Transaction { .. }
+                    | DeltaTableError::VersionAlreadyExists(_)),
+                ) if attempt < WRITE_ATTEMPTS => {
+                    warn!(table = name, attempt, error = %e, "result table commit raced another writer; writing again");
+                }
+                other => break other?,
+            }
+        };
         let version = written.version().unwrap_or(0);
         info!(table = name, rows, version, ?mode, "result table written");
         self.tables.write().insert(name.to_owned(), written);

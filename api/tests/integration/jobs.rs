@@ -1,6 +1,6 @@
 //! Batch jobs end to end: history ingested over HTTP, the forecast job run by the CLI
 //! (`quiver forecast`, a second process on the server's store) and through the API,
-//! read back over `/v1/sql` and the Postgres wire; a CLI run killed half way and an API
+//! read back over `/v1/sql`, the Postgres wire and Flight SQL; a CLI run killed half way and an API
 //! run cancelled half way leave the previous forecasts in place; schedules fire.
 
 use std::io::{BufRead, BufReader};
@@ -94,6 +94,55 @@ async fn wait_for_run(server: &TestServer, id: &str) -> Value {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Over Flight SQL: the names of the catalog's tables, and the forecast rows of run `id`.
+async fn flight_tables_and_count(server: &TestServer, id: &str) -> (Vec<String>, i64) {
+    use arrow::array::{Array as _, AsArray as _};
+    use arrow_flight::sql::CommandGetTables;
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+    use futures::TryStreamExt as _;
+
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", server.flight_port))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut client = FlightSqlServiceClient::new(channel);
+    client.set_token(ADMIN.to_owned());
+    let mut batches = Vec::new();
+    let listing = client
+        .get_tables(CommandGetTables::default())
+        .await
+        .unwrap();
+    let sql = format!("SELECT count(*) FROM forecasts WHERE run_id = '{id}'");
+    let counted = client.execute(sql, None).await.unwrap();
+    for info in [listing, counted] {
+        let mut got = Vec::new();
+        for endpoint in info.endpoint {
+            let stream = client.do_get(endpoint.ticket.unwrap()).await.unwrap();
+            got.extend(stream.try_collect::<Vec<_>>().await.unwrap());
+        }
+        batches.push(got);
+    }
+    let names = batches[0]
+        .iter()
+        .flat_map(|b| {
+            let col = arrow::compute::cast(
+                b.column_by_name("table_name").unwrap(),
+                &arrow::datatypes::DataType::Utf8,
+            )
+            .unwrap();
+            let col = col.as_string::<i32>().clone();
+            (0..col.len()).map(move |i| col.value(i).to_owned())
+        })
+        .collect();
+    let count = batches[1][0]
+        .column(0)
+        .as_primitive::<arrow::datatypes::Int64Type>()
+        .value(0);
+    (names, count)
 }
 
 async fn post_job(server: &TestServer, token: &str, kind: &str) -> reqwest::Response {
@@ -260,6 +309,21 @@ async fn forecasts_from_the_cli_and_the_api_are_read_over_sql_and_postgres() {
     assert_eq!(row.get::<_, i64>("n"), (SERIES * 14) as i64);
     assert_eq!(row.get::<_, i64>("skus"), SERIES as i64);
     assert_eq!(row.get::<_, String>("first"), today.to_string());
+
+    // Over Flight SQL: listed among the catalog's tables and read.
+    let (tables, counted) = flight_tables_and_count(&server, &api_id).await;
+    for table in [
+        "forecasts",
+        "forecast_models",
+        "stockout_risk",
+        "model_runs",
+    ] {
+        assert!(
+            tables.iter().any(|t| t == table),
+            "{table} not in {tables:?}"
+        );
+    }
+    assert_eq!(counted, (SERIES * 14) as i64);
 
     // Older runs stay readable: the CLI run's forecasts at the version it wrote.
     let cli_version = cli["tables"]["forecasts"].as_u64().unwrap();

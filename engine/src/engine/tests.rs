@@ -170,3 +170,62 @@ async fn queries_read_table_and_buffer_once_each() {
     );
     assert_eq!(snapshot.buffered.len(), 1);
 }
+
+/// Two processes append to one result table at once (a CLI job and a server job both
+/// add their `model_runs` row): every row lands, whether the table exists yet or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_from_two_engines_on_one_store_keep_every_row() {
+    let store = tempfile::tempdir().unwrap();
+    let open = |wal: std::path::PathBuf| {
+        let mut config = EngineConfig::new(format!("file://{}", store.path().display()), wal);
+        config.upkeep_interval = Duration::ZERO;
+        config.views.maintain = false;
+        Engine::open(config, Arc::new(EngineMetrics::unregistered()))
+    };
+    let (wal_a, wal_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = open(wal_a.path().to_path_buf()).await.unwrap();
+    let b = open(wal_b.path().to_path_buf()).await.unwrap();
+    let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("run_id", arrow::datatypes::DataType::Utf8, false),
+    ]));
+    let row = |id: String| {
+        RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(StringArray::from(vec![id]))],
+        )
+        .unwrap()
+    };
+    let appends = |engine: &Engine, who: &'static str| {
+        let engine = engine.clone();
+        async move {
+            for i in 0..8 {
+                engine
+                    .append_result_table("model_runs", vec![row(format!("{who}-{i}"))])
+                    .await
+                    .unwrap_or_else(|e| panic!("{who} append {i}: {e}"));
+            }
+        }
+    };
+    // The first appends race to create the table.
+    tokio::join!(appends(&a, "a"), appends(&b, "b"));
+
+    let reader = open(tempfile::tempdir().unwrap().keep()).await.unwrap();
+    let batches = reader
+        .query_session()
+        .context()
+        .sql("SELECT count(*) AS n, count(DISTINCT run_id) AS ids FROM model_runs")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let col = |c: usize| {
+        batches[0]
+            .column(c)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0)
+    };
+    assert_eq!((col(0), col(1)), (16, 16));
+}
