@@ -1,0 +1,242 @@
+//! Alert rules over materialized views (issue 20, first piece): the per-key state
+//! machine a rule runs for each row key of its view.
+//!
+//! A rule's predicate is evaluated on each change set of its view, per row key. A key
+//! whose row enters the predicate is `Pending`; once it has stayed in for the rule's
+//! `FOR` it is `Firing` (at once when `FOR` is zero). A firing key whose row leaves
+//! the predicate (or is deleted) keeps firing for `KEEP FIRING FOR`, then is
+//! `Resolved` and forgotten; back in the predicate before that, it simply goes on
+//! firing. A pending key that leaves before `FOR` is forgotten without a word, so a
+//! flapping row inside `FOR` tells nobody anything. Only `Firing` and `Resolved` are
+//! transitions people are told about.
+//!
+//! Time is passed in (milliseconds since the epoch), so tests drive the clock and a
+//! timer only has to call [`Tracker::tick`] at [`Tracker::next_deadline`]. The tracker
+//! serializes whole: saved after each transition and loaded at start, then reconciled
+//! with the view's rows ([`Tracker::reconcile`]), a key that was firing before a
+//! restart and still matches does not fire again.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+mod rule;
+#[cfg(test)]
+mod tests;
+
+pub use rule::{AlertRule, Destination, Severity, parse_create_alert};
+
+/// What a key of a rule is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum AlertState {
+    /// In the predicate, for less than `FOR`.
+    Pending,
+    /// In the predicate for `FOR`, or left it less than `KEEP FIRING FOR` ago.
+    Firing,
+    /// Out of the predicate for `KEEP FIRING FOR` after firing.
+    Resolved,
+}
+
+/// A rule's `FOR` and `KEEP FIRING FOR`, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timers {
+    /// How long a row must stay in the predicate before the key fires.
+    pub for_ms: i64,
+    /// How long a key keeps firing after its row left the predicate.
+    pub keep_firing_for_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Phase {
+    Pending { since: i64 },
+    Firing { since: i64, left: Option<i64> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Entry {
+    phase: Phase,
+    /// The row as last seen in the predicate.
+    row: Value,
+}
+
+/// A key's move to `Firing` or `Resolved`: what a notification says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    /// The row key (the view's key columns, as JSON text).
+    pub key: String,
+    /// `Firing` or `Resolved`.
+    pub state: AlertState,
+    /// When it happened (ms since the epoch): for `Firing`, when `FOR` ran out.
+    pub at: i64,
+    /// When the row entered the predicate.
+    pub since: i64,
+    /// The row as last seen in the predicate.
+    pub row: Value,
+}
+
+/// One key's state, for `SHOW ALERTS` and `GET /v1/alerts`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyStatus {
+    /// The row key.
+    pub key: String,
+    /// `Pending` or `Firing`.
+    pub state: AlertState,
+    /// When the row entered the predicate.
+    pub since: i64,
+    /// The row as last seen in the predicate.
+    pub row: Value,
+}
+
+/// The states of one rule's keys.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tracker {
+    timers: Timers,
+    keys: BTreeMap<String, Entry>,
+}
+
+impl Tracker {
+    /// A tracker with no key in any state.
+    pub fn new(timers: Timers) -> Self {
+        Self {
+            timers,
+            keys: BTreeMap::new(),
+        }
+    }
+
+    /// The row of `key` changed at `now`: `Some(row)` when it is in the predicate,
+    /// `None` when it is not or was deleted. Returns what became due, this key's
+    /// change included.
+    pub fn observe(&mut self, key: &str, matching: Option<Value>, now: i64) -> Vec<Transition> {
+        let mut out = Vec::new();
+        match (self.keys.get_mut(key), matching) {
+            (None, None) => {}
+            (None, Some(row)) => {
+                self.keys.insert(
+                    key.to_owned(),
+                    Entry {
+                        phase: Phase::Pending { since: now },
+                        row,
+                    },
+                );
+            }
+            (Some(entry), Some(row)) => {
+                entry.row = row;
+                if let Phase::Firing { left, .. } = &mut entry.phase {
+                    *left = None;
+                }
+            }
+            (Some(entry), None) => match entry.phase {
+                Phase::Pending { .. } => {
+                    self.keys.remove(key);
+                }
+                Phase::Firing { since, left: None } => {
+                    entry.phase = Phase::Firing {
+                        since,
+                        left: Some(now),
+                    };
+                }
+                Phase::Firing { left: Some(_), .. } => {}
+            },
+        }
+        out.extend(self.tick(now));
+        out
+    }
+
+    /// Moves every key whose `FOR` or `KEEP FIRING FOR` has run out by `now`.
+    pub fn tick(&mut self, now: i64) -> Vec<Transition> {
+        let Timers {
+            for_ms,
+            keep_firing_for_ms,
+        } = self.timers;
+        let mut out = Vec::new();
+        let mut resolved = Vec::new();
+        for (key, entry) in &mut self.keys {
+            match entry.phase {
+                Phase::Pending { since } if now - since >= for_ms => {
+                    entry.phase = Phase::Firing { since, left: None };
+                    out.push(Transition {
+                        key: key.clone(),
+                        state: AlertState::Firing,
+                        at: since + for_ms,
+                        since,
+                        row: entry.row.clone(),
+                    });
+                }
+                Phase::Firing {
+                    since,
+                    left: Some(left),
+                } if now - left >= keep_firing_for_ms => {
+                    resolved.push(key.clone());
+                    out.push(Transition {
+                        key: key.clone(),
+                        state: AlertState::Resolved,
+                        at: left + keep_firing_for_ms,
+                        since,
+                        row: entry.row.clone(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        for key in resolved {
+            self.keys.remove(&key);
+        }
+        out
+    }
+
+    /// When [`Tracker::tick`] next has something to do, if ever.
+    pub fn next_deadline(&self) -> Option<i64> {
+        self.keys
+            .values()
+            .filter_map(|e| match e.phase {
+                Phase::Pending { since } => Some(since + self.timers.for_ms),
+                Phase::Firing {
+                    left: Some(left), ..
+                } => Some(left + self.timers.keep_firing_for_ms),
+                Phase::Firing { left: None, .. } => None,
+            })
+            .min()
+    }
+
+    /// After a restart: the view's rows in the predicate now, by key. Keys tracked
+    /// and still matching carry on where they were (no second `Firing`); keys
+    /// tracked and no longer matching leave; new ones enter.
+    pub fn reconcile(&mut self, matching: BTreeMap<String, Value>, now: i64) -> Vec<Transition> {
+        let gone: Vec<String> = self
+            .keys
+            .keys()
+            .filter(|k| !matching.contains_key(*k))
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for key in gone {
+            out.extend(self.observe(&key, None, now));
+        }
+        for (key, row) in matching {
+            out.extend(self.observe(&key, Some(row), now));
+        }
+        out
+    }
+
+    /// Every key pending or firing.
+    pub fn status(&self) -> Vec<KeyStatus> {
+        self.keys
+            .iter()
+            .map(|(key, e)| {
+                let (state, since) = match e.phase {
+                    Phase::Pending { since } => (AlertState::Pending, since),
+                    Phase::Firing { since, .. } => (AlertState::Firing, since),
+                };
+                KeyStatus {
+                    key: key.clone(),
+                    state,
+                    since,
+                    row: e.row.clone(),
+                }
+            })
+            .collect()
+    }
+}
