@@ -14,6 +14,7 @@
 
 mod ddl;
 mod distinct_on;
+mod pool;
 mod rewrite;
 mod spill;
 mod tables;
@@ -25,7 +26,7 @@ use std::time::Duration;
 use datafusion::common::{DataFusionError, ParamValues, ScalarValue};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+use datafusion::execution::memory_pool::TrackConsumersPool;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::LogicalPlan;
@@ -202,9 +203,10 @@ impl QueryRuntime {
 
     fn env_for_query(&self) -> Arc<RuntimeEnv> {
         // Fair to spilling operators: each partition's sort or aggregation gets an equal
-        // share, so one cannot starve another's merge phase.
+        // share, so one cannot starve another's merge phase; and they leave room for
+        // the operators that cannot spill (`pool.rs`).
         let pool = TrackConsumersPool::new(
-            FairSpillPool::new(self.options.memory_limit),
+            pool::QueryPool::new(self.options.memory_limit),
             NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN),
         );
         Arc::new(RuntimeEnv {
