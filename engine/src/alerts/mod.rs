@@ -21,10 +21,12 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod predicate;
 mod rule;
 #[cfg(test)]
 mod tests;
 
+pub use predicate::Predicate;
 pub use rule::{AlertRule, Destination, Severity, parse_create_alert};
 
 /// What a key of a rule is doing.
