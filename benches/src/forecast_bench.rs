@@ -109,6 +109,19 @@ fn generate(s: &Series) -> Vec<Vec<f64>> {
         .collect()
 }
 
+/// Seasonal naive's forecast of the held-out days of each series: the yardstick.
+fn naive_forecasts(histories: &[Vec<f64>], s: &Series) -> anyhow::Result<Vec<Vec<f64>>> {
+    histories
+        .iter()
+        .map(|y| {
+            Ok(Method::SeasonalNaive
+                .forecast(&y[..s.days], s.horizon)
+                .context("histories are longer than a week")?
+                .point)
+        })
+        .collect()
+}
+
 /// Accuracy of forecasts against held-out truth, with seasonal naive as the yardstick.
 #[derive(Default)]
 struct Score {
@@ -121,17 +134,7 @@ struct Score {
 }
 
 impl Score {
-    fn add(
-        &mut self,
-        train: &[f64],
-        truth: f64,
-        day: usize,
-        point: f64,
-        i80: (f64, f64),
-        i95: (f64, f64),
-    ) {
-        // Seasonal naive: the same weekday of the last week of history.
-        let naive = train[train.len() - 7 + day % 7];
+    fn add(&mut self, truth: f64, naive: f64, point: f64, i80: (f64, f64), i95: (f64, f64)) {
         self.abs += (truth - point).abs();
         self.naive_abs += (truth - naive).abs();
         self.inside_80 += usize::from((i80.0..=i80.1).contains(&truth));
@@ -177,27 +180,18 @@ fn core(s: &Series, threads: usize) -> anyhow::Result<()> {
         .context("nothing cancels the benchmark")?;
     let wall = started.elapsed().as_secs_f64();
 
+    let naive = naive_forecasts(&histories, s)?;
     let mut score = Score::default();
-    for (y, f) in histories.iter().zip(&results) {
+    for ((y, f), naive) in histories.iter().zip(&results).zip(&naive) {
         let name = match f.fallback {
             Some(fb) => format!("{} ({})", f.method, fb.name()),
             None => f.method.to_owned(),
         };
         *score.methods.entry(name).or_default() += 1;
-        let (train, test) = y.split_at(s.days);
-        // The same yardstick as `Method::SeasonalNaive` (checked once here).
-        debug_assert_eq!(
-            Method::SeasonalNaive
-                .forecast(train, 7)
-                .map(|f| f.point[0])
-                .ok(),
-            Some(train[train.len() - 7])
-        );
-        for (d, &truth) in test.iter().enumerate() {
+        for (d, &truth) in y[s.days..].iter().enumerate() {
             score.add(
-                train,
                 truth,
-                d,
+                naive[d],
                 f.point[d],
                 (f.lower_80[d], f.upper_80[d]),
                 (f.lower_95[d], f.upper_95[d]),
@@ -298,6 +292,7 @@ async fn score(s: &Series, store: &std::path::Path) -> anyhow::Result<()> {
         .trim()
         .parse()?;
     let histories = generate(s);
+    let naive = naive_forecasts(&histories, s)?;
     let wal = tempfile::tempdir()?;
     let engine = open(store, wal.path()).await?;
     let batches = engine
@@ -334,11 +329,9 @@ async fn score(s: &Series, store: &std::path::Path) -> anyhow::Result<()> {
                 continue;
             }
             models.entry(i).or_insert_with(|| model.value(r).to_owned());
-            let (train, test) = histories[i].split_at(s.days);
             score.add(
-                train,
-                test[d],
-                d,
+                histories[i][s.days + d],
+                naive[i][d],
                 num(3).value(r),
                 (num(4).value(r), num(5).value(r)),
                 (num(6).value(r), num(7).value(r)),

@@ -160,8 +160,8 @@ const PEER_FLOOR: f64 = 0.05;
 /// all warehouses') moves unlike the rest, by augurs' DBSCAN outlier detector: at
 /// each point the series are clustered, and one outside the main cluster is outlying
 /// there, and kept when it departs from its peers' level by more than chance (see
-/// `PEER_MIN_DEPARTURE`). Each series is first divided by its own median, so a big warehouse is not
-/// an outlier for being big: only its shape is compared. Needs at least three series
+/// `PEER_MIN_DEPARTURE`). Each series is first divided by its own median, so a big
+/// warehouse is not an outlier for being big: only its shape is compared. Needs at least three series
 /// of equal length with a positive median; returns nothing otherwise.
 /// `sensitivity` (0–1) is augurs': higher flags smaller departures.
 pub fn peer_outliers(series: &[Vec<f64>], sensitivity: f64) -> Vec<PeerOutlier> {
@@ -197,22 +197,31 @@ pub fn peer_outliers(series: &[Vec<f64>], sensitivity: f64) -> Vec<PeerOutlier> 
     else {
         return Vec::new();
     };
-    // Per series and point: the log ratio of its level to its peers' median level,
-    // and per series the robust spread of those ratios.
-    let peer_level = |k: usize, i: usize| {
-        median(
-            relative
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != k)
-                .map(|(_, r)| r[i])
-                .collect(),
-        )
-    };
-    let departures: Vec<Vec<f64>> = (0..series.len())
+    // Per series and point: its peers' median level, the log ratio of its own level
+    // to that, and per series the robust spread of those ratios.
+    let peer_levels: Vec<Vec<f64>> = (0..series.len())
         .map(|k| {
             (0..len)
-                .map(|i| ((relative[k][i] + PEER_FLOOR) / (peer_level(k, i) + PEER_FLOOR)).ln())
+                .map(|i| {
+                    median(
+                        relative
+                            .iter()
+                            .enumerate()
+                            .filter(|(j, _)| *j != k)
+                            .map(|(_, r)| r[i])
+                            .collect(),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let departures: Vec<Vec<f64>> = relative
+        .iter()
+        .zip(&peer_levels)
+        .map(|(own, peers)| {
+            own.iter()
+                .zip(peers)
+                .map(|(o, p)| ((o + PEER_FLOOR) / (p + PEER_FLOOR)).ln())
                 .collect()
         })
         .collect();
@@ -236,12 +245,12 @@ pub fn peer_outliers(series: &[Vec<f64>], sensitivity: f64) -> Vec<PeerOutlier> 
             if mean(&departures[k][span.clone()]).abs() < bars[k] {
                 continue;
             }
-            let peers: Vec<f64> = span.clone().map(|i| peer_level(k, i)).collect();
+            let peers = &peer_levels[k][span.clone()];
             let band = |edge: Option<&Vec<f64>>| {
                 edge.map(|e| mean(&e[span.clone()]) * medians[k])
                     .filter(|v| v.is_finite())
             };
-            let expected = mean(&peers) * medians[k];
+            let expected = mean(peers) * medians[k];
             let cluster = output.cluster_band.as_ref();
             found.push(PeerOutlier {
                 series: k,

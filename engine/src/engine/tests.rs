@@ -34,6 +34,26 @@ async fn stored(engine: &Engine, stream: &str) -> (u64, usize) {
     (s.stored_events, s.buffered_events)
 }
 
+/// The first row's first two columns (both BIGINT) of `sql`, through the query session.
+async fn two_counts(engine: &Engine, sql: &str) -> (i64, i64) {
+    let session = engine.query_session();
+    let Prepared::Query(plan) = session.prepare(sql, &[]).await.unwrap() else {
+        panic!("a query")
+    };
+    let batches = datafusion::physical_plan::common::collect(session.execute(*plan).await.unwrap())
+        .await
+        .unwrap();
+    let col = |i: usize| {
+        batches[0]
+            .column(i)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0)
+    };
+    (col(0), col(1))
+}
+
 #[tokio::test]
 async fn memory_store_ingest_flush_and_replay() {
     let wal = tempfile::tempdir().unwrap();
@@ -122,24 +142,11 @@ async fn queries_read_table_and_buffer_once_each() {
         .await
         .unwrap();
     let count = |engine: Engine| async move {
-        let session = engine.query_session();
-        let sql = "SELECT COUNT(*), COUNT(DISTINCT event_id) FROM inventory";
-        let Prepared::Query(plan) = session.prepare(sql, &[]).await.unwrap() else {
-            panic!("a query")
-        };
-        let batches =
-            datafusion::physical_plan::common::collect(session.execute(*plan).await.unwrap())
-                .await
-                .unwrap();
-        let col = |i: usize| {
-            batches[0]
-                .column(i)
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap()
-                .value(0)
-        };
-        (col(0), col(1))
+        two_counts(
+            &engine,
+            "SELECT COUNT(*), COUNT(DISTINCT event_id) FROM inventory",
+        )
+        .await
     };
     engine
         .ingest("inventory", inventory_batch(&["a", "b"]), None)
@@ -210,22 +217,12 @@ async fn concurrent_appends_from_two_engines_on_one_store_keep_every_row() {
     tokio::join!(appends(&a, "a"), appends(&b, "b"));
 
     let reader = open(tempfile::tempdir().unwrap().keep()).await.unwrap();
-    let batches = reader
-        .query_session()
-        .context()
-        .sql("SELECT count(*) AS n, count(DISTINCT run_id) AS ids FROM model_runs")
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
-    let col = |c: usize| {
-        batches[0]
-            .column(c)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .unwrap()
-            .value(0)
-    };
-    assert_eq!((col(0), col(1)), (16, 16));
+    assert_eq!(
+        two_counts(
+            &reader,
+            "SELECT count(*) AS n, count(DISTINCT run_id) AS ids FROM model_runs"
+        )
+        .await,
+        (16, 16)
+    );
 }
