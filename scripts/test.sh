@@ -5,7 +5,8 @@
 #
 # Installed when missing: from Debian (one `apt-get update`, no recommended extras)
 # psql and Chromium; from PyPI moto's S3 server, the Python BI clients (psycopg,
-# SQLAlchemy, the ADBC Flight SQL driver, pyarrow) and DuckDB; from npm the `ws` and
+# SQLAlchemy, the ADBC Flight SQL driver, pyarrow), DuckDB and aiosmtpd (the SMTP sink
+# alert emails are delivered to); from npm the `ws` and
 # `playwright-core` packages of the JavaScript client's tests; cargo-nextest (the
 # machine image carries it; built from crates.io only where it does not).
 set -euo pipefail
@@ -29,7 +30,7 @@ step() {
 install() {
   local apt=()
   command -v psql >/dev/null 2>&1 || apt+=(postgresql-client)
-  # The push client and (later) the dashboard are tested in a real browser.
+  # The push client and the dashboard are tested in a real browser.
   [ -x /usr/bin/chromium ] || apt+=(chromium)
   if [ "${#apt[@]}" -gt 0 ]; then
     local sudo=()
@@ -37,10 +38,11 @@ install() {
     "${sudo[@]}" apt-get update -qq
     "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${apt[@]}"
   fi
-  if ! python3 -c "import moto.server, flask, flask_cors, psycopg, sqlalchemy, adbc_driver_flightsql.dbapi, pyarrow, duckdb" 2>/dev/null; then
+  if ! python3 -c "import moto.server, flask, flask_cors, psycopg, sqlalchemy, adbc_driver_flightsql.dbapi, pyarrow, duckdb, aiosmtpd" 2>/dev/null; then
     python3 -m pip install --quiet --disable-pip-version-check \
       'moto[server]>=5.1' 'psycopg[binary]>=3.2' 'sqlalchemy>=2.0' \
-      'adbc-driver-flightsql>=1.5' 'adbc-driver-manager>=1.5' 'pyarrow>=17' 'duckdb>=1.1'
+      'adbc-driver-flightsql>=1.5' 'adbc-driver-manager>=1.5' 'pyarrow>=17' 'duckdb>=1.1' \
+      'aiosmtpd>=1.4'
   fi
   if [ ! -d api/js/node_modules/ws ] || [ ! -d api/js/node_modules/playwright-core ]; then
     (cd api/js && npm ci --no-audit --no-fund --silent)

@@ -9,6 +9,7 @@
 //     filter: { warehouse_id: "W1" },
 //     onChange: (sub) => render(sub.rows()),
 //   });
+//   push.subscribe("notifications", { onMessage: (m) => bell(m.unread) });
 //
 // Each subscription keeps the view's rows by applying the snapshot and then every delta
 // in version order. After a dropped connection the client reconnects with exponential
@@ -57,6 +58,8 @@ export class Subscription {
     this.filter = options.filter ?? null;
     this.onChange = options.onChange ?? null;
     this.onError = options.onError ?? null;
+    /** For channels that are not views (`notifications`): each message as it comes. */
+    this.onMessage = options.onMessage ?? null;
     /** Column names, from the snapshot. */
     this.columns = [];
     /** Key column names. */
@@ -165,7 +168,8 @@ export class QuiverPush {
   /**
    * Subscribes to a view. `options.filter` is an object of column → value, or
    * `{in: [...]}`, or `{gte, gt, lte, lt, ne, eq}`; `onChange(sub)` runs after changes,
-   * at most once per frame; `onError(frame)` on a refusal.
+   * at most once per frame; `onError(frame)` on a refusal. The `notifications` channel
+   * is subscribed to the same way; its messages go to `onMessage(message)`.
    */
   subscribe(view, options = {}) {
     const id = options.id ?? `s${this._nextId++}`;
@@ -290,6 +294,10 @@ export class QuiverPush {
       return;
     }
     const sub = m.id ? this._subs.get(m.id) : null;
+    if (sub && (m.type === "notification" || (m.type === "subscribed" && m.channel))) {
+      sub.onMessage?.(m);
+      return;
+    }
     if (sub && sub._apply(m)) this._changedSub(sub);
   }
 

@@ -58,6 +58,8 @@ pub struct TokenRecord {
 #[derive(Debug, Clone)]
 pub(crate) struct Principal {
     pub(crate) token_id: String,
+    /// The token's human name (`admin` for the environment's admin token).
+    pub(crate) name: String,
     scopes: Vec<Scope>,
 }
 
@@ -184,6 +186,7 @@ impl Tokens {
         if self.env_admin_hash.as_deref() == Some(hash.as_str()) {
             return Some(Principal {
                 token_id: "env-admin".into(),
+                name: "admin".into(),
                 scopes: vec![Scope::Admin],
             });
         }
@@ -193,6 +196,7 @@ impl Tokens {
         // Both sides are hashes of secrets; comparing them leaks nothing useful.
         (rec.hash == hash).then(|| Principal {
             token_id: rec.id.clone(),
+            name: rec.name.clone(),
             scopes: rec.scopes.clone(),
         })
     }

@@ -231,6 +231,28 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_FORECAST_HORIZON", default_value_t = 14)]
     pub forecast_horizon: usize,
 
+    /// SMTP relay for alert emails: `smtp://host:port` (STARTTLS when offered),
+    /// `smtps://host:port` (TLS), credentials as `smtp://user:pass@host`.
+    #[arg(long, env = "QUIVER_SMTP_URL", hide_env_values = true)]
+    pub smtp_url: Option<String>,
+
+    /// Sender address of alert emails.
+    #[arg(long, env = "QUIVER_EMAIL_FROM", default_value = "quiver@localhost")]
+    pub email_from: String,
+
+    /// How long one alert delivery (webhook request or email) may take.
+    #[arg(long, env = "QUIVER_ALERT_DELIVERY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub alert_delivery_timeout: Duration,
+
+    /// Wait after a failed alert delivery; doubles with each further failure (up to 10
+    /// minutes), 12 attempts in all.
+    #[arg(long, env = "QUIVER_ALERT_RETRY", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub alert_retry: Duration,
+
+    /// Alert notifications kept (the `notifications` table holds the newest).
+    #[arg(long, env = "QUIVER_NOTIFICATIONS_KEEP", default_value_t = 1000)]
+    pub notifications_keep: usize,
+
     #[arg(long, env = "QUIVER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
@@ -352,6 +374,11 @@ impl ServeConfig {
         c.views.recompute_interval = self.view_recompute_interval;
         c.views.checkpoint_interval = self.view_checkpoint_interval;
         c.views.history = self.view_history.max(1);
+        c.alerts.smtp_url = self.smtp_url.clone();
+        c.alerts.email_from = self.email_from.clone();
+        c.alerts.delivery_timeout = self.alert_delivery_timeout;
+        c.alerts.retry_base = self.alert_retry;
+        c.alerts.keep_notifications = self.notifications_keep.max(1);
         c
     }
 }

@@ -7,9 +7,11 @@
 //! engine's query runtime and streams the result as JSON, NDJSON, CSV, Arrow or Parquet. [`cli`] holds the `demo`, `generate`, `load` and
 //! `token` commands.
 
+mod alerts;
 pub mod auth;
 pub mod cli;
 pub mod config;
+mod dashboards;
 mod error;
 mod flight;
 mod jobs;

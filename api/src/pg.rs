@@ -762,6 +762,7 @@ impl SimpleQueryHandler for PgService {
         let mut responses = Vec::with_capacity(texts.len());
         for (sql, statement) in texts {
             if let Some(statement) = &statement
+                && is_session_command(statement)
                 && let Some(response) = session_command(client, statement).await
             {
                 let failed = matches!(response, Response::Error(_));
@@ -948,8 +949,15 @@ fn error_response(e: ApiError) -> Response {
     Response::Error(Box::new(pg_error(&e)))
 }
 
-/// Whether a statement is a session command answered without the engine.
+/// Whether a statement is a session command answered without the engine
+/// (`SHOW ALERTS` is not: it reads the `alerts` table).
 fn is_session_command(statement: &Statement) -> bool {
+    if let Statement::ShowVariable { variable } = statement
+        && variable.len() == 1
+        && variable[0].value.eq_ignore_ascii_case("alerts")
+    {
+        return false;
+    }
     matches!(
         statement,
         Statement::Set(_)

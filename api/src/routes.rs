@@ -277,7 +277,8 @@ pub(crate) async fn create_token(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    state.tokens.authenticate(&headers)?.require(Scope::Admin)?;
+    let principal = state.tokens.authenticate(&headers)?;
+    principal.require(Scope::Admin)?;
     let req: CreateToken = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "bad_request",
@@ -297,6 +298,12 @@ pub(crate) async fn create_token(
         .create(req.name.trim(), req.scopes)
         .await
         .map_err(|e| ApiError::internal("saving the token", &e))?;
+    if let Some(engine) = state.engine.get() {
+        engine
+            .activity()
+            .record(&principal.name, "create", "token", req.name.trim())
+            .await;
+    }
     Ok((StatusCode::CREATED, Json(json!(made))).into_response())
 }
 
@@ -321,13 +328,20 @@ pub(crate) async fn delete_token(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<StatusCode> {
-    state.tokens.authenticate(&headers)?.require(Scope::Admin)?;
+    let principal = state.tokens.authenticate(&headers)?;
+    principal.require(Scope::Admin)?;
     let removed = state
         .tokens
         .delete(&id)
         .await
         .map_err(|e| ApiError::internal("deleting the token", &e))?;
     if removed {
+        if let Some(engine) = state.engine.get() {
+            engine
+                .activity()
+                .record(&principal.name, "drop", "token", &id)
+                .await;
+        }
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(

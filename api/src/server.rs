@@ -177,6 +177,22 @@ impl RunningServer {
         Ok(())
     }
 
+    /// Creates an alert rule unless one of its name exists (used by `quiver demo`).
+    pub async fn ensure_alert(&self, sql: &str) -> anyhow::Result<()> {
+        let engine = self
+            .state
+            .engine
+            .get()
+            .context("the engine is still recovering")?;
+        let rule = quiver_engine::alerts::parse_create_alert(sql).map_err(anyhow::Error::msg)?;
+        engine
+            .alerts()
+            .create(engine, rule, true)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(())
+    }
+
     /// Makes a token directly in the registry (used by `quiver demo` for its feed).
     pub async fn create_token(
         &self,
@@ -244,6 +260,38 @@ fn router(state: Arc<AppState>) -> Router {
             post(routes::create_token).get(routes::list_tokens),
         )
         .route("/v1/tokens/{id}", delete(routes::delete_token))
+        .route(
+            "/v1/alerts",
+            get(crate::alerts::list).post(crate::alerts::create),
+        )
+        .route(
+            "/v1/alerts/{name}",
+            get(crate::alerts::get_one).delete(crate::alerts::delete),
+        )
+        .route(
+            "/v1/alerts/{name}/deliveries",
+            get(crate::alerts::deliveries),
+        )
+        .route(
+            "/v1/silences",
+            get(crate::alerts::list_silences).post(crate::alerts::create_silence),
+        )
+        .route("/v1/silences/{id}", delete(crate::alerts::delete_silence))
+        .route("/v1/notifications", get(crate::alerts::list_notifications))
+        .route(
+            "/v1/notifications/{id}/read",
+            post(crate::alerts::mark_read),
+        )
+        .route("/", get(crate::dashboards::page))
+        .route("/ui/{*path}", get(crate::dashboards::ui))
+        .route("/v1/dashboards", get(crate::dashboards::list))
+        .route(
+            "/v1/dashboards/{name}",
+            get(crate::dashboards::get_one)
+                .put(crate::dashboards::put)
+                .delete(crate::dashboards::delete),
+        )
+        .route("/v1/presence", get(crate::dashboards::presence))
         .route("/v1/jobs", get(crate::jobs::list))
         .route(
             "/v1/jobs/{kind_or_id}",

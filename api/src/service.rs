@@ -78,6 +78,34 @@ pub(crate) async fn execute_ddl(
     principal: &Principal,
     ddl: QuiverDdl,
 ) -> ApiResult<DdlOutcome> {
+    let what = match &ddl {
+        QuiverDdl::CreateStream { schema, .. } => {
+            Some(("create", "stream", schema.name().to_owned()))
+        }
+        QuiverDdl::CreateMaterializedView { name, .. } => Some(("create", "view", name.clone())),
+        QuiverDdl::DropMaterializedView { name, .. } => Some(("drop", "view", name.clone())),
+        QuiverDdl::CreateAlert { rule, .. } => Some(("create", "alert", rule.name.clone())),
+        QuiverDdl::DropAlert { name, .. } => Some(("drop", "alert", name.clone())),
+        QuiverDdl::ExplainMaterializedView { .. } => None,
+    };
+    let outcome = run_ddl(engine, principal, ddl).await?;
+    // Only what changed something is recorded (IF NOT EXISTS on an existing one is not).
+    let changed = match &outcome {
+        DdlOutcome::Done { body, .. } => {
+            body["created"].as_bool().unwrap_or(false) || body["dropped"].as_bool().unwrap_or(false)
+        }
+        DdlOutcome::Plan(_) => false,
+    };
+    if let (Some((action, kind, name)), true) = (what, changed) {
+        engine
+            .activity()
+            .record(&principal.name, action, kind, &name)
+            .await;
+    }
+    Ok(outcome)
+}
+
+async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiResult<DdlOutcome> {
     let done = |status, tag, body| Ok(DdlOutcome::Done { status, tag, body });
     if ddl.is_write() && !principal.has(Scope::Admin) {
         return Err(ApiError::forbidden(format!(
@@ -153,6 +181,44 @@ pub(crate) async fn execute_ddl(
                     "view": name,
                     "dropped": dropped,
                 }),
+            )
+        }
+        QuiverDdl::CreateAlert {
+            rule,
+            if_not_exists,
+        } => {
+            let (rule, created) = engine
+                .alerts()
+                .create(engine, rule, if_not_exists)
+                .await
+                .map_err(ApiError::from)?;
+            info!(alert = %rule.name, principal = %principal.token_id, "CREATE ALERT");
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            done(
+                status,
+                "CREATE ALERT",
+                json!({
+                    "statement": "CREATE ALERT",
+                    "alert": crate::alerts::rule_json(&rule, true),
+                    "created": created,
+                }),
+            )
+        }
+        QuiverDdl::DropAlert { name, if_exists } => {
+            let dropped = engine
+                .alerts()
+                .drop_alert(&name, if_exists)
+                .await
+                .map_err(ApiError::from)?;
+            info!(alert = %name, principal = %principal.token_id, "DROP ALERT");
+            done(
+                StatusCode::OK,
+                "DROP ALERT",
+                json!({"statement": "DROP ALERT", "alert": name, "dropped": dropped}),
             )
         }
         QuiverDdl::ExplainMaterializedView { name } => Ok(DdlOutcome::Plan(

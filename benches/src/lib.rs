@@ -1,5 +1,7 @@
 //! Helpers shared by the load drivers.
 
+pub mod alerts;
+
 /// A process's resident memory in MiB, from `/proc`.
 pub fn rss_mib(pid: u32) -> Option<f64> {
     quiver_engine::metrics::resident_bytes(pid).map(|b| b as f64 / (1 << 20) as f64)

@@ -58,6 +58,15 @@ struct Args {
     /// When to start the job, after measuring begins.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     job_after: Duration,
+    /// Alert rules to make before the run (half on `stock_on_hand`, half on
+    /// `low_stock`, each on its own SKU, notifying a webhook this driver receives); a
+    /// probe then crosses one rule's line every `--alert-every` and measures ack to
+    /// webhook. The token needs the admin scope.
+    #[arg(long, default_value_t = 0)]
+    alert_rules: usize,
+    /// How often the probe crosses a rule's line.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    alert_every: Duration,
 }
 
 /// Latency histogram in 0.1 ms buckets up to 60 s, lock-free.
@@ -396,6 +405,11 @@ async fn main() -> anyhow::Result<()> {
     if views.is_empty() {
         bail!("the server has no views");
     }
+    let probe = if args.alert_rules > 0 {
+        Some(quiver_benches::alerts::setup(&base, &args.target.token, args.alert_rules).await?)
+    } else {
+        None
+    };
     let ws_url = format!("{}/v1/ws", base.replacen("http", "ws", 1));
     let hist = Arc::new(Histogram::new());
     // Per view, over the whole run: whether one view's subscribers hold up another's.
@@ -468,6 +482,16 @@ async fn main() -> anyhow::Result<()> {
         Arc::clone(&sent),
         Arc::clone(&failed),
     ));
+    let prober = probe.as_ref().map(|p| {
+        tokio::spawn(quiver_benches::alerts::run(
+            Arc::clone(p),
+            base.clone(),
+            args.target.token.clone(),
+            args.alert_rules,
+            until,
+            args.alert_every,
+        ))
+    });
     hist.take();
     for h in &view_hists {
         h.take();
@@ -529,6 +553,16 @@ async fn main() -> anyhow::Result<()> {
         last_deltas = d;
     }
     let _ = feeder.await;
+    if let (Some(p), Some(prober)) = (&probe, prober) {
+        let _ = prober.await;
+        let (n, p50, p99, max) = quiver_benches::alerts::summary(p);
+        println!(
+            "alerts: {} rules; ack -> webhook arrival over {n} crossings: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; {} missed; {} webhook requests in all",
+            args.alert_rules,
+            p.missed.lock(),
+            p.received.lock(),
+        );
+    }
     println!(
         "overall: {} events acknowledged ({} refused), {} deltas ({} coalesced), {} snapshots, {} error frames, {} connections closed, {:.1} MiB of frames",
         sent.load(Ordering::Relaxed),

@@ -61,6 +61,8 @@ pub struct EngineConfig {
     pub table_refresh_interval: Duration,
     /// Materialized views: definitions loaded at start, maintenance intervals.
     pub views: ViewOptions,
+    /// Alert rules: notifications kept, delivery timeouts and retries, SMTP relay.
+    pub alerts: crate::alerts::AlertOptions,
 }
 
 impl EngineConfig {
@@ -79,6 +81,7 @@ impl EngineConfig {
             query: QueryOptions::default(),
             table_refresh_interval: Duration::from_secs(2),
             views: ViewOptions::default(),
+            alerts: crate::alerts::AlertOptions::default(),
         }
     }
 }
@@ -228,6 +231,10 @@ struct Inner {
     /// Tables batch jobs write whole (see [`crate::results`]).
     results: ResultTables,
     results_refreshed: parking_lot::Mutex<Instant>,
+    /// Alert rules over the views.
+    alerts: Arc<crate::alerts::Alerts>,
+    /// Who changed what.
+    activity: crate::activity::Activity,
 }
 
 /// Where an earlier release kept user-declared streams (read once, into the catalog).
@@ -297,6 +304,17 @@ impl Engine {
 
         let (stop, _) = watch::channel(false);
         let view_options = config.views.clone();
+        let alerts = Arc::new(crate::alerts::Alerts::new(
+            config.alerts.clone(),
+            &store,
+            &node_id,
+            Arc::clone(&metrics),
+        ));
+        if config.views.maintain {
+            alerts.load().await?;
+        }
+        let store_for_activity = store.clone();
+        let node_for_activity = node_id.clone();
         let feed = Arc::clone(&shared.feed);
         let engine = Self {
             inner: Arc::new(Inner {
@@ -314,6 +332,8 @@ impl Engine {
                 views: Views::new(view_options, feed),
                 results: ResultTables::default(),
                 results_refreshed: parking_lot::Mutex::new(Instant::now()),
+                alerts,
+                activity: crate::activity::Activity::new(&store_for_activity, &node_for_activity),
             }),
         };
         if let Err(e) = engine.refresh_results().await {
@@ -321,6 +341,15 @@ impl Engine {
         }
         engine.spawn_background();
         Views::start(&engine, Arc::new(engine.downgrade())).await?;
+        // Read once, so the `activity` table shows what was recorded before a restart.
+        let _ = engine.inner.activity.entries().await;
+        if engine.inner.config.views.maintain {
+            let tasks = engine
+                .inner
+                .alerts
+                .start(&engine, engine.inner.stop.subscribe());
+            engine.inner.tasks.lock().extend(tasks);
+        }
         Ok(engine)
     }
 
@@ -362,6 +391,16 @@ impl Engine {
 
     pub(crate) fn downgrade(&self) -> WeakEngine {
         WeakEngine(Arc::downgrade(&self.inner))
+    }
+
+    /// The alert rules: create, drop and list them, their notifications and silences.
+    pub fn alerts(&self) -> &crate::alerts::Alerts {
+        &self.inner.alerts
+    }
+
+    /// Who created, changed or dropped what.
+    pub fn activity(&self) -> &crate::activity::Activity {
+        &self.inner.activity
     }
 
     /// The materialized views: create, drop, read and follow them.
@@ -1142,6 +1181,22 @@ impl TableSource for Engine {
 
     fn result_table(&self, name: &str) -> Option<deltalake::DeltaTable> {
         self.inner.results.get(name)
+    }
+
+    fn system_names(&self) -> Vec<String> {
+        crate::query::SYSTEM_TABLES
+            .iter()
+            .map(|&n| n.to_owned())
+            .collect()
+    }
+
+    fn system_table(&self, name: &str) -> Option<arrow::record_batch::RecordBatch> {
+        match name {
+            "alerts" => Some(self.inner.alerts.alerts_table()),
+            "notifications" => Some(self.inner.alerts.notifications_table()),
+            "activity" => Some(self.inner.activity.table()),
+            _ => None,
+        }
     }
 
     async fn historical_table(&self, name: &str, at: TableAt) -> Result<deltalake::DeltaTable> {

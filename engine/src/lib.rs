@@ -10,6 +10,7 @@
 //!
 //! The engine depends on no other Quiver crate.
 
+pub mod activity;
 pub mod alerts;
 mod buffer;
 pub mod catalog;

@@ -48,6 +48,22 @@ pub struct ViewLabel {
     pub view: String,
 }
 
+/// Label set for alert transitions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertStateLabel {
+    /// `firing` or `resolved`.
+    pub state: String,
+}
+
+/// Label set for alert deliveries.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabel {
+    /// `webhook` or `email`.
+    pub kind: String,
+    /// `delivered`, `failed` (to be retried) or `gave_up`.
+    pub outcome: String,
+}
+
 /// A latency histogram: 50 µs .. ~6.5 s.
 pub fn seconds_histogram() -> Histogram {
     // 50 µs .. ~6.5 s
@@ -126,6 +142,18 @@ pub struct EngineMetrics {
     /// Change sets published and not yet taken by every subscriber of the change feed
     /// (push), as of the last one published.
     pub view_changes_queued: Gauge,
+    /// Alert rules defined.
+    pub alert_rules: Gauge,
+    /// Alert transitions recorded, by state.
+    pub alert_transitions_total: Family<AlertStateLabel, Counter>,
+    /// Time to evaluate the rules on one change set.
+    pub alert_eval_seconds: Histogram,
+    /// Delivery attempts, by kind and outcome.
+    pub alert_deliveries_total: Family<DeliveryLabel, Counter>,
+    /// Duration of one delivery attempt.
+    pub alert_delivery_seconds: Histogram,
+    /// Deliveries waiting in the outbox (to be sent or retried).
+    pub alert_outbox: Gauge,
 }
 
 impl EngineMetrics {
@@ -166,6 +194,12 @@ impl EngineMetrics {
             view_checkpoint_pause_seconds: seconds_histogram(),
             view_checkpoint_bytes: Gauge::default(),
             view_changes_queued: Gauge::default(),
+            alert_rules: Gauge::default(),
+            alert_transitions_total: Family::default(),
+            alert_eval_seconds: seconds_histogram(),
+            alert_deliveries_total: Family::default(),
+            alert_delivery_seconds: seconds_histogram(),
+            alert_outbox: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("quiver");
         r.register(
@@ -333,6 +367,32 @@ impl EngineMetrics {
             "view_changes_queued",
             "Change sets published and not yet taken by every reader of the change feed (push), as of the last one",
             m.view_changes_queued.clone(),
+        );
+        r.register("alert_rules", "Alert rules defined", m.alert_rules.clone());
+        r.register(
+            "alert_transitions",
+            "Alert transitions recorded (firing, resolved)",
+            m.alert_transitions_total.clone(),
+        );
+        r.register(
+            "alert_eval_seconds",
+            "Time to evaluate the alert rules on one view change set",
+            m.alert_eval_seconds.clone(),
+        );
+        r.register(
+            "alert_deliveries",
+            "Alert delivery attempts by kind (webhook, email) and outcome (delivered, failed, gave_up)",
+            m.alert_deliveries_total.clone(),
+        );
+        r.register(
+            "alert_delivery_seconds",
+            "Duration of one alert delivery attempt",
+            m.alert_delivery_seconds.clone(),
+        );
+        r.register(
+            "alert_outbox",
+            "Alert deliveries waiting to be sent or retried",
+            m.alert_outbox.clone(),
         );
         m
     }

@@ -251,6 +251,10 @@ fn announce(server: &RunningServer) {
         println!("Generated admin token (shown once, keep it): {t}");
     }
     println!("Quiver HTTP API on http://{}", server.http_addr);
+    println!(
+        "Dashboard: http://{}/?d=operations (sign in with an admin or read token)",
+        server.http_addr
+    );
     let _ = std::io::stdout().flush();
 }
 
@@ -276,6 +280,10 @@ async fn wait_for_signal() {
     }
 }
 
+/// The alert rule the demo starts with.
+const DEMO_ALERT: &str = "CREATE ALERT stock_out ON stock_on_hand WHERE on_hand <= 0 \
+                          FOR 30s KEEP FIRING FOR 1m SEVERITY critical";
+
 async fn demo(
     mut serve: ServeConfig,
     data: DataArgs,
@@ -295,6 +303,8 @@ async fn demo(
     let token = server
         .create_token("demo-feed", vec![Scope::Ingest, Scope::Read])
         .await?;
+    // Something for the dashboard's bell: a SKU running out in a warehouse.
+    server.ensure_alert(DEMO_ALERT).await?;
     let base = format!("http://{}", server.http_addr);
     let client = reqwest::Client::new();
     // Everything from here stops at Ctrl-C or SIGTERM, the backfill included.

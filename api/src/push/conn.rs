@@ -634,15 +634,17 @@ fn on_frame(
             from_version,
         } => {
             let id: Arc<str> = Arc::from(id);
-
-            if let Err((code, msg)) =
+            let joined = if view == super::NOTIFICATIONS {
+                push.join_notifications(conn, &id, engine)
+            } else {
                 push.join(conn, &id, engine, &view, filter.as_ref(), from_version)
-            {
+            };
+            if let Err((code, msg)) = joined {
                 reply_error(Some(&id), code, &msg);
             }
         }
         Request::Unsubscribe { id } => {
-            if push.unsubscribe(conn, &id) {
+            if push.leave_notifications(conn, &id) || push.unsubscribe(conn, &id) {
                 conn.control(
                     json!({"type": "unsubscribed", "id": id})
                         .to_string()

@@ -44,6 +44,12 @@ use conn::Conn;
 use delta::{Delta, SnapshotRows};
 use filter::Filter;
 
+/// Subscriptions to the `notifications` channel, by (connection id, subscription id).
+type NotificationSubs = HashMap<(u64, Arc<str>), std::sync::Weak<Conn>>;
+
+/// The channel alert notifications are pushed on (subscribe to it as to a view).
+pub(crate) const NOTIFICATIONS: &str = "notifications";
+
 /// Limits and timings of the push endpoint.
 #[derive(Debug, Clone)]
 pub(crate) struct PushConfig {
@@ -415,6 +421,8 @@ pub(crate) struct Push {
     pub(crate) config: PushConfig,
     pub(crate) metrics: PushMetrics,
     hub: Mutex<Hub>,
+    /// Subscriptions to the `notifications` channel: (connection, id) → connection.
+    notified: Mutex<NotificationSubs>,
     snapshots: Arc<SnapshotBudget>,
     next_conn: AtomicU64,
     /// Turns true when the server shuts down: every connection says goodbye.
@@ -450,6 +458,7 @@ impl Push {
             }),
             metrics,
             hub: Mutex::new(Hub::default()),
+            notified: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             stop: tokio::sync::watch::channel(false).0,
         })
@@ -457,7 +466,106 @@ impl Push {
 
     /// Starts feeding change sets to subscribers.
     pub(crate) fn start(self: &Arc<Self>, engine: Engine) {
+        self.runtime
+            .spawn(Arc::clone(self).run_notifications(engine.clone()));
         self.runtime.spawn(Arc::clone(self).run(engine));
+    }
+
+    /// Sends each alert notification (new, or marked read) to the subscribers of the
+    /// `notifications` channel, as a control frame: they are few and small, and a
+    /// client too slow for them is closed like one that does not read its errors.
+    async fn run_notifications(self: Arc<Self>, engine: Engine) {
+        let mut rx = engine.alerts().subscribe();
+        loop {
+            let n = match rx.recv().await {
+                Ok(n) => n,
+                Err(RecvError::Lagged(missed)) => {
+                    warn!(
+                        missed,
+                        "notification subscribers missed notifications; they can read GET /v1/notifications"
+                    );
+                    continue;
+                }
+                Err(RecvError::Closed) => break,
+            };
+            let unread = engine.alerts().unread();
+            let body = crate::alerts::notification_json(&n);
+            let mut subs = self.notified.lock();
+            subs.retain(|(_, id), conn| {
+                let Some(conn) = conn.upgrade() else {
+                    return false;
+                };
+                let frame = serde_json::json!({
+                    "type": "notification",
+                    "id": &**id,
+                    "unread": unread,
+                    "notification": body,
+                });
+                conn.control(frame.to_string().into_bytes());
+                true
+            });
+        }
+    }
+
+    /// Subscribes `conn` to the `notifications` channel: the reply carries the unread
+    /// count and the newest notifications.
+    fn join_notifications(
+        &self,
+        conn: &Arc<Conn>,
+        id: &Arc<str>,
+        engine: &Engine,
+    ) -> Result<(), Refusal> {
+        let key = (conn.id, Arc::clone(id));
+        let mut subs = self.notified.lock();
+        if conn.has(id) || subs.contains_key(&key) {
+            return Err((
+                "duplicate_id",
+                format!("this connection already has a subscription '{id}'"),
+            ));
+        }
+        subs.insert(key, Arc::downgrade(conn));
+        let recent: Vec<serde_json::Value> = engine
+            .alerts()
+            .notifications(false, 50)
+            .iter()
+            .map(crate::alerts::notification_json)
+            .collect();
+        conn.control(
+            serde_json::json!({
+                "type": "subscribed",
+                "id": &**id,
+                "channel": NOTIFICATIONS,
+                "unread": engine.alerts().unread(),
+                "recent": recent,
+            })
+            .to_string()
+            .into_bytes(),
+        );
+        Ok(())
+    }
+
+    /// Who is connected now: per token id, connections and subscriptions.
+    pub(crate) fn presence(&self) -> Vec<(String, usize, usize)> {
+        let hub = self.hub.lock();
+        let notified = self.notified.lock();
+        let mut out: Vec<(String, usize, usize)> = hub
+            .tokens
+            .iter()
+            .filter(|(_, u)| u.connections > 0)
+            .map(|(t, u)| (t.clone(), u.connections, u.subscriptions))
+            .collect();
+        drop(hub);
+        drop(notified);
+        out.sort();
+        out
+    }
+
+    /// Ends a `notifications` subscription; false when `id` is not one.
+    fn leave_notifications(&self, conn: &Conn, id: &str) -> bool {
+        self.notified
+            .lock()
+            .remove(&(conn.id, Arc::from(id)))
+            .is_some()
     }
 
     /// Returns once a snapshot of about `expect` bytes fits beside those held within
@@ -687,6 +795,7 @@ impl Push {
 
     /// Forgets a closed connection and its subscriptions.
     fn close(&self, conn: &Conn) {
+        self.notified.lock().retain(|(c, _), _| *c != conn.id);
         let subs = conn.take_all();
         let mut hub = self.hub.lock();
         for (id, view, filter) in subs {

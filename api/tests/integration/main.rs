@@ -1,9 +1,11 @@
 //! End-to-end tests: the real `quiver` binary, real HTTP, real Delta tables, a real
 //! S3-compatible server.
 
+mod alerts;
 mod bi;
 mod common;
 mod crash;
+mod dashboard;
 mod disk_full;
 mod ingest;
 mod jobs;

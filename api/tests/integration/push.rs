@@ -1284,12 +1284,18 @@ async fn the_javascript_client_in_a_browser() {
 /// Runs node in `api/js` against `server`; fails the test with node's output unless it
 /// succeeds within 5 minutes.
 async fn run_node(server: &TestServer, args: &[&str]) {
+    run_node_with(server, args, &[]).await;
+}
+
+/// [`run_node`] with more environment variables.
+pub(crate) async fn run_node_with(server: &TestServer, args: &[&str], env: &[(&str, &str)]) {
     let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("js");
     let node = tokio::process::Command::new("node")
         .args(args)
         .current_dir(&js)
         .env("QUIVER_URL", &server.url)
         .env("QUIVER_TOKEN", ADMIN)
+        .envs(env.iter().copied())
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(300), node)

@@ -1,5 +1,5 @@
-//! Alert rules over materialized views (issue 20, first piece): the per-key state
-//! machine a rule runs for each row key of its view.
+//! Alert rules over materialized views: the per-key state machine a rule runs for each
+//! row key of its view ([`Tracker`]), and the service that runs the rules ([`Alerts`]).
 //!
 //! A rule's predicate is evaluated on each change set of its view, per row key. A key
 //! whose row enters the predicate is `Pending`; once it has stayed in for the rule's
@@ -21,13 +21,22 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod deliver;
 mod predicate;
 mod rule;
+mod service;
+#[cfg(test)]
+mod service_tests;
 #[cfg(test)]
 mod tests;
 
+pub use deliver::{iso, new_secret, sign};
 pub use predicate::Predicate;
 pub use rule::{AlertRule, Destination, Severity, parse_create_alert};
+pub use service::{
+    AlertInfo, AlertOptions, Alerts, Attempt, Clock, Notification, Outcome, Pending, Silence,
+    destination_label, severity_name,
+};
 
 /// What a key of a rule is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
@@ -93,10 +102,20 @@ pub struct KeyStatus {
 }
 
 /// The states of one rule's keys.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Tracker {
     timers: Timers,
     keys: BTreeMap<String, Entry>,
+    /// Grows each time a key starts or stops being tracked (not saved).
+    #[serde(skip)]
+    moves: u64,
+}
+
+/// Equal when the timers and every key's state are (how often keys moved is not state).
+impl PartialEq for Tracker {
+    fn eq(&self, other: &Self) -> bool {
+        self.timers == other.timers && self.keys == other.keys
+    }
 }
 
 impl Tracker {
@@ -105,6 +124,7 @@ impl Tracker {
         Self {
             timers,
             keys: BTreeMap::new(),
+            moves: 0,
         }
     }
 
@@ -116,6 +136,7 @@ impl Tracker {
         match (self.keys.get_mut(key), matching) {
             (None, None) => {}
             (None, Some(row)) => {
+                self.moves += 1;
                 self.keys.insert(
                     key.to_owned(),
                     Entry {
@@ -132,6 +153,7 @@ impl Tracker {
             }
             (Some(entry), None) => match entry.phase {
                 Phase::Pending { .. } => {
+                    self.moves += 1;
                     self.keys.remove(key);
                 }
                 Phase::Firing { since, left: None } => {
@@ -221,6 +243,22 @@ impl Tracker {
             out.extend(self.observe(&key, Some(row), now));
         }
         out
+    }
+
+    /// A number that grows whenever a key starts or stops being tracked, so a caller
+    /// can tell whether the tracker is worth saving.
+    pub fn moves(&self) -> u64 {
+        self.moves
+    }
+
+    /// Whether no key is pending or firing.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Whether `key` is pending or firing.
+    pub fn has(&self, key: &str) -> bool {
+        self.keys.contains_key(key)
     }
 
     /// Every key pending or firing.

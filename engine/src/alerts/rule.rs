@@ -1,9 +1,9 @@
-//! `CREATE ALERT` parsed into a rule (not yet wired into the SQL surfaces).
+//! `CREATE ALERT` parsed into a rule.
 //!
 //! ```sql
 //! CREATE ALERT name ON view WHERE <predicate on the view's columns>
 //!   [FOR <duration>] [KEEP FIRING FOR <duration>] [SEVERITY info|warning|critical]
-//!   [NOTIFY webhook '<url>' | email '<address>' [, ...]]
+//!   [NOTIFY webhook '<url>' [SECRET 'whsec_…'] | email '<address>' [, ...]]
 //! ```
 //!
 //! A duration is `5m`, `'90s'`, `INTERVAL '5 minutes'` or `30 seconds`.
@@ -39,6 +39,10 @@ pub enum Destination {
     Webhook {
         /// `http://` or `https://` URL.
         url: String,
+        /// The signing secret (`whsec_` and base64), given with `SECRET '…'` or made
+        /// when the rule is created.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secret: Option<String>,
     },
     /// A mailbox, through the server's SMTP relay.
     Email {
@@ -145,7 +149,23 @@ pub fn parse_create_alert(sql: &str) -> Result<AlertRule, String> {
                         if !(target.starts_with("http://") || target.starts_with("https://")) {
                             return Err(format!("webhook '{target}' is not an http(s) URL"));
                         }
-                        Destination::Webhook { url: target }
+                        let secret = if next_is_word(&mut p, "SECRET") {
+                            p.next_token();
+                            match p.next_token().token {
+                                Token::SingleQuotedString(s) => Some(s),
+                                other => {
+                                    return Err(format!(
+                                        "SECRET needs a quoted value, not '{other}'"
+                                    ));
+                                }
+                            }
+                        } else {
+                            None
+                        };
+                        Destination::Webhook {
+                            url: target,
+                            secret,
+                        }
                     }
                     Some("EMAIL") => {
                         if !target.contains('@') {
@@ -167,6 +187,10 @@ pub fn parse_create_alert(sql: &str) -> Result<AlertRule, String> {
         }
     }
     Ok(rule)
+}
+
+fn next_is_word(p: &mut Parser<'_>, want: &str) -> bool {
+    matches!(p.peek_token().token, Token::Word(w) if w.value.eq_ignore_ascii_case(want))
 }
 
 fn next_word(p: &mut Parser<'_>) -> Option<String> {
@@ -231,7 +255,7 @@ mod tests {
         let rule = parse_create_alert(
             "CREATE ALERT low_w1 ON low_stock WHERE on_hand < 5 AND warehouse_id = 'W1' \
              FOR 5m KEEP FIRING FOR INTERVAL '30 seconds' SEVERITY critical \
-             NOTIFY webhook 'http://127.0.0.1:9000/hook', email 'ops@example.com';",
+             NOTIFY webhook 'http://127.0.0.1:9000/hook' SECRET 'whsec_c2VjcmV0', email 'ops@example.com';",
         )
         .unwrap();
         assert_eq!(rule.name, "low_w1");
@@ -249,7 +273,8 @@ mod tests {
             rule.notify,
             [
                 Destination::Webhook {
-                    url: "http://127.0.0.1:9000/hook".into()
+                    url: "http://127.0.0.1:9000/hook".into(),
+                    secret: Some("whsec_c2VjcmV0".into()),
                 },
                 Destination::Email {
                     address: "ops@example.com".into()

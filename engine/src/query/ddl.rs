@@ -41,6 +41,20 @@ pub enum QuiverDdl {
         /// Succeed when the view does not exist.
         if_exists: bool,
     },
+    /// `CREATE ALERT [IF NOT EXISTS] name ON view WHERE … [FOR …] …`.
+    CreateAlert {
+        /// The rule.
+        rule: crate::alerts::AlertRule,
+        /// Succeed without change when an alert of that name exists.
+        if_not_exists: bool,
+    },
+    /// `DROP ALERT [IF EXISTS] name`.
+    DropAlert {
+        /// Alert name.
+        name: String,
+        /// Succeed when the alert does not exist.
+        if_exists: bool,
+    },
 }
 
 impl QuiverDdl {
@@ -51,6 +65,8 @@ impl QuiverDdl {
             Self::CreateMaterializedView { .. } => "CREATE MATERIALIZED VIEW",
             Self::DropMaterializedView { .. } => "DROP MATERIALIZED VIEW",
             Self::ExplainMaterializedView { .. } => "EXPLAIN MATERIALIZED VIEW",
+            Self::CreateAlert { .. } => "CREATE ALERT",
+            Self::DropAlert { .. } => "DROP ALERT",
         }
     }
 
@@ -95,6 +111,51 @@ pub(super) fn parse(sql: &str) -> Result<Option<QuiverDdl>, QueryError> {
     let lead: Vec<&str> = words.iter().map(String::as_str).collect();
     match lead.as_slice() {
         ["CREATE", "STREAM", ..] => parse_create_stream(sql).map(Some),
+        ["CREATE", "ALERT", ..] => {
+            // IF NOT EXISTS is taken off before the rule grammar sees the statement.
+            let (sql, if_not_exists) = match lead.as_slice() {
+                ["CREATE", "ALERT", "IF", "NOT"] => {
+                    let at = find_words(sql, &["EXISTS"]).ok_or_else(|| {
+                        QueryError::Invalid("expected CREATE ALERT IF NOT EXISTS name".into())
+                    })?;
+                    (format!("CREATE ALERT {}", &sql[at..]), true)
+                }
+                _ => (sql.to_owned(), false),
+            };
+            let rule = crate::alerts::parse_create_alert(&sql)
+                .map_err(|e| QueryError::Invalid(format!("CREATE ALERT: {e}")))?;
+            Ok(Some(QuiverDdl::CreateAlert {
+                rule,
+                if_not_exists,
+            }))
+        }
+        ["DROP", "ALERT", ..] => {
+            let rest: Vec<String> = tokens
+                .iter()
+                .filter(|t| !matches!(t, Token::Whitespace(_) | Token::SemiColon))
+                .skip(2)
+                .map(|t| match t {
+                    Token::Word(w) => w.value.clone(),
+                    other => other.to_string(),
+                })
+                .collect();
+            let upper: Vec<String> = rest.iter().map(|w| w.to_ascii_uppercase()).collect();
+            match (upper.as_slice(), rest.as_slice()) {
+                ([i, e, _], [_, _, name]) if i == "IF" && e == "EXISTS" => {
+                    Ok(Some(QuiverDdl::DropAlert {
+                        name: name.clone(),
+                        if_exists: true,
+                    }))
+                }
+                (_, [name]) => Ok(Some(QuiverDdl::DropAlert {
+                    name: name.clone(),
+                    if_exists: false,
+                })),
+                _ => Err(QueryError::Invalid(
+                    "expected DROP ALERT [IF EXISTS] name".into(),
+                )),
+            }
+        }
         ["EXPLAIN", "MATERIALIZED", "VIEW", ..] => {
             let rest: Vec<&Token> = tokens
                 .iter()
@@ -138,6 +199,33 @@ pub(super) fn parse(sql: &str) -> Result<Option<QuiverDdl>, QueryError> {
             }
         }
         _ => Ok(None),
+    }
+}
+
+/// Where the text after the last of `words` (matched in order, case-insensitively)
+/// starts in `sql`.
+fn find_words(sql: &str, words: &[&str]) -> Option<usize> {
+    let upper = sql.to_ascii_uppercase();
+    let mut at = 0;
+    for w in words {
+        at = upper[at..].find(w).map(|i| at + i + w.len())?;
+    }
+    Some(at)
+}
+
+/// `SHOW ALERTS` as the query over the `alerts` table it stands for.
+pub(super) fn rewrite_show(sql: &str) -> Option<String> {
+    let words: Vec<String> = sql
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .map(str::to_ascii_uppercase)
+        .collect();
+    match words.as_slice() {
+        [show, alerts] if show == "SHOW" && alerts == "ALERTS" => {
+            Some("SELECT * FROM alerts ORDER BY name".into())
+        }
+        _ => None,
     }
 }
 

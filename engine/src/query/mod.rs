@@ -37,6 +37,11 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 
 pub use ddl::{QuiverDdl, column_type, parse_view_definition};
 pub use tables::{CATALOG, SCHEMA, cast_batch, retype_text};
+
+/// Quiver's own tables, readable by SQL: `alerts` (the rules and how many keys each has
+/// pending and firing), `notifications` (the alert transitions kept) and `activity` (who
+/// changed what).
+pub const SYSTEM_TABLES: [&str; 3] = ["alerts", "notifications", "activity"];
 pub(crate) use tables::{ReadSnapshot, StreamProvider, TableSource, query_schema};
 
 use crate::EngineMetrics;
@@ -407,7 +412,8 @@ async fn prepare(
     if let Some(ddl) = ddl::parse(sql)? {
         return Ok(Prepared::Ddl(ddl));
     }
-    let sql = rewrite::time_travel(sql)?;
+    let sql = ddl::rewrite_show(sql).unwrap_or_else(|| sql.to_owned());
+    let sql = rewrite::time_travel(&sql)?;
     let state = ctx.state();
     let mut statements = DFParser::parse_sql_with_dialect(&sql, &GenericDialect {})?;
     if statements.len() > 1 {

@@ -43,6 +43,10 @@ pub(crate) trait TableSource: std::fmt::Debug + Send + Sync + 'static {
     fn result_names(&self) -> Vec<String>;
     /// A result table as last loaded.
     fn result_table(&self, name: &str) -> Option<DeltaTable>;
+    /// Names of Quiver's own tables (`alerts`, `notifications`).
+    fn system_names(&self) -> Vec<String>;
+    /// A system table's rows now.
+    fn system_table(&self, name: &str) -> Option<RecordBatch>;
     /// A stream's or result table's Delta table as it was at a version or instant.
     async fn historical_table(&self, name: &str, at: TableAt) -> crate::Result<DeltaTable>;
 }
@@ -127,6 +131,11 @@ impl SchemaProvider for PublicSchema {
         let mut names = self.engine.stream_names();
         names.extend(self.engine.view_names());
         names.extend(self.engine.result_names());
+        for name in self.engine.system_names() {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
         names
     }
 
@@ -141,7 +150,12 @@ impl SchemaProvider for PublicSchema {
             return Ok(Some(Arc::new(StreamProvider::live(table, Vec::new())?)));
         }
         let Some(view) = self.engine.view(name) else {
-            return Ok(None);
+            // Quiver's own tables come last: a stream or view of the same name wins.
+            let Some(rows) = self.engine.system_table(name) else {
+                return Ok(None);
+            };
+            let table = MemTable::try_new(rows.schema(), vec![vec![rows]])?;
+            return Ok(Some(Arc::new(table)));
         };
         // A view is read at its latest published version.
         let (_, rows) = view.snapshot()?;
@@ -153,6 +167,7 @@ impl SchemaProvider for PublicSchema {
         self.engine.stream_schema(name).is_some()
             || self.engine.view(name).is_some()
             || self.engine.result_table(name).is_some()
+            || self.engine.system_names().iter().any(|n| n == name)
     }
 }
 
