@@ -70,6 +70,7 @@ fn info_json(info: &AlertInfo, show_secrets: bool) -> Value {
                 "key": serde_json::from_str::<Value>(&k.key).unwrap_or(json!(k.key)),
                 "state": <&str>::from(k.state),
                 "since": iso(k.since),
+                "left_at": k.left.map(iso),
                 "row": k.row,
             })
         })

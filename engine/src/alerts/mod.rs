@@ -97,6 +97,9 @@ pub struct KeyStatus {
     pub state: AlertState,
     /// When the row entered the predicate.
     pub since: i64,
+    /// For a firing key whose row has left the predicate: when it left (it resolves
+    /// `KEEP FIRING FOR` later).
+    pub left: Option<i64>,
     /// The row as last seen in the predicate.
     pub row: Value,
 }
@@ -266,14 +269,15 @@ impl Tracker {
         self.keys
             .iter()
             .map(|(key, e)| {
-                let (state, since) = match e.phase {
-                    Phase::Pending { since } => (AlertState::Pending, since),
-                    Phase::Firing { since, .. } => (AlertState::Firing, since),
+                let (state, since, left) = match e.phase {
+                    Phase::Pending { since } => (AlertState::Pending, since, None),
+                    Phase::Firing { since, left } => (AlertState::Firing, since, left),
                 };
                 KeyStatus {
                     key: key.clone(),
                     state,
                     since,
+                    left,
                     row: e.row.clone(),
                 }
             })

@@ -156,8 +156,13 @@ async fn a_rule_goes_pending_firing_resolved_and_a_restart_does_not_fire_it_agai
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(told(&engine), [(K1.to_owned(), AlertState::Firing)]);
 
-    // Back above the line: resolved only once KEEP FIRING FOR has run out.
+    // Back above the line: resolved only once KEEP FIRING FOR has run out, counted from
+    // when the evaluator saw the row leave (it runs on its own task).
     move_stock(&engine, &mut seq, &[("S1", "W1", 10)]).await;
+    until("S1 seen leaving", || {
+        engine.alerts().get("low").unwrap().keys[0].left == Some(START_MS + 61_000)
+    })
+    .await;
     clock.advance(Duration::from_secs(29));
     engine.alerts().wake();
     tokio::time::sleep(Duration::from_millis(100)).await;
