@@ -546,16 +546,14 @@ impl Push {
 
     /// Who is connected now: per token id, connections and subscriptions.
     pub(crate) fn presence(&self) -> Vec<(String, usize, usize)> {
-        let hub = self.hub.lock();
-        let notified = self.notified.lock();
-        let mut out: Vec<(String, usize, usize)> = hub
+        let mut out: Vec<(String, usize, usize)> = self
+            .hub
+            .lock()
             .tokens
             .iter()
             .filter(|(_, u)| u.connections > 0)
             .map(|(t, u)| (t.clone(), u.connections, u.subscriptions))
             .collect();
-        drop(hub);
-        drop(notified);
         out.sort();
         out
     }
