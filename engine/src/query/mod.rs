@@ -79,6 +79,9 @@ impl Default for QueryOptions {
     }
 }
 
+/// Most spill files one merge pass reads at once.
+const SPILL_MERGE_FAN_IN: usize = 8;
+
 /// Stack of each query thread.
 const QUERY_STACK_BYTES: usize = 256 << 20;
 
@@ -181,11 +184,16 @@ impl QueryRuntime {
             (Some(dir), _) => DiskManagerMode::Directories(vec![dir.clone()]),
             (None, _) => DiskManagerMode::OsTmpDirectory,
         };
+        // A spilled aggregation merges its sorted runs back with one memory reservation
+        // it shares with its own hash table; unbounded, the merge opens as many runs as
+        // the pool lets it and leaves the aggregation no room to grow, which fails the
+        // query. A bounded fan-in merges in more passes instead.
         let env = RuntimeEnvBuilder::new()
             .with_disk_manager_builder(
                 DiskManagerBuilder::default()
                     .with_mode(mode)
-                    .with_max_temp_directory_size(options.spill_bytes),
+                    .with_max_temp_directory_size(options.spill_bytes)
+                    .with_max_spill_merge_fan_in(SPILL_MERGE_FAN_IN),
             )
             .build_arc()?;
         Ok(Self {

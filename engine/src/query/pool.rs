@@ -131,4 +131,42 @@ mod tests {
         a.free();
         assert!(b.try_grow(100).is_ok());
     }
+
+    /// A `GROUP BY … ORDER BY … LIMIT` whose aggregation must spill, on two partitions
+    /// and the runtime queries use: the partitions merge their spilled runs back while
+    /// the other still aggregates, and neither merge may starve its own aggregation.
+    /// With an unbounded merge fan-in about one run in ten failed here.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spilled_aggregation_merges_back_under_the_limit_every_time() {
+        use datafusion::prelude::{SessionConfig, SessionContext};
+
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = super::super::QueryRuntime::new(super::super::QueryOptions {
+            memory_limit: 20_000_000,
+            threads: 2,
+            spill_dir: Some(dir.path().to_owned()),
+            ..Default::default()
+        })
+        .unwrap();
+        for run in 0..16 {
+            let ctx = SessionContext::new_with_config_rt(
+                SessionConfig::new().with_target_partitions(2),
+                runtime.env_for_query(),
+            );
+            let batches = ctx
+                .sql(
+                    "SELECT value % 3000000 AS k, COUNT(*) AS n FROM generate_series(1, 6000000) \
+                     GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1",
+                )
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap_or_else(|e| panic!("run {run}: {e}"));
+            let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+                .unwrap()
+                .to_string();
+            assert!(text.contains("| 0 | 2 |"), "run {run}: {text}");
+        }
+    }
 }
