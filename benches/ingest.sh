@@ -22,12 +22,7 @@ token="bench-admin-token"
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$scratch"' EXIT
 
 for format in ndjson arrow; do
-  rm -rf "$scratch/store"
-  QUIVER_ADMIN_TOKEN="$token" QUIVER_LOG=warn "$bin/quiver" serve \
-    --store "file://$scratch/store" --http-addr "127.0.0.1:$port" \
-    --upkeep-interval 0s ${QUIVER_BENCH_SERVE_ARGS:-} >"$scratch/server-$format.log" 2>&1 &
-  pid=$!
-  wait_ready "$port"
+  start_scratch_server "$port" "$format"
   "$bin/ingest-load" --url "http://127.0.0.1:$port" --token "$token" --format "$format" \
     --batch 1000 --concurrency "$concurrency" --duration "$duration" --server-pid "$pid"
   curl -s "http://127.0.0.1:$port/metrics" | grep -E '^quiver_(flush_events_total|flush_seconds_(sum|count)|wal_fsync_seconds_(sum|count))' | sed 's/^/  /'

@@ -9,3 +9,16 @@ wait_ready() {
   echo "the server on port $1 did not become ready" >&2
   exit 1
 }
+
+# Starts a release `quiver serve` on a fresh scratch store ($scratch/store), upkeep off,
+# with $QUIVER_BENCH_SERVE_ARGS, logging to $scratch/server-$2.log; sets $pid and
+# waits until it is ready. Needs $bin, $scratch and $token.
+#   start_scratch_server PORT LOG_NAME
+start_scratch_server() {
+  rm -rf "$scratch/store"
+  QUIVER_ADMIN_TOKEN="$token" QUIVER_LOG=warn "$bin/quiver" serve \
+    --store "file://$scratch/store" --http-addr "127.0.0.1:$1" \
+    --upkeep-interval 0s ${QUIVER_BENCH_SERVE_ARGS:-} >"$scratch/server-$2.log" 2>&1 &
+  pid=$!
+  wait_ready "$1"
+}

@@ -34,6 +34,10 @@ struct Args {
     /// Server process id, to sample its RSS.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Write one request body to this file and exit (for an outside client such as
+    /// `wrk`, which posts it as fast as it can and ignores `Retry-After`).
+    #[arg(long)]
+    write_body: Option<std::path::PathBuf>,
 }
 
 fn bodies(format: Format, batch: usize, count: usize) -> anyhow::Result<Vec<bytes::Bytes>> {
@@ -74,6 +78,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let base = args.target.base()?;
     let format: Format = args.format.parse()?;
+    if let Some(path) = &args.write_body {
+        let body = bodies(format, args.batch, 1)?.remove(0);
+        std::fs::write(path, &body).with_context(|| format!("writing {}", path.display()))?;
+        return Ok(());
+    }
     let bodies = Arc::new(bodies(format, args.batch, 64)?);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, Date32Array, TimestampMicrosecondArray};
@@ -16,6 +16,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use crate::admission::Admission;
 use crate::buffer::LiveBuffer;
 use crate::catalog::Document;
 use crate::idempotency::{Idempotency, KeyState};
@@ -46,8 +47,11 @@ pub struct EngineConfig {
     pub flush_bytes: usize,
     /// Flush a stream once its oldest buffered event is this old.
     pub flush_interval: Duration,
-    /// Refuse writes (503) while all buffers together hold more than this.
+    /// Bound on what all buffers together hold; a write past it waits for room.
     pub max_buffer_bytes: usize,
+    /// Longest a write waits for buffer room before it is refused (503); zero refuses
+    /// at once.
+    pub ingest_max_wait: Duration,
     /// How often tables are compacted, checkpointed and vacuumed (zero: never).
     pub upkeep_interval: Duration,
     /// Table upkeep settings.
@@ -75,6 +79,7 @@ impl EngineConfig {
             flush_bytes: 64 << 20,
             flush_interval: Duration::from_secs(10),
             max_buffer_bytes: 256 << 20,
+            ingest_max_wait: Duration::from_secs(5),
             upkeep_interval: Duration::from_secs(600),
             table: TableOptions::default(),
             idempotency_ttl: Duration::from_secs(24 * 3600),
@@ -145,7 +150,7 @@ struct Shared {
     streams: RwLock<BTreeMap<String, Arc<StreamState>>>,
     metrics: Arc<EngineMetrics>,
     idempotency: Idempotency,
-    buffered_bytes: AtomicUsize,
+    admission: Admission,
     feed: Arc<ViewFeed>,
 }
 
@@ -167,7 +172,7 @@ impl Shared {
             buf.push(seq, batch, bytes);
             (buf.bytes(), buf.rows())
         };
-        self.buffered_bytes.fetch_add(bytes, Ordering::AcqRel);
+        self.admission.add(bytes);
         let label = stream_label(stream);
         self.metrics
             .buffer_bytes
@@ -277,7 +282,7 @@ impl Engine {
             streams: RwLock::new(streams),
             metrics: Arc::clone(&metrics),
             idempotency,
-            buffered_bytes: AtomicUsize::new(0),
+            admission: Admission::new(config.max_buffer_bytes, config.ingest_max_wait),
             feed: Arc::new(ViewFeed::new()),
         });
 
@@ -657,16 +662,23 @@ impl Engine {
         let stored = with_partition_column(&state.schema, batch)?;
         let rows = stored.num_rows() as u64;
         let data = encode_ipc(&stored)?;
-        let held = self.inner.shared.buffered_bytes.load(Ordering::Acquire);
-        // An empty buffer takes any single request, so one larger than the bound is not
-        // refused forever.
-        if held > 0 && held + data.len() > self.inner.config.max_buffer_bytes {
-            return Err(Error::Unavailable {
-                reason: format!(
-                    "ingest buffers are full ({held} bytes held); flushing to storage is behind"
-                ),
-                retry_after_secs: 1,
-            });
+        match self.inner.shared.admission.admit(data.len()).await {
+            Ok(waited) if !waited.is_zero() => {
+                let m = self.metrics();
+                m.ingest_waits_total.inc();
+                m.ingest_wait_seconds.observe(waited.as_secs_f64());
+            }
+            Ok(_) => {}
+            Err(refused) => {
+                return Err(Error::Unavailable {
+                    reason: format!(
+                        "ingest buffers are full ({} bytes held) and flushing to storage \
+                         would not free room within {:?}",
+                        refused.held, self.inner.config.ingest_max_wait
+                    ),
+                    retry_after_secs: refused.retry_after_secs,
+                });
+            }
         }
         self.inner
             .wal
@@ -688,26 +700,31 @@ impl Engine {
         Ok(IngestOutcome::Accepted(rows))
     }
 
-    /// Flushes every stream whose buffer is due by size or age.
+    /// Flushes every stream whose buffer is due by size or age, the streams at once.
     async fn flush_due(&self) {
         let states: Vec<Arc<StreamState>> =
             self.inner.shared.streams.read().values().cloned().collect();
         // One capped commit per due stream per round, round after round while any is
         // still due, so a busy stream cannot starve the others.
         loop {
-            let mut flushed_any = false;
-            for state in &states {
-                let due = {
+            let due: Vec<&Arc<StreamState>> = states
+                .iter()
+                .filter(|state| {
                     let buf = state.buffer.lock();
                     buf.bytes() >= self.inner.config.flush_bytes
                         || buf
                             .oldest()
                             .is_some_and(|t| t.elapsed() >= self.inner.config.flush_interval)
-                };
-                if !due {
-                    continue;
-                }
-                match self.flush_prefix(state).await {
+                })
+                .collect();
+            if due.is_empty() {
+                return;
+            }
+            let results =
+                futures::future::join_all(due.iter().map(|state| self.flush_prefix(state))).await;
+            let mut flushed_any = false;
+            for (state, result) in due.iter().zip(results) {
+                match result {
                     Ok(flushed) => flushed_any |= flushed,
                     Err(e) => {
                         error!(stream = state.schema.name(), error = %e, "flush failed; will retry");
@@ -837,10 +854,7 @@ impl Engine {
                     let (bytes, _) = buf.release_through(last_seq);
                     (bytes, buf.bytes(), buf.rows())
                 };
-                self.inner
-                    .shared
-                    .buffered_bytes
-                    .fetch_sub(freed, Ordering::AcqRel);
+                self.inner.shared.admission.release(freed, elapsed);
                 m.buffer_bytes
                     .get_or_create(&label)
                     .set(remaining_bytes as i64);

@@ -81,6 +81,10 @@ pub struct EngineMetrics {
     pub ingest_rejects_total: Family<RejectLabel, Counter>,
     /// Rows named as bad in rejected requests, by stream.
     pub ingest_rejected_rows_total: Family<StreamLabel, Counter>,
+    /// Writes that waited for buffer room before they were admitted.
+    pub ingest_waits_total: Counter,
+    /// How long admitted writes waited for buffer room.
+    pub ingest_wait_seconds: Histogram,
     /// Latency of a WAL group write plus fsync.
     pub wal_fsync_seconds: Histogram,
     /// Bytes written to the WAL.
@@ -164,6 +168,8 @@ impl EngineMetrics {
             ingest_bytes_total: Family::default(),
             ingest_rejects_total: Family::default(),
             ingest_rejected_rows_total: Family::default(),
+            ingest_waits_total: Counter::default(),
+            ingest_wait_seconds: seconds_histogram(),
             wal_fsync_seconds: seconds_histogram(),
             wal_bytes_total: Counter::default(),
             wal_segments_deleted_total: Counter::default(),
@@ -211,6 +217,16 @@ impl EngineMetrics {
             "ingest_bytes",
             "Request body bytes accepted",
             m.ingest_bytes_total.clone(),
+        );
+        r.register(
+            "ingest_waits",
+            "Writes that waited for buffer room before they were admitted",
+            m.ingest_waits_total.clone(),
+        );
+        r.register(
+            "ingest_wait_seconds",
+            "How long admitted writes waited for buffer room",
+            m.ingest_wait_seconds.clone(),
         );
         r.register(
             "ingest_rejects",

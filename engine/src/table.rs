@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 use arrow::record_batch::RecordBatch;
 use chrono::{DateTime, Utc};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::transaction::CommitProperties;
-use deltalake::kernel::{StructType, Transaction};
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, StructType, Transaction};
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::protocol::DeltaOperation;
 use deltalake::protocol::SaveMode;
+use deltalake::writer::{DeltaWriter as _, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use parking_lot::RwLock;
 use tokio::sync::Mutex;
@@ -32,6 +34,9 @@ pub struct TableOptions {
     pub vacuum_retention: Duration,
     /// Zstd level for Parquet pages.
     pub zstd_level: i32,
+    /// Files one flush encodes at once, each on its own task (Parquet encoding and
+    /// zstd are most of a flush's time, and the one commit that takes them all is short).
+    pub flush_parallelism: usize,
 }
 
 impl Default for TableOptions {
@@ -40,6 +45,9 @@ impl Default for TableOptions {
             compact_target_bytes: 128 << 20,
             vacuum_retention: Duration::from_secs(7 * 24 * 3600),
             zstd_level: 3,
+            flush_parallelism: std::thread::available_parallelism()
+                .map(std::num::NonZeroUsize::get)
+                .unwrap_or(2),
         }
     }
 }
@@ -210,18 +218,9 @@ impl StreamTable {
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         tracing::Span::current().record("rows", rows);
         let mut table = self.table.lock().await;
-        let commit = CommitProperties::default()
-            .with_application_transaction(Transaction::new(&self.app_id, seq as i64));
-        let written = table
-            .clone()
-            .write(batches)
-            .with_save_mode(SaveMode::Append)
-            .with_partition_columns([PARTITION_COLUMN])
-            .with_writer_properties(self.writer_properties())
-            .with_commit_properties(commit)
-            .await;
-        let written = match written {
-            Ok(t) => t,
+        let written = self.write_and_commit(&table, batches, seq).await;
+        let state = match written {
+            Ok(state) => state,
             Err(e) => {
                 // Another writer may have changed the table in a way that conflicts with
                 // the state this one holds (e.g. a second metadata action from a create
@@ -233,12 +232,51 @@ impl StreamTable {
                     warn!(error = %e, seq, "the commit reported a failure but is in the table");
                     return Ok(table.version().unwrap_or(0));
                 }
-                return Err(e.into());
+                return Err(e);
             }
         };
-        *table = written;
+        table.state = Some(state);
         self.publish(table.clone(), seq);
         Ok(table.version().unwrap_or(0))
+    }
+
+    /// Encodes `batches` as Parquet files, up to `flush_parallelism` of them at once on
+    /// their own tasks, then commits them all in one Delta commit that also records
+    /// `seq` as this writer's transaction version. Returns the table state after it.
+    async fn write_and_commit(
+        &self,
+        table: &DeltaTable,
+        batches: Vec<RecordBatch>,
+        seq: u64,
+    ) -> Result<deltalake::table::state::DeltaTableState> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for chunk in split_for_files(batches, self.options.flush_parallelism) {
+            let mut writer = RecordBatchWriter::for_table(table)?
+                .with_writer_properties(self.writer_properties());
+            tasks.spawn(async move {
+                for batch in chunk {
+                    writer.write(batch).await?;
+                }
+                writer.flush().await
+            });
+        }
+        let mut actions = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            let adds = done.map_err(|_| crate::Error::Internal("a flush task panicked"))??;
+            actions.extend(adds.into_iter().map(Action::Add));
+        }
+        let commit = CommitProperties::default()
+            .with_application_transaction(Transaction::new(&self.app_id, seq as i64));
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: Some(vec![PARTITION_COLUMN.to_owned()]),
+            predicate: None,
+        };
+        let finalized = CommitBuilder::from(commit)
+            .with_actions(actions)
+            .build(Some(table.snapshot()?), table.log_store(), operation)
+            .await?;
+        Ok(finalized.snapshot())
     }
 
     fn writer_properties(&self) -> WriterProperties {
@@ -329,4 +367,89 @@ pub(crate) async fn load_at(store: &Store, url: &Url, at: TableAt) -> Result<Del
         TableAt::Time(t) => builder.with_timestamp(t),
     };
     Ok(builder.load().await?)
+}
+
+/// Fewest rows worth a file of their own in one flush; below it, more files cost more
+/// (in footers, and in files for queries to open until compaction) than they save.
+const MIN_ROWS_PER_FILE: usize = 64 * 1024;
+
+/// Splits a flush's batches, in order, into at most `parts` runs of about equal rows,
+/// each of at least `MIN_ROWS_PER_FILE` rows where there are enough.
+fn split_for_files(batches: Vec<RecordBatch>, parts: usize) -> Vec<Vec<RecordBatch>> {
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let parts = parts.clamp(1, (rows / MIN_ROWS_PER_FILE).max(1));
+    let per_part = rows.div_ceil(parts);
+    let mut out: Vec<Vec<RecordBatch>> = Vec::with_capacity(parts);
+    let mut current = Vec::new();
+    let mut in_current = 0;
+    for batch in batches {
+        in_current += batch.num_rows();
+        current.push(batch);
+        if in_current >= per_part && out.len() + 1 < parts {
+            out.push(std::mem::take(&mut current));
+            in_current = 0;
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+#[cfg(test)]
+mod split_tests {
+    use std::sync::Arc;
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    fn batches(n: usize, rows: usize) -> Vec<RecordBatch> {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        (0..n)
+            .map(|i| {
+                let v: Vec<i64> = (0..rows).map(|r| (i * rows + r) as i64).collect();
+                RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(Int64Array::from(v))])
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    fn shape(parts: &[Vec<RecordBatch>]) -> Vec<usize> {
+        parts
+            .iter()
+            .map(|p| p.iter().map(RecordBatch::num_rows).sum())
+            .collect()
+    }
+
+    #[test]
+    fn flushes_split_into_ordered_runs_of_worthwhile_size() {
+        // 300 requests of 1,000 events over 4 tasks: four runs in order.
+        let parts = split_for_files(batches(300, 1000), 4);
+        assert_eq!(shape(&parts), vec![75_000; 4]);
+        let first: Vec<i64> = parts
+            .iter()
+            .map(|p| {
+                let a = p[0]
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap();
+                a.value(0)
+            })
+            .collect();
+        assert_eq!(first, vec![0, 75_000, 150_000, 225_000]);
+        // Too few rows for two worthwhile files: one.
+        assert_eq!(
+            shape(&split_for_files(batches(100, 1000), 4)),
+            vec![100_000]
+        );
+        // One task: everything in one.
+        assert_eq!(
+            shape(&split_for_files(batches(300, 1000), 1)),
+            vec![300_000]
+        );
+        assert!(split_for_files(Vec::new(), 2).is_empty());
+    }
 }

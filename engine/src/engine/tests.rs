@@ -98,12 +98,13 @@ async fn memory_store_ingest_flush_and_replay() {
 }
 
 #[tokio::test]
-async fn buffer_bound_answers_unavailable() {
+async fn a_write_over_the_buffer_bound_waits_for_a_flush_then_is_refused() {
     let wal = tempfile::tempdir().unwrap();
     let mut config = EngineConfig::new("memory://", wal.path());
     config.upkeep_interval = Duration::ZERO;
     config.flush_interval = Duration::from_secs(3600);
     config.max_buffer_bytes = 4096;
+    config.ingest_max_wait = Duration::from_millis(300);
     let engine = Engine::open(config, Arc::new(EngineMetrics::unregistered()))
         .await
         .unwrap();
@@ -111,25 +112,33 @@ async fn buffer_bound_answers_unavailable() {
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     let mut refused = 0;
     for _ in 0..10 {
+        let started = std::time::Instant::now();
         if let Err(Error::Unavailable {
             retry_after_secs, ..
         }) = engine
             .ingest("inventory", inventory_batch(&ids), None)
             .await
         {
+            // Nothing flushes here: each refusal comes after the whole wait.
+            assert!(started.elapsed() >= Duration::from_millis(300));
             assert!(retry_after_secs > 0);
             refused += 1;
         }
     }
     assert!(refused > 0);
-    // Flushing frees the bound.
+    // A write that waits is admitted as soon as a flush frees room.
+    let waiting = tokio::spawn({
+        let engine = engine.clone();
+        let batch = inventory_batch(&ids);
+        async move { engine.ingest("inventory", batch, None).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished());
     engine.flush_all().await.unwrap();
-    assert!(
-        engine
-            .ingest("inventory", inventory_batch(&ids), None)
-            .await
-            .is_ok()
-    );
+    assert!(matches!(
+        waiting.await.unwrap(),
+        Ok(IngestOutcome::Accepted(40))
+    ));
 }
 
 #[tokio::test]
