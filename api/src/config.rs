@@ -51,9 +51,16 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_FLUSH_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub flush_interval: Duration,
 
-    /// Refuse writes with 503 while buffers hold more than this many bytes.
+    /// Bound on the bytes all live buffers hold together; a write past it waits for a
+    /// flush to free room.
     #[arg(long, env = "QUIVER_MAX_BUFFER_BYTES", default_value_t = 256 << 20)]
     pub max_buffer_bytes: usize,
+
+    /// Longest a write waits for buffer room; past it, or when flushing would not free
+    /// room in time, it is refused with 503 and a `Retry-After` from the backlog
+    /// (0s: refuse at once).
+    #[arg(long, env = "QUIVER_INGEST_MAX_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub ingest_max_wait: Duration,
 
     /// WAL segment size.
     #[arg(long, env = "QUIVER_WAL_SEGMENT_BYTES", default_value_t = 64 << 20)]
@@ -67,6 +74,11 @@ pub struct ServeConfig {
     /// How often tables are compacted, checkpointed and vacuumed (0s: never).
     #[arg(long, env = "QUIVER_UPKEEP_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
     pub upkeep_interval: Duration,
+
+    /// Parquet files one flush encodes at once, each on its own thread (default: the
+    /// number of cores).
+    #[arg(long, env = "QUIVER_FLUSH_PARALLELISM")]
+    pub flush_parallelism: Option<usize>,
 
     /// Target size of compacted Parquet files.
     #[arg(long, env = "QUIVER_COMPACT_TARGET_BYTES", default_value_t = 128 << 20)]
@@ -139,6 +151,12 @@ pub struct ServeConfig {
     /// How often view state is checkpointed to the store (and always at shutdown).
     #[arg(long, env = "QUIVER_VIEW_CHECKPOINT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub view_checkpoint_interval: Duration,
+
+    /// Run views' `now()` from this instant (RFC 3339) instead of the system time; it
+    /// then advances in real time. For replaying recorded events as if they were
+    /// happening, and for tests over fixed data.
+    #[arg(long, env = "QUIVER_VIEW_CLOCK_START", value_parser = parse_instant_ms)]
+    pub view_clock_start: Option<i64>,
 
     /// Admin token; when unset one is generated on first start and printed once.
     /// Change sets each view keeps for subscribers resuming with `from_version`.
@@ -357,10 +375,14 @@ impl ServeConfig {
         c.flush_bytes = self.flush_bytes;
         c.flush_interval = self.flush_interval;
         c.max_buffer_bytes = self.max_buffer_bytes;
+        c.ingest_max_wait = self.ingest_max_wait;
         c.wal.segment_bytes = self.wal_segment_bytes;
         c.wal.max_record_bytes = self.max_wal_record_bytes;
         c.upkeep_interval = self.upkeep_interval;
         c.table.compact_target_bytes = self.compact_target_bytes;
+        if let Some(n) = self.flush_parallelism {
+            c.table.flush_parallelism = n.max(1);
+        }
         c.table.vacuum_retention = self.vacuum_retention;
         c.idempotency_ttl = self.idempotency_ttl;
         c.table_refresh_interval = self.table_refresh_interval;
@@ -374,6 +396,9 @@ impl ServeConfig {
         c.views.recompute_interval = self.view_recompute_interval;
         c.views.checkpoint_interval = self.view_checkpoint_interval;
         c.views.history = self.view_history.max(1);
+        if let Some(start) = self.view_clock_start {
+            c.views.clock = quiver_engine::clock::Clock::starting_at(start);
+        }
         c.alerts.smtp_url = self.smtp_url.clone();
         c.alerts.email_from = self.email_from.clone();
         c.alerts.delivery_timeout = self.alert_delivery_timeout;
@@ -436,3 +461,10 @@ const BUILT_IN_KPIS: &[&str] = &[
     include_str!("../../sql/kpis/07_units_sold.sql"),
     include_str!("../../sql/kpis/08_sell_through.sql"),
 ];
+
+/// An RFC 3339 instant as milliseconds since the epoch.
+fn parse_instant_ms(s: &str) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| format!("'{s}' is not an RFC 3339 instant (2026-11-25T12:00:00Z): {e}"))
+}

@@ -11,9 +11,11 @@
 //! The engine depends on no other Quiver crate.
 
 pub mod activity;
+mod admission;
 pub mod alerts;
 mod buffer;
 pub mod catalog;
+pub mod clock;
 mod durable_file;
 mod engine;
 mod error;

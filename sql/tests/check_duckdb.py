@@ -29,6 +29,9 @@ DATA = ROOT / "data"
 KPIS = ROOT.parent / "kpis"
 # Raised as records are added; a drop means records stopped being checked.
 MIN_CHECKED = 40
+# The views' now() in the test servers (`--view-clock-start` in
+# api/tests/integration/common.rs): the KPIs' retention is judged at that time.
+VIEW_CLOCK = "TIMESTAMPTZ '2026-11-25 12:00:00+00'"
 
 COLUMNS = {
     "orders": {
@@ -81,6 +84,7 @@ def translate(sql):
     sql = re.sub(r"\b(\w+)\s+VERSION\s+AS\s+OF\s+(\d+)", r"\1_v\2", sql, flags=re.I)
     sql = re.sub(r"\bquiver\.public\.", "", sql)
     sql = re.sub(r"\bpublic\.", "", sql)
+    sql = re.sub(r"\bnow\(\)", VIEW_CLOCK, sql, flags=re.I)
     return sql.strip().rstrip(";")
 
 

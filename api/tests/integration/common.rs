@@ -10,6 +10,10 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::prelude::SessionContext;
 use deltalake::DeltaTableBuilder;
 
+/// Where test servers start their views' clock (`--view-clock-start`): the day the
+/// test data is of, so views that keep the last days keep it.
+pub(crate) const VIEW_CLOCK_START: &str = "2026-11-25T12:00:00Z";
+
 pub(crate) const ADMIN: &str = "test-admin-token";
 
 /// A `quiver serve` process on a free port, killed on drop.
@@ -71,6 +75,8 @@ impl TestServer {
             ("--wal-dir", wal.as_str()),
             ("--flush-interval", "300ms"),
             ("--upkeep-interval", "0s"),
+            // The test data is of that day: views that keep the last days keep it.
+            ("--view-clock-start", VIEW_CLOCK_START),
         ];
         // Flags given by the test replace the defaults.
         let mut args: Vec<String> = defaults

@@ -614,6 +614,75 @@ async fn a_later_subscriber_gets_the_shared_snapshot_and_the_deltas_since() {
     check_converged(&server, &mut [&mut first, &mut later], &cases, 5).await;
 }
 
+/// A view with a temporal filter, followed over the WebSocket on the real clock: rows
+/// come in as events arrive and go out, as deletes, once they are older than the
+/// window; the view and ad-hoc SQL with `now()` agree it is then empty.
+#[tokio::test]
+async fn rows_that_age_out_of_a_temporal_view_reach_subscribers_as_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let server = TestServer::start(dir.path(), &["--view-clock-start", start.as_str()]).await;
+    let created = server
+        .sql_as(
+            ADMIN,
+            "CREATE MATERIALIZED VIEW fresh_lines AS SELECT event_id, sku, event_time FROM orders \
+             WHERE event_time > now() - INTERVAL '3 seconds'",
+            json!([]),
+            "json",
+        )
+        .await;
+    assert_eq!(created.status(), 201, "{}", created.text().await.unwrap());
+    let mut client = Client::connect(&server, ADMIN, true).await;
+    client
+        .subscribe("fresh", "fresh_lines", Value::Null, None)
+        .await;
+    assert!(client.until(10, |c| c.subs["fresh"].snapshots == 1).await);
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let body: String = (0..3)
+        .map(|i| {
+            format!(
+                "{{\"event_id\":\"t-{i}\",\"event_time\":\"{at}\",\"order_id\":\"o{i}\",\"customer_id\":\"c1\",\"warehouse_id\":\"W1\",\"sku\":\"S{i}\",\"quantity\":1,\"unit_price\":\"1.00\",\"status\":\"paid\"}}\n"
+            )
+        })
+        .collect();
+    let r = server.post("orders", "application/x-ndjson", body).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let arrived = Instant::now();
+    assert!(
+        client.until(10, |c| c.subs["fresh"].rows.len() == 3).await,
+        "the rows never arrived: {:?}",
+        client.subs["fresh"].rows
+    );
+    let deltas_in = client.subs["fresh"].deltas;
+    assert!(
+        client.until(15, |c| c.subs["fresh"].rows.is_empty()).await,
+        "the rows never left: {:?}",
+        client.subs["fresh"].rows
+    );
+    // Not before they were three seconds old.
+    assert!(
+        arrived.elapsed() >= Duration::from_millis(2500),
+        "{:?}",
+        arrived.elapsed()
+    );
+    assert!(client.subs["fresh"].deltas > deltas_in);
+    assert!(client.errors.is_empty(), "{:?}", client.errors);
+    assert_eq!(
+        server.sql_rows("SELECT count(*) FROM fresh_lines").await,
+        json!([[0]])
+    );
+    assert_eq!(
+        server
+            .sql_rows("SELECT count(*) FROM orders WHERE event_time > now() - INTERVAL '3 seconds'")
+            .await,
+        json!([[0]])
+    );
+    assert_eq!(
+        server.sql_rows("SELECT count(*) FROM orders").await,
+        json!([[3]])
+    );
+}
+
 /// A client whose socket reads nothing: a tiny receive buffer, so the server's writes
 /// block and its queue fills.
 async fn stalled_client(server: &TestServer) -> Ws {

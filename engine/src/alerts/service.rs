@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, BooleanArray, Int64Array, StringArray, TimestampMillisecondArray};
@@ -45,36 +45,7 @@ use crate::query::QueryError;
 /// Deliveries in flight at once to one destination.
 pub(super) const PER_DESTINATION: usize = 8;
 
-/// Where "now" comes from: the system clock, or a clock a test sets.
-#[derive(Debug, Clone, Default)]
-pub struct Clock(Option<Arc<AtomicI64>>);
-
-impl Clock {
-    /// The system clock.
-    pub fn system() -> Self {
-        Self(None)
-    }
-
-    /// A clock that stands at `start_ms` until moved.
-    pub fn manual(start_ms: i64) -> Self {
-        Self(Some(Arc::new(AtomicI64::new(start_ms))))
-    }
-
-    /// Milliseconds since the epoch.
-    pub fn now(&self) -> i64 {
-        match &self.0 {
-            Some(t) => t.load(Ordering::Acquire),
-            None => chrono::Utc::now().timestamp_millis(),
-        }
-    }
-
-    /// Moves a manual clock forward (no effect on the system clock).
-    pub fn advance(&self, by: Duration) {
-        if let Some(t) = &self.0 {
-            t.fetch_add(by.as_millis() as i64, Ordering::AcqRel);
-        }
-    }
-}
+pub use crate::clock::Clock;
 
 /// Alerting settings.
 #[derive(Debug, Clone)]

@@ -210,6 +210,19 @@ impl Aggregate {
         })
     }
 
+    /// Forgets the groups in `group_columns` (a temporal filter above let them go for
+    /// good).
+    pub(crate) fn forget(&mut self, group_columns: &[ArrayRef]) -> Result<()> {
+        if self.scalar || group_columns.is_empty() {
+            return Ok(());
+        }
+        let keys = self.group_codec.encode(group_columns)?;
+        for key in keys.iter() {
+            self.groups.remove(key.as_ref());
+        }
+        Ok(())
+    }
+
     pub(crate) fn groups(&self) -> usize {
         self.groups.len()
     }

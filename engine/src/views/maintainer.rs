@@ -17,6 +17,8 @@ pub(super) struct Running {
     /// Per stream read, the last WAL position applied.
     pub(super) positions: BTreeMap<String, u64>,
     pub(super) next_recompute: Instant,
+    /// Has a temporal filter: the clock is one of its inputs.
+    pub(super) temporal: bool,
     /// The stored checkpoint chain holds this view's state, so the next checkpoint may
     /// write only what changed; false for a view created or rebuilt since.
     pub(super) in_chain: bool,
@@ -63,6 +65,7 @@ impl Maintainer {
             let next_checkpoint = last_checkpoint + options.checkpoint_interval;
             let deadline = next_recompute
                 .map_or(next_checkpoint, |r| r.min(next_checkpoint))
+                .min(self.next_tick(&options.clock, now))
                 .max(now);
             let msg = match held.take() {
                 Some(m) => Ok(m),
@@ -118,7 +121,12 @@ impl Maintainer {
                     }
                     return;
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Temporal filters move with the clock, events or not.
+                    if self.views.iter().any(|v| v.temporal) {
+                        self.apply_events(Vec::new());
+                    }
+                }
             }
             let now = Instant::now();
             if self
@@ -176,6 +184,9 @@ impl Maintainer {
         };
         let mut diffs: HashMap<String, ZBatch> = HashMap::new();
         let mut broken = Vec::new();
+        // The clock moves first, so events are judged at the time they are applied.
+        let tick = temporal::clock_delta(host.views().options.clock.now() * 1000);
+        let ticking = events.is_empty();
         for i in self.batch_order() {
             let run = &mut self.views[i];
             if !run.incremental {
@@ -183,6 +194,9 @@ impl Maintainer {
             }
             let view_started = Instant::now();
             let mut deltas = Vec::new();
+            if run.temporal {
+                deltas.push((temporal::CLOCK.to_owned(), tick.clone()));
+            }
             for src in &run.shared.reads {
                 let delta = if let Some(d) = diffs.get(src) {
                     Some(d.clone())
@@ -208,6 +222,13 @@ impl Maintainer {
                     broken.push(i);
                 }
             }
+            if ticking
+                && deltas.len() <= usize::from(run.temporal)
+                && !diffs.contains_key(run.name())
+            {
+                // A tick that changed nothing here: not a batch worth timing.
+                continue;
+            }
             let spent = view_started.elapsed();
             run.cost_ns = 0.9 * run.cost_ns + 0.1 * spent.as_nanos() as f64;
             run.shared
@@ -226,12 +247,40 @@ impl Maintainer {
                 pending.pop_front();
             }
         }
-        self.dirty = true;
-        host.metrics()
-            .view_batch_seconds
-            .observe(started.elapsed().as_secs_f64());
+        if ticking {
+            self.dirty |= !diffs.is_empty();
+        } else {
+            self.dirty = true;
+            host.metrics()
+                .view_batch_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
         for i in broken {
             self.rebuild(i);
+        }
+    }
+
+    /// When the clock next matters to a temporal filter: the earliest instant one has
+    /// rows to let in or out, and at least every second while any view has one (the
+    /// clock may be moved by other means than waiting, in tests).
+    fn next_tick(&self, clock: &crate::clock::Clock, now: Instant) -> Instant {
+        let far = now + Duration::from_secs(3600);
+        if !self.views.iter().any(|v| v.temporal) {
+            return far;
+        }
+        let due = self
+            .views
+            .iter()
+            .filter(|v| v.temporal)
+            .filter_map(|v| v.shared.state.read().node.as_ref()?.next_due())
+            .min();
+        let every = now + TEMPORAL_TICK;
+        match due {
+            Some(due_us) => {
+                let wait_us = due_us.saturating_sub(clock.now() * 1000).max(0) as u64;
+                every.min(now + Duration::from_micros(wait_us))
+            }
+            None => every,
         }
     }
 
@@ -414,8 +463,14 @@ impl Maintainer {
         let label = ViewLabel {
             view: name.to_owned(),
         };
+        let temporal = node.as_ref().is_some_and(plan::Node::has_temporal);
         match node.as_mut() {
             Some(node) => {
+                if temporal {
+                    let now = host.views().options.clock.now() * 1000;
+                    node.apply(temporal::CLOCK, &temporal::clock_delta(now))
+                        .map_err(|e| QueryError::Internal(e.to_string()))?;
+                }
                 let mut sources = Vec::new();
                 node.sources(&mut sources);
                 let mut rows = 0u64;
@@ -490,6 +545,7 @@ impl Maintainer {
             cost_ns: 0.0,
             positions,
             next_recompute: Instant::now() + interval,
+            temporal,
             in_chain: false,
         };
         update_gauges(host, &run);
@@ -761,6 +817,7 @@ impl Maintainer {
             .map(|why| why.0),
         };
         let incremental = node.is_some();
+        let node_has_temporal = node.as_ref().is_some_and(plan::Node::has_temporal);
         let shared = ViewShared::new(
             host,
             &saved.name,
@@ -778,6 +835,7 @@ impl Maintainer {
             cost_ns: 0.0,
             positions: saved.positions.clone(),
             next_recompute: Instant::now(),
+            temporal: node_has_temporal,
             in_chain: true,
         };
         update_gauges(host, &run);

@@ -23,6 +23,7 @@ mod maintainer;
 mod ops;
 mod output;
 mod plan;
+mod temporal;
 mod tracked;
 mod zset;
 
@@ -114,6 +115,8 @@ pub struct ViewOptions {
     /// store with a server: they read tables and write result tables, and must not
     /// load, refill or checkpoint the server's views.
     pub maintain: bool,
+    /// The time temporal filters (`now()` in a view) go by.
+    pub clock: crate::clock::Clock,
 }
 
 impl Default for ViewOptions {
@@ -124,6 +127,7 @@ impl Default for ViewOptions {
             checkpoint_interval: Duration::from_secs(30),
             history: 256,
             maintain: true,
+            clock: crate::clock::Clock::system(),
         }
     }
 }
@@ -702,6 +706,9 @@ impl Views {
 
 /// Largest micro-batch, in rows.
 const MAX_BATCH_ROWS: usize = 100_000;
+/// Longest the maintainer waits before looking at the clock again while a view has a
+/// temporal filter.
+const TEMPORAL_TICK: Duration = Duration::from_secs(1);
 
 /// Where an earlier release kept view definitions (read once, into the catalog).
 pub(crate) const DEFINITIONS_FILE: &str = "_quiver/views.json";

@@ -68,6 +68,16 @@ impl DistinctOn {
         })
     }
 
+    /// Forgets the latest rows of the keys in `key_columns` (a temporal filter above
+    /// let them go for good).
+    pub(crate) fn forget(&mut self, key_columns: &[ArrayRef]) -> Result<()> {
+        let keys = self.key_codec.encode(key_columns)?;
+        for key in keys.iter() {
+            self.latest.remove(key.as_ref());
+        }
+        Ok(())
+    }
+
     pub(crate) fn keys(&self) -> usize {
         self.latest.len()
     }

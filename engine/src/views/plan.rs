@@ -15,6 +15,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use super::agg::Aggregate;
 use super::codec::{Reader, Writer};
 use super::ops::{DistinctOn, Join};
+use super::temporal::{CLOCK, Temporal, clock_time};
 use super::tracked::Spent;
 use super::zset::{ZBatch, evaluate};
 
@@ -68,6 +69,13 @@ pub(crate) enum Op {
         left: Box<Node>,
         right: Box<Node>,
         op: Box<Join>,
+    },
+    /// Conditions on `now()`, kept true as the clock moves.
+    Temporal {
+        input: Box<Node>,
+        op: Box<Temporal>,
+        /// The operator below may forget the rows this one lets go for good.
+        forget_below: bool,
     },
 }
 
@@ -136,7 +144,8 @@ impl Node {
             Op::Filter { input, .. }
             | Op::Project { input, .. }
             | Op::Aggregate { input, .. }
-            | Op::DistinctOn { input, .. } => input.sources(out),
+            | Op::DistinctOn { input, .. }
+            | Op::Temporal { input, .. } => input.sources(out),
             Op::Join { left, right, .. } => {
                 left.sources(out);
                 right.sources(out);
@@ -196,7 +205,81 @@ impl Node {
                     _ => Some(ZBatch::concat(&self.schema, &parts)?),
                 }
             }
+            Op::Temporal {
+                input,
+                op,
+                forget_below,
+            } => {
+                let mut parts = Vec::new();
+                if source == CLOCK
+                    && let Some(now) = clock_time(delta)
+                {
+                    parts.extend(op.advance(now)?);
+                }
+                if let Some(d) = input.apply(source, delta)? {
+                    parts.push(op.apply(&d)?);
+                }
+                if let Some(gone) = op.take_gone()?
+                    && *forget_below
+                {
+                    input.forget(&gone)?;
+                }
+                parts.retain(|p| !p.is_empty());
+                match parts.len() {
+                    0 => None,
+                    _ => Some(ZBatch::concat(&self.schema, &parts)?),
+                }
+            }
         })
+    }
+
+    /// Lets the operator producing this node's rows forget `rows` (of this node's
+    /// schema), which will never be wanted again: only a GROUP BY or a `DISTINCT ON`
+    /// right below a temporal filter is asked to.
+    fn forget(&mut self, rows: &RecordBatch) -> Result<()> {
+        let Some(key) = self.key.clone() else {
+            return Ok(());
+        };
+        let columns: Vec<arrow::array::ArrayRef> =
+            key.iter().map(|&i| Arc::clone(rows.column(i))).collect();
+        match &mut self.op {
+            Op::Aggregate { agg, .. } => agg.forget(&columns),
+            Op::DistinctOn { op, .. } => op.forget(&columns),
+            _ => Ok(()),
+        }
+    }
+
+    /// The earliest instant (microseconds since the epoch) at which a temporal filter
+    /// in this tree has rows to let in or out.
+    pub(crate) fn next_due(&self) -> Option<i64> {
+        match &self.op {
+            Op::Source { .. } => None,
+            Op::Filter { input, .. }
+            | Op::Project { input, .. }
+            | Op::Aggregate { input, .. }
+            | Op::DistinctOn { input, .. } => input.next_due(),
+            Op::Temporal { input, op, .. } => match (op.next_due(), input.next_due()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            Op::Join { left, right, .. } => match (left.next_due(), right.next_due()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+
+    /// Whether a temporal filter is in this tree (the view changes with the time).
+    pub(crate) fn has_temporal(&self) -> bool {
+        match &self.op {
+            Op::Source { .. } => false,
+            Op::Temporal { .. } => true,
+            Op::Filter { input, .. }
+            | Op::Project { input, .. }
+            | Op::Aggregate { input, .. }
+            | Op::DistinctOn { input, .. } => input.has_temporal(),
+            Op::Join { left, right, .. } => left.has_temporal() || right.has_temporal(),
+        }
     }
 
     /// Whether [`Node::emit_all`] can list this node's whole output from operator
@@ -205,7 +288,9 @@ impl Node {
     pub(crate) fn can_emit_all(&self) -> bool {
         match &self.op {
             Op::Source { .. } => false,
-            Op::Filter { input, .. } | Op::Project { input, .. } => input.can_emit_all(),
+            Op::Filter { input, .. } | Op::Project { input, .. } | Op::Temporal { input, .. } => {
+                input.can_emit_all()
+            }
             Op::Aggregate { .. } | Op::DistinctOn { .. } => true,
             Op::Join { op, .. } => op.can_emit_all(),
         }
@@ -228,6 +313,7 @@ impl Node {
             Op::Project { input, exprs } => {
                 input.emit_all(chunk, &mut |d| f(project(&self.schema, exprs, d)?))
             }
+            Op::Temporal { input, op, .. } => input.emit_all(chunk, &mut |d| f(op.holding(d)?)),
             Op::Aggregate { agg, .. } => agg.emit_all(chunk, f),
             Op::DistinctOn { op, .. } => op.emit_all(chunk, f),
             Op::Join { op, .. } => op.emit_all(chunk, f),
@@ -245,6 +331,10 @@ impl Node {
                 agg.save(w, delta);
             }
             Op::DistinctOn { input, op } => {
+                input.save(w, delta);
+                op.save(w, delta);
+            }
+            Op::Temporal { input, op, .. } => {
                 input.save(w, delta);
                 op.save(w, delta);
             }
@@ -269,6 +359,10 @@ impl Node {
                 input.load(r, delta)?;
                 op.load(r, delta)
             }
+            Op::Temporal { input, op, .. } => {
+                input.load(r, delta)?;
+                op.load(r, delta)
+            }
             Op::Join { left, right, op } => {
                 left.load(r, delta)?;
                 right.load(r, delta)?;
@@ -290,6 +384,10 @@ impl Node {
                 input.forget_changes(spent);
                 op.forget_changes(spent);
             }
+            Op::Temporal { input, op, .. } => {
+                input.forget_changes(spent);
+                op.forget_changes(spent);
+            }
             Op::Join { left, right, op } => {
                 left.forget_changes(spent);
                 right.forget_changes(spent);
@@ -305,6 +403,7 @@ impl Node {
             Op::Filter { input, .. } | Op::Project { input, .. } => input.state_bytes(),
             Op::Aggregate { input, agg } => input.state_bytes() + agg.state_bytes(),
             Op::DistinctOn { input, op } => input.state_bytes() + op.state_bytes(),
+            Op::Temporal { input, op, .. } => input.state_bytes() + op.state_bytes(),
             Op::Join { left, right, op } => {
                 left.state_bytes() + right.state_bytes() + op.state_bytes()
             }
@@ -317,6 +416,17 @@ impl Node {
             Op::Aggregate { agg, .. } => format!(" [state: {} groups]", agg.groups()),
             Op::DistinctOn { op, .. } => format!(" [state: latest row of {} keys]", op.keys()),
             Op::Join { op, .. } => format!(" [state: {} rows by join key]", op.pairs()),
+            Op::Temporal {
+                op, forget_below, ..
+            } => format!(
+                " [temporal: {} rows waiting to enter or leave{}]",
+                op.kept(),
+                if *forget_below {
+                    "; the operator below forgets what leaves"
+                } else {
+                    ""
+                }
+            ),
             Op::Source { .. } if self.append_only => " [insert-only]".into(),
             Op::Source { .. } => " [updating]".into(),
             _ => String::new(),
@@ -327,7 +437,8 @@ impl Node {
             Op::Filter { input, .. }
             | Op::Project { input, .. }
             | Op::Aggregate { input, .. }
-            | Op::DistinctOn { input, .. } => input.explain(depth + 1, out),
+            | Op::DistinctOn { input, .. }
+            | Op::Temporal { input, .. } => input.explain(depth + 1, out),
             Op::Join { left, right, .. } => {
                 left.explain(depth + 1, out);
                 right.explain(depth + 1, out);

@@ -69,9 +69,24 @@ const EXTRA: [(&str, &str); 8] = [
 
 /// `orders_current` as docs/CONTRACTS.md defines ties: among equal times the later arrival
 /// wins; event ids grow with arrival here, so they order ties.
-const ORDERS_CURRENT_EXACT: &str = "SELECT DISTINCT ON (order_id, sku) order_id, sku, \
-    customer_id, warehouse_id, status, quantity, unit_price, event_time FROM orders \
-    ORDER BY order_id, sku, event_time DESC, event_id DESC";
+const ORDERS_CURRENT_EXACT: &str = "SELECT * FROM (SELECT DISTINCT ON (order_id, sku) order_id, \
+    sku, customer_id, warehouse_id, status, quantity, unit_price, event_time FROM orders \
+    ORDER BY order_id, sku, event_time DESC, event_id DESC) lines \
+    WHERE status NOT IN ('delivered', 'cancelled', 'returned') \
+    OR event_time >= now() - INTERVAL '7 days'";
+
+/// The views' clock in these tests: two days and an hour and a half after the first
+/// event, so `revenue_per_minute` (two days kept) has dropped the first half of the
+/// three hours of events and keeps the rest.
+const NOW_MS: i64 = BASE_MICROS / 1000 + (48 * 60 + 90) * 60 * 1000;
+
+/// A view's SQL with `now()` at the tests' clock.
+fn at_test_clock(sql: &str) -> String {
+    let at = chrono::DateTime::from_timestamp_millis(NOW_MS)
+        .unwrap()
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ");
+    sql.replace("now()", &format!("TIMESTAMP '{at}'"))
+}
 
 const BASE_MICROS: i64 = 1_764_064_800_000_000; // 2025-11-25T10:00:00Z
 
@@ -308,11 +323,12 @@ fn from_scratch(engine: &Engine, name: &str) -> String {
     } else {
         engine.views().view_info(name).unwrap().sql
     };
-    if ctes.is_empty() {
+    let sql = if ctes.is_empty() {
         sql
     } else {
         format!("WITH {} {sql}", ctes.join(", "))
-    }
+    };
+    at_test_clock(&sql)
 }
 
 async fn check_all(engine: &Engine, when: &str) -> Result<(), TestCaseError> {
@@ -355,6 +371,7 @@ fn config(store: &str, wal: &std::path::Path) -> EngineConfig {
     config.upkeep_interval = Duration::ZERO;
     config.views.definitions = KPIS.iter().map(|s| (*s).to_owned()).collect();
     config.views.checkpoint_interval = Duration::from_secs(3600);
+    config.views.clock = crate::clock::Clock::manual(NOW_MS);
     config
 }
 
@@ -620,4 +637,144 @@ async fn unsupported_shapes_are_recomputed_and_say_why() {
         saw |= c.view == "top_skus";
     }
     assert!(saw, "the recompute published a change set");
+}
+
+/// Views with conditions on `now()`, as the clock moves: rows older than the window
+/// leave (and push sees the deletes), whole minutes leave a windowed aggregate and its
+/// state, delivered orders leave an order view an hour after their last event while
+/// open ones stay; each view always equals its SQL run at the clock's time, also after
+/// a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporal_filters_retract_rows_as_the_clock_moves() {
+    const VIEWS: [(&str, &str); 3] = [
+        (
+            "recent_lines",
+            "SELECT event_id, sku, quantity, event_time FROM orders \
+             WHERE event_time > now() - INTERVAL '1 hour' AND quantity > 1",
+        ),
+        (
+            "recent_minutes",
+            "SELECT date_bin(INTERVAL '1 minute', event_time) AS minute, COUNT(*) AS lines \
+             FROM orders GROUP BY 1 \
+             HAVING date_bin(INTERVAL '1 minute', event_time) BETWEEN now() - INTERVAL '30 minutes' AND now()",
+        ),
+        (
+            "open_or_recent",
+            "SELECT * FROM (SELECT DISTINCT ON (order_id, sku) order_id, sku, status, event_time \
+             FROM orders ORDER BY order_id, sku, event_time DESC, event_id DESC) \
+             WHERE status NOT IN ('delivered', 'cancelled') OR event_time >= now() - INTERVAL '1 hour'",
+        ),
+    ];
+    let store = tempfile::tempdir().unwrap();
+    let wal = tempfile::tempdir().unwrap();
+    // Events fall in the three hours from BASE; the clock starts at their end.
+    let start_ms = BASE_MICROS / 1000 + 3 * 3600 * 1000;
+    let clock = crate::clock::Clock::manual(start_ms);
+    let open = || async {
+        let mut cfg = EngineConfig::new(format!("file://{}", store.path().display()), wal.path());
+        cfg.upkeep_interval = Duration::ZERO;
+        cfg.views.checkpoint_interval = Duration::from_secs(3600);
+        cfg.views.clock = clock.clone();
+        Engine::open(cfg, Arc::new(EngineMetrics::unregistered()))
+            .await
+            .unwrap()
+    };
+    let engine = open().await;
+    for (name, sql) in VIEWS {
+        let info = engine.views().create_view(name, sql, false).await.unwrap();
+        assert_eq!(
+            info.maintenance,
+            crate::Maintenance::Incremental,
+            "{name}: {:?}",
+            info.reason
+        );
+    }
+    let mut changes = engine.views().subscribe_changes();
+    let mut next_id = 0;
+    let (orders, _) = batches(&fixed_events(400, 11), &mut next_id);
+    engine
+        .ingest("orders", orders.unwrap(), None)
+        .await
+        .unwrap();
+
+    // Each view against its SQL with now() fixed at the clock's time.
+    let check = |engine: Engine, when: &'static str| {
+        let clock = clock.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            for (name, sql) in VIEWS {
+                let at = chrono::DateTime::from_timestamp_millis(clock.now())
+                    .unwrap()
+                    .format("%Y-%m-%dT%H:%M:%S%.3fZ");
+                let fixed = sql.replace("now()", &format!("TIMESTAMP '{at}'"));
+                let want = rows(&query(&engine, &fixed).await.1);
+                loop {
+                    let snap = engine.views().view_snapshot(name).unwrap().unwrap();
+                    let got = rows(&[snap.rows]);
+                    if got == want {
+                        break;
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{name} {when}: view\n{got:#?}\nSQL\n{want:#?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    };
+    let count = |engine: &Engine, sql: &str| {
+        let engine = engine.clone();
+        let sql = sql.to_owned();
+        async move {
+            let (_, b) = query(&engine, &sql).await;
+            rows(&b)[0].parse::<usize>().unwrap()
+        }
+    };
+    check(engine.clone(), "at the end of the events").await;
+    let recent = count(&engine, "SELECT COUNT(*) FROM recent_lines").await;
+    assert!(recent > 10, "{recent}");
+
+    clock.advance(Duration::from_secs(20 * 60));
+    check(engine.clone(), "20 minutes later").await;
+    let mut deletes = 0;
+    while let Ok(c) = changes.try_recv() {
+        if c.view == "recent_lines" {
+            deletes += c.deletes.num_rows();
+        }
+    }
+    assert!(deletes > 0, "no deletes were pushed for rows that aged out");
+    // Minutes older than the window left the aggregate's state too.
+    let explained = engine
+        .views()
+        .explain_view("recent_minutes")
+        .await
+        .unwrap()
+        .join("\n");
+    let groups: usize = explained
+        .split("[state: ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{explained}"));
+    assert!(groups <= 11, "{groups} groups kept:\n{explained}");
+
+    // A restart resumes from the checkpoint with what is due.
+    engine.views().checkpoint_views().await.unwrap();
+    engine.shutdown().await.unwrap();
+    drop(engine);
+    let engine = open().await;
+    clock.advance(Duration::from_secs(30 * 60));
+    check(engine.clone(), "after a restart, 50 minutes later").await;
+    clock.advance(Duration::from_secs(3600));
+    check(engine.clone(), "two hours later").await;
+    assert_eq!(count(&engine, "SELECT COUNT(*) FROM recent_lines").await, 0);
+    // Only open orders are left.
+    let closed = count(
+        &engine,
+        "SELECT COUNT(*) FROM open_or_recent WHERE status IN ('delivered', 'cancelled')",
+    )
+    .await;
+    assert_eq!(closed, 0);
+    assert!(count(&engine, "SELECT COUNT(*) FROM open_or_recent").await > 0);
 }

@@ -12,6 +12,7 @@ use datafusion::common::tree_node::TreeNode;
 use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::simplify::SimplifyContext;
+use datafusion::logical_expr::utils::{conjunction, split_conjunction};
 use datafusion::logical_expr::{
     BinaryExpr, Distinct, Expr, ExprSchemable, JoinType, LogicalPlan, Operator, Volatility,
 };
@@ -21,6 +22,7 @@ use datafusion::physical_expr::expressions::Column as PhysColumn;
 
 use super::super::agg::{AggKind, AggSpec, Aggregate, Num};
 use super::super::ops::{DistinctOn, Join, JoinKind};
+use super::super::temporal::{Bound, Temporal};
 use super::super::zset::Codec;
 use super::{Node, NotIncremental, Op, SourceKind};
 
@@ -130,18 +132,26 @@ impl Compiler<'_> {
             LogicalPlan::SubqueryAlias(a) => self.node(&a.input),
             LogicalPlan::Sort(s) if s.fetch.is_none() => self.node(&s.input),
             LogicalPlan::Filter(f) => {
-                let input = self.node(&f.input)?;
-                let predicate = self.physical(&f.predicate, f.input.schema())?;
-                Ok(Node {
-                    schema,
-                    key: input.key.clone(),
-                    append_only: input.append_only,
-                    label: label(plan),
-                    op: Op::Filter {
-                        input: Box::new(input),
-                        predicate,
-                    },
-                })
+                let mut node = self.node(&f.input)?;
+                let in_schema = f.input.schema();
+                let (plain, temporal) = self.split_temporal(&f.predicate, in_schema)?;
+                if let Some(plain) = plain {
+                    let predicate = self.physical(&plain, in_schema)?;
+                    node = Node {
+                        schema: Arc::clone(&schema),
+                        key: node.key.clone(),
+                        append_only: node.append_only,
+                        label: label(plan),
+                        op: Op::Filter {
+                            input: Box::new(node),
+                            predicate,
+                        },
+                    };
+                }
+                if let Some(t) = temporal {
+                    node = self.temporal(plan, node, t, in_schema, schema)?;
+                }
+                Ok(node)
             }
             LogicalPlan::Projection(p) => {
                 let input = self.node(&p.input)?;
@@ -390,6 +400,120 @@ impl Compiler<'_> {
         })
     }
 
+    /// Splits a filter into what does not depend on the time and the conditions on
+    /// `now()`, which become a temporal filter. `Err` for a use of the time that is not
+    /// a comparison of a row's value with `now()` (plus or minus a constant).
+    fn split_temporal(
+        &self,
+        predicate: &Expr,
+        schema: &DFSchema,
+    ) -> std::result::Result<(Option<Expr>, Option<TemporalParts>), NotIncremental> {
+        let mut plain = Vec::new();
+        let mut parts = TemporalParts::default();
+        let mut temporal = Vec::new();
+        for c in split_conjunction(predicate) {
+            if calls_now(c) {
+                temporal.push(c.clone());
+            } else {
+                plain.push(c.clone());
+            }
+        }
+        if temporal.is_empty() {
+            return Ok((conjunction(plain), None));
+        }
+        // `P OR <time condition>`: a row for which P holds is kept whatever the time.
+        if let [
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::Or,
+                right,
+            }),
+        ] = temporal.as_slice()
+        {
+            let (p, t) = match (calls_now(left), calls_now(right)) {
+                (false, true) => (left, right),
+                (true, false) => (right, left),
+                _ => {
+                    return Err(format!(
+                        "`{}` uses now() on both sides of OR; a temporal filter takes \
+                         `condition OR <time condition>`",
+                        temporal[0]
+                    )
+                    .into());
+                }
+            };
+            parts.always = Some((**p).clone());
+            temporal = split_conjunction(t).into_iter().cloned().collect();
+        }
+        for c in &temporal {
+            bounds_of(c, schema, &mut parts)?;
+        }
+        Ok((conjunction(plain), Some(parts)))
+    }
+
+    /// A temporal filter over `input`, and whether the operator below may forget the
+    /// rows it lets go: a `DISTINCT ON` may (a later row for the key starts it afresh),
+    /// a GROUP BY only when the time condition reads the group columns alone, since then
+    /// a group that has aged out can never show again.
+    fn temporal(
+        &self,
+        plan: &LogicalPlan,
+        input: Node,
+        parts: TemporalParts,
+        in_schema: &DFSchema,
+        schema: SchemaRef,
+    ) -> std::result::Result<Node, NotIncremental> {
+        let bound = |(e, offset): &(Expr, i64)| -> std::result::Result<Bound, NotIncremental> {
+            Ok(Bound {
+                expr: self.physical(e, in_schema)?,
+                offset: *offset,
+            })
+        };
+        let from = parts
+            .from
+            .iter()
+            .map(bound)
+            .collect::<Result<Vec<_>, _>>()?;
+        let until = parts
+            .until
+            .iter()
+            .map(bound)
+            .collect::<Result<Vec<_>, _>>()?;
+        let always = match &parts.always {
+            Some(p) => Some(self.physical(p, in_schema)?),
+            None => None,
+        };
+        let reads_key_only = || {
+            let Some(key) = &input.key else { return false };
+            parts
+                .from
+                .iter()
+                .chain(&parts.until)
+                .map(|(e, _)| e)
+                .chain(&parts.always)
+                .flat_map(|e| e.column_refs())
+                .all(|c| in_schema.index_of_column(c).is_ok_and(|i| key.contains(&i)))
+        };
+        let forget_below = match &input.op {
+            Op::DistinctOn { .. } => true,
+            Op::Aggregate { .. } => reads_key_only(),
+            _ => false,
+        };
+        let op =
+            Temporal::new(from, until, always, Arc::clone(&schema)).map_err(|e| e.to_string())?;
+        Ok(Node {
+            key: input.key.clone(),
+            append_only: false,
+            label: label(plan),
+            op: Op::Temporal {
+                input: Box::new(input),
+                op: Box::new(op),
+                forget_below,
+            },
+            schema,
+        })
+    }
+
     fn aggregate(
         &self,
         expr: &Expr,
@@ -430,6 +554,114 @@ impl Compiler<'_> {
         let arg = self.physical(&arg, in_schema)?;
         AggSpec::new(kind, arg, &arg_type, out).map_err(|e| e.to_string().into())
     }
+}
+
+/// The bounds a temporal filter's conditions put on a row's span: expressions over
+/// the row, each with microseconds to add.
+#[derive(Debug, Default)]
+struct TemporalParts {
+    from: Vec<(Expr, i64)>,
+    until: Vec<(Expr, i64)>,
+    always: Option<Expr>,
+}
+
+fn is_now(e: &Expr) -> bool {
+    matches!(e, Expr::ScalarFunction(f) if f.func.name() == "now")
+}
+
+fn calls_now(e: &Expr) -> bool {
+    e.exists(|e| Ok(is_now(e))).unwrap_or(false)
+}
+
+/// `now()`, `now() + c` or `now() - c` (under casts): the expression to subtract from a
+/// row's value to compare it with the time (`c`, `-c`, none).
+fn now_shift(e: &Expr) -> Option<Option<(Operator, Expr)>> {
+    match e {
+        Expr::Cast(c) => now_shift(&c.expr),
+        Expr::TryCast(c) => now_shift(&c.expr),
+        e if is_now(e) => Some(None),
+        Expr::BinaryExpr(BinaryExpr { left, op, right })
+            if matches!(op, Operator::Plus | Operator::Minus)
+                && is_now(strip_casts(left))
+                && !calls_now(right)
+                && right.column_refs().is_empty() =>
+        {
+            Some(Some((*op, (**right).clone())))
+        }
+        _ => None,
+    }
+}
+
+fn strip_casts(e: &Expr) -> &Expr {
+    match e {
+        Expr::Cast(c) => strip_casts(&c.expr),
+        Expr::TryCast(c) => strip_casts(&c.expr),
+        e => e,
+    }
+}
+
+/// Adds the bound one condition puts on a row's span: `value OP now() ± c`.
+fn bounds_of(
+    c: &Expr,
+    schema: &DFSchema,
+    parts: &mut TemporalParts,
+) -> std::result::Result<(), NotIncremental> {
+    let unsupported = || -> NotIncremental {
+        format!(
+            "`{c}` uses now() in a way Quiver does not maintain; a temporal filter compares \
+             a row's timestamp with now() plus or minus a constant (>, >=, <, <=, BETWEEN)"
+        )
+        .into()
+    };
+    if let Expr::Between(b) = c {
+        if b.negated {
+            return Err(unsupported());
+        }
+        let e = *b.expr.clone();
+        bounds_of(&e.clone().gt_eq(*b.low.clone()), schema, parts)?;
+        return bounds_of(&e.lt_eq(*b.high.clone()), schema, parts);
+    }
+    let Expr::BinaryExpr(BinaryExpr { left, op, right }) = c else {
+        return Err(unsupported());
+    };
+    // As `value OP now() ± c`.
+    let (value, op, shift) = match (now_shift(left), now_shift(right)) {
+        (None, Some(shift)) if !calls_now(left) => (left, *op, shift),
+        (Some(shift), None) if !calls_now(right) => {
+            (right, op.swap().ok_or_else(unsupported)?, shift)
+        }
+        _ => return Err(unsupported()),
+    };
+    if value.column_refs().is_empty() {
+        return Err(unsupported());
+    }
+    // value OP now + s  ⟺  now OP' value - s: the row's instant is value - s.
+    let instant = match shift {
+        None => (**value).clone(),
+        Some((Operator::Plus, s)) => {
+            Expr::BinaryExpr(BinaryExpr::new(value.clone(), Operator::Minus, Box::new(s)))
+        }
+        Some((_, s)) => {
+            Expr::BinaryExpr(BinaryExpr::new(value.clone(), Operator::Plus, Box::new(s)))
+        }
+    };
+    match instant.get_type(schema) {
+        Ok(DataType::Timestamp(..) | DataType::Date32 | DataType::Date64) => {}
+        Ok(other) => {
+            return Err(format!("`{c}` compares {other} with now(); it needs a timestamp").into());
+        }
+        Err(e) => return Err(format!("`{c}`: {e}").into()),
+    }
+    match op {
+        // value > now - s: holds while now < value + s.
+        Operator::Gt => parts.until.push((instant, 0)),
+        Operator::GtEq => parts.until.push((instant, 1)),
+        // value < now - s: holds once now > value + s.
+        Operator::Lt => parts.from.push((instant, 1)),
+        Operator::LtEq => parts.from.push((instant, 0)),
+        _ => return Err(unsupported()),
+    }
+    Ok(())
 }
 
 /// A GROUP BY node; its key is the group columns.
