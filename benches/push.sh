@@ -41,7 +41,8 @@ for n in "${counts[@]}"; do
     | grep -E '^quiver_(ws_(deltas_sent|coalesced|resnapshots|snapshots_sent)_total|ws_delivery_seconds_(sum|count)|ws_snapshot_bytes|view_changes_queued|view_freshness_seconds_(sum|count)|view_batch_seconds_(sum|count)|view_apply_seconds_sum)[ {]' \
     | sed 's/^/  /'
   kill -TERM "$pid"; wait "$pid" || true
-  # How long each view checkpoint held the views (encode) and took to store (write).
-  grep -ho 'views checkpointed.*' "$scratch/server-$n.log" | sed 's/^/  /' || true
+  # How long each view checkpoint held the views (encode) and took to store (write), and
+  # the chains compacted off the maintainer.
+  grep -hoE '(views checkpointed|view checkpoint chain compacted).*' "$scratch/server-$n.log" | sed 's/^/  /' || true
 done
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"

@@ -64,6 +64,14 @@ pub struct DeliveryLabel {
     pub outcome: String,
 }
 
+/// Label set for view checkpoints.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckpointLabel {
+    /// `full` (encoded by the maintainer), `delta`, or `compacted` (a chain folded
+    /// into a new full checkpoint off the maintainer).
+    pub kind: String,
+}
+
 /// A latency histogram: 50 µs .. ~6.5 s.
 pub fn seconds_histogram() -> Histogram {
     // 50 µs .. ~6.5 s
@@ -143,6 +151,8 @@ pub struct EngineMetrics {
     pub view_checkpoint_pause_seconds: Histogram,
     /// Size of the last view checkpoint.
     pub view_checkpoint_bytes: Gauge,
+    /// View checkpoints written, by kind.
+    pub view_checkpoints_total: Family<CheckpointLabel, Counter>,
     /// Change sets published and not yet taken by every subscriber of the change feed
     /// (push), as of the last one published.
     pub view_changes_queued: Gauge,
@@ -199,6 +209,7 @@ impl EngineMetrics {
             view_checkpoint_seconds: seconds_histogram(),
             view_checkpoint_pause_seconds: seconds_histogram(),
             view_checkpoint_bytes: Gauge::default(),
+            view_checkpoints_total: Family::default(),
             view_changes_queued: Gauge::default(),
             alert_rules: Gauge::default(),
             alert_transitions_total: Family::default(),
@@ -378,6 +389,11 @@ impl EngineMetrics {
             "view_checkpoint_bytes",
             "Size of the last view checkpoint",
             m.view_checkpoint_bytes.clone(),
+        );
+        r.register(
+            "view_checkpoints",
+            "View checkpoints written, by kind: full (encoded by the maintainer), delta, compacted (off the maintainer)",
+            m.view_checkpoints_total.clone(),
         );
         r.register(
             "view_changes_queued",

@@ -30,10 +30,14 @@ impl Maintainer {
     /// after which the WAL may drop what it covers. One checkpoint is written at a time,
     /// so an older one can never land over a newer one.
     ///
-    /// Most checkpoints are deltas: per view, only the state that changed since the
-    /// last checkpoint, stored beside the last full one. A full checkpoint starts a new
-    /// chain once the deltas add up to more than it (so a restore reads at most about
-    /// twice the state), after a failed write, and when there is none yet.
+    /// Checkpoints are deltas: per view, only the state that changed since the last
+    /// checkpoint, stored beside the last full one, so the pause grows with what
+    /// changed, not with the state. Only the first checkpoint, and one after a failed
+    /// write, is full and encoded here. Once the deltas add up to more than the full
+    /// one (or number `MAX_DELTAS`), the writer thread, after storing the delta,
+    /// compacts the chain: it restores the views from the stored files into state of
+    /// its own and writes them whole as the start of a new chain, while the views go
+    /// on (no checkpoint starts until it is done).
     pub(super) fn start_checkpoint(&mut self) -> crate::Result<()> {
         self.finish_checkpoint()?;
         let Some(host) = self.host() else {
@@ -41,10 +45,10 @@ impl Maintainer {
         };
         let started = Instant::now();
         let chain = &self.chain;
-        let full = chain.base == 0
-            || chain.broken
-            || chain.delta_bytes > chain.base_bytes
-            || chain.deltas >= MAX_DELTAS;
+        // Compacting in the background failed often enough: encode a full one here.
+        let full = chain.base == 0 || chain.broken || chain.deltas >= 2 * MAX_DELTAS;
+        let compact =
+            !full && (chain.delta_bytes > chain.base_bytes || chain.deltas + 1 >= MAX_DELTAS);
         let (base, seq) = if full {
             (new_chain_id(chain.base), 0)
         } else {
@@ -91,7 +95,7 @@ impl Maintainer {
             .name("quiver-views-checkpoint".into())
             .spawn(move || {
                 let Some(host) = weak.upgrade() else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 drop(spent);
                 let len = bytes.len();
@@ -107,12 +111,32 @@ impl Maintainer {
                 if full && let Err(e) = rt.block_on(delete_other_chains(&*host, base)) {
                     warn!(error = %e, "cannot delete old view checkpoint deltas");
                 }
+                let compacted = if compact {
+                    match compact_chain(&*host, &weak, base) {
+                        Ok(chain) => Some(chain),
+                        Err(e) => {
+                            warn!(error = %e, "compacting the view checkpoints failed; the chain goes on");
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
                 let m = host.metrics();
                 m.view_checkpoint_seconds
                     .observe(started.elapsed().as_secs_f64());
                 m.view_checkpoint_pause_seconds
                     .observe(paused.as_secs_f64());
                 m.view_checkpoint_bytes.set(len as i64);
+                let kind = |kind: &str| crate::metrics::CheckpointLabel {
+                    kind: kind.to_owned(),
+                };
+                m.view_checkpoints_total
+                    .get_or_create(&kind(if full { "full" } else { "delta" }))
+                    .inc();
+                if compacted.is_some() {
+                    m.view_checkpoints_total.get_or_create(&kind("compacted")).inc();
+                }
                 info!(
                     views,
                     bytes = len,
@@ -123,7 +147,7 @@ impl Maintainer {
                     largest = %sizes,
                     "views checkpointed"
                 );
-                Ok(())
+                Ok(compacted)
             })
             .map_err(|e| {
                 self.dirty = true;
@@ -143,13 +167,78 @@ impl Maintainer {
         let result = handle.join().unwrap_or(Err(crate::Error::Internal(
             "the view checkpoint writer panicked",
         )));
-        if result.is_err() {
-            // The changes it held are forgotten: only a full checkpoint has them all.
-            self.dirty = true;
-            self.chain.broken = true;
+        match result {
+            Ok(Some(chain)) => {
+                self.chain = chain;
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => {
+                // The changes it held are forgotten: only a full checkpoint has them all.
+                self.dirty = true;
+                self.chain.broken = true;
+                Err(e)
+            }
         }
-        result
     }
+}
+
+/// Folds the stored chain `base` (the full checkpoint and its deltas) into a new full
+/// checkpoint: the views are restored from the files into state of this thread's own,
+/// as at a start, and encoded whole. Costs a second copy of the views' state while it
+/// runs, and no pause of the maintainer. Returns the new chain.
+fn compact_chain(
+    host: &dyn ViewHost,
+    weak: &Arc<dyn super::WeakHost>,
+    base: u64,
+) -> crate::Result<Chain> {
+    let started = Instant::now();
+    let rt = host.query_runtime();
+    let Some((saved, chain)) = rt.block_on(read_chain(host))? else {
+        return Err(crate::Error::Config("the view checkpoint vanished".into()));
+    };
+    if chain.base != base {
+        return Err(crate::Error::Config(format!(
+            "the stored view checkpoint is chain {}, not {base}",
+            chain.base
+        )));
+    }
+    let mut shadow = Maintainer {
+        host: Arc::clone(weak),
+        views: Vec::with_capacity(saved.len()),
+        rx: std::sync::mpsc::channel().1,
+        dirty: false,
+        writing: None,
+        last_checkpoint_bytes: 0,
+        chain: Chain::default(),
+    };
+    for view in &saved {
+        let run = shadow
+            .load_view(host, view)
+            .map_err(|e| crate::Error::Config(format!("view {}: {e}", view.name)))?;
+        shadow.views.push(run);
+    }
+    let next = new_chain_id(base);
+    let hint = chain.base_bytes + chain.delta_bytes;
+    let (bytes, _) = encode_checkpoint(&shadow.views, hint, next, 0);
+    drop(shadow);
+    let len = bytes.len();
+    rt.block_on(put(host, &checkpoint_file(host.node_id()), bytes))?;
+    if let Err(e) = rt.block_on(delete_other_chains(host, next)) {
+        warn!(error = %e, "cannot delete old view checkpoint deltas");
+    }
+    info!(
+        deltas = chain.deltas,
+        from_bytes = chain.base_bytes + chain.delta_bytes,
+        bytes = len,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "view checkpoint chain compacted off the maintainer"
+    );
+    Ok(Chain {
+        base: next,
+        base_bytes: len,
+        ..Chain::default()
+    })
 }
 
 /// A checkpoint file's bytes: its chain and place in it (`seq` 0 is the full

@@ -36,7 +36,8 @@ pub(super) struct Maintainer {
     pub(super) rx: mpsc::Receiver<Msg>,
     pub(super) dirty: bool,
     /// The checkpoint being written to the store, off this thread.
-    pub(super) writing: Option<std::thread::JoinHandle<crate::Result<()>>>,
+    /// A compacted checkpoint chain comes back from it.
+    pub(super) writing: Option<std::thread::JoinHandle<crate::Result<Option<Chain>>>>,
     /// The size of the last checkpoint, to size the next one's buffer at once.
     pub(super) last_checkpoint_bytes: usize,
     /// The checkpoint files in the store.
@@ -791,6 +792,9 @@ impl Maintainer {
                     "the checkpoint has trailing bytes".into(),
                 ));
             }
+        }
+        if let Some(node) = node.as_mut() {
+            node.after_restore()?;
         }
         // Rows the checkpoint does not hold are listed again from the operators' state
         // (only counted, where the view does not hold them either).

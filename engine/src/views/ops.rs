@@ -78,6 +78,15 @@ impl DistinctOn {
         Ok(())
     }
 
+    /// The latest row of each key in `key_columns`, encoded as whole output rows.
+    pub(crate) fn rows_by_key(&self, key_columns: &[ArrayRef]) -> Result<Vec<Option<Bytes>>> {
+        let keys = self.key_codec.encode(key_columns)?;
+        Ok(keys
+            .iter()
+            .map(|k| self.latest.get(k.as_ref()).map(|(_, row)| row.clone()))
+            .collect())
+    }
+
     pub(crate) fn keys(&self) -> usize {
         self.latest.len()
     }

@@ -31,6 +31,9 @@ pub(crate) enum SourceKind {
     View { key: Option<Vec<usize>> },
 }
 
+/// Rows listed at once when state is computed again after a restore.
+const REBUILD_ROWS: usize = 65_536;
+
 /// One operator with what it produces.
 #[derive(Debug)]
 pub(crate) struct Node {
@@ -214,7 +217,8 @@ impl Node {
                 if source == CLOCK
                     && let Some(now) = clock_time(delta)
                 {
-                    parts.extend(op.advance(now)?);
+                    let below: &Node = input;
+                    parts.extend(op.advance(now, &mut |keys| below.rows_by_key(keys))?);
                 }
                 if let Some(d) = input.apply(source, delta)? {
                     parts.push(op.apply(&d)?);
@@ -249,6 +253,18 @@ impl Node {
         }
     }
 
+    /// The rows this node's operator holds for keys (its key columns), encoded as whole
+    /// rows of its schema: for a temporal filter over a `DISTINCT ON`.
+    fn rows_by_key(&self, keys: &[arrow::array::ArrayRef]) -> Result<Vec<Option<Box<[u8]>>>> {
+        match &self.op {
+            Op::DistinctOn { op, .. } => op.rows_by_key(keys),
+            _ => Err(DataFusionError::Internal(format!(
+                "{} does not hold its rows by key",
+                self.label
+            ))),
+        }
+    }
+
     /// The earliest instant (microseconds since the epoch) at which a temporal filter
     /// in this tree has rows to let in or out.
     pub(crate) fn next_due(&self) -> Option<i64> {
@@ -266,6 +282,29 @@ impl Node {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             },
+        }
+    }
+
+    /// After a restore: state that is not checkpointed is computed again from the
+    /// state below it (a temporal filter over a `DISTINCT ON`).
+    pub(crate) fn after_restore(&mut self) -> Result<()> {
+        match &mut self.op {
+            Op::Source { .. } => Ok(()),
+            Op::Filter { input, .. }
+            | Op::Project { input, .. }
+            | Op::Aggregate { input, .. }
+            | Op::DistinctOn { input, .. } => input.after_restore(),
+            Op::Join { left, right, .. } => {
+                left.after_restore()?;
+                right.after_restore()
+            }
+            Op::Temporal { input, op, .. } => {
+                input.after_restore()?;
+                if op.rebuilds() {
+                    input.emit_all(REBUILD_ROWS, &mut |rows| op.rebuild(&rows))?;
+                }
+                Ok(())
+            }
         }
     }
 

@@ -11,6 +11,11 @@
 //! so the views above see insertions and retractions like any others.
 //!
 //! Rows whose span never ends and has begun are not kept: nothing will happen to them.
+//!
+//! Over a `DISTINCT ON` (one row per key, which it keeps) only the key and the span are
+//! kept, and a row is read back from it by key when its time comes: the rows are not
+//! held twice. Nor are the spans checkpointed: they follow from the rows, and are
+//! computed again from them on restore ([`Temporal::rebuild`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -91,7 +96,20 @@ pub(crate) struct Temporal {
     due: BTreeSet<(i64, Bytes)>,
     /// Rows that left, or arrived after their span: what is below may forget them.
     gone: Vec<Bytes>,
+    /// Set over an operator with one row per key: `rows` and `due` are by key.
+    keyed: Option<Keyed>,
 }
+
+/// The key of the rows, when the operator below holds one row per key.
+#[derive(Debug)]
+struct Keyed {
+    columns: Vec<usize>,
+    codec: Codec,
+}
+
+/// Reads the rows the operator below holds for keys (given as key columns), encoded as
+/// this operator encodes rows; `None` for a key it does not hold.
+pub(crate) type Lookup<'a> = dyn FnMut(&[ArrayRef]) -> Result<Vec<Option<Bytes>>> + 'a;
 
 impl Temporal {
     pub(crate) fn new(
@@ -110,7 +128,22 @@ impl Temporal {
             rows: Tracked::default(),
             due: BTreeSet::new(),
             gone: Vec::new(),
+            keyed: None,
         })
+    }
+
+    /// Keeps keys rather than rows: the operator below holds one row per key (in
+    /// `key_columns`) and gives it back by key.
+    pub(crate) fn by_key(mut self, key_columns: Vec<usize>) -> Result<Self> {
+        let types = key_columns
+            .iter()
+            .map(|&i| self.schema.field(i).data_type().clone());
+        self.keyed = Some(Keyed {
+            codec: Codec::new(types)?,
+            columns: key_columns,
+        });
+        self.rows = Tracked::untracked();
+        Ok(self)
     }
 
     /// Rows waiting to enter or to leave.
@@ -197,6 +230,9 @@ impl Temporal {
         if input.is_empty() {
             return Ok(input.clone());
         }
+        if self.keyed.is_some() {
+            return self.apply_keyed(input);
+        }
         let spans = self.spans(&input.batch)?;
         let now = self.now;
         let mut pass = Vec::with_capacity(input.len());
@@ -229,11 +265,72 @@ impl Temporal {
         input.filter(&BooleanArray::from(pass))
     }
 
+    /// [`Temporal::apply`] by key: a batch from the operator below retracts at most a
+    /// key's old row and inserts its new one, so what is kept for a key follows its
+    /// last row in the batch.
+    fn apply_keyed(&mut self, input: &ZBatch) -> Result<ZBatch> {
+        let spans = self.spans(&input.batch)?;
+        let Some(keyed) = &self.keyed else {
+            return Ok(input.clone());
+        };
+        let key_columns: Vec<ArrayRef> = keyed
+            .columns
+            .iter()
+            .map(|&i| Arc::clone(input.batch.column(i)))
+            .collect();
+        let keys = keyed.codec.encode(&key_columns)?;
+        let now = self.now;
+        let mut pass = Vec::with_capacity(input.len());
+        // Per key, the span of its row inserted in this batch (None: only retracted).
+        let mut last: Map<Bytes, Option<(i64, i64)>> = Map::default();
+        for (i, span) in spans.iter().enumerate() {
+            let holds = span.is_some_and(|(f, u)| f <= now && now < u);
+            pass.push(holds);
+            let key: Bytes = keys.row(i).as_ref().into();
+            if input.weights[i] > 0 {
+                last.insert(key, *span);
+            } else {
+                last.entry(key).or_insert(None);
+            }
+        }
+        let mut gone_keys = Vec::new();
+        for (key, span) in last {
+            if let Some(old) = self.rows.remove(&key) {
+                let at = if old.from > now { old.from } else { old.until };
+                self.due.remove(&(at, key.clone()));
+            }
+            let Some((from, until)) = span else { continue };
+            if until <= now {
+                gone_keys.push(key);
+            } else {
+                self.keep_key(key, from, until);
+            }
+        }
+        if !gone_keys.is_empty() {
+            // The rows to forget below are those of the batch with these keys.
+            let gone: std::collections::HashSet<&[u8]> = gone_keys.iter().map(|k| &**k).collect();
+            let rows = self.codec.encode(input.batch.columns())?;
+            for i in 0..input.len() {
+                if input.weights[i] > 0 && gone.contains(keys.row(i).as_ref()) {
+                    self.gone.push(rows.row(i).as_ref().into());
+                }
+            }
+        }
+        input.filter(&BooleanArray::from(pass))
+    }
+
     /// Moves the clock to `now_us`: rows whose span began enter, rows whose span ended
-    /// leave.
-    pub(crate) fn advance(&mut self, now_us: i64) -> Result<Option<ZBatch>> {
+    /// leave. Over an operator with one row per key, `lookup` reads the rows.
+    pub(crate) fn advance(
+        &mut self,
+        now_us: i64,
+        lookup: &mut Lookup<'_>,
+    ) -> Result<Option<ZBatch>> {
         if now_us <= self.now {
             return Ok(None);
+        }
+        if self.keyed.is_some() {
+            return self.advance_keyed(now_us, lookup);
         }
         let before = self.now;
         self.now = now_us;
@@ -276,6 +373,66 @@ impl Temporal {
         Ok(Some(ZBatch { batch, weights }))
     }
 
+    /// [`Temporal::advance`] by key: the keys due are read back from below.
+    fn advance_keyed(&mut self, now_us: i64, lookup: &mut Lookup<'_>) -> Result<Option<ZBatch>> {
+        let before = self.now;
+        self.now = now_us;
+        let mut due: Vec<(Bytes, i64)> = Vec::new();
+        while self.due.first().is_some_and(|(at, _)| *at <= now_us) {
+            let Some((at, key)) = self.due.pop_first() else {
+                break;
+            };
+            let Some(span) = self.rows.get(&key).copied() else {
+                continue;
+            };
+            if at == span.from && span.from > before && span.until > now_us {
+                // Entering now.
+                if span.until == i64::MAX {
+                    self.rows.remove(&key);
+                } else {
+                    self.due.insert((span.until, key.clone()));
+                }
+                due.push((key, 1));
+            } else {
+                // Leaving, or entering and leaving between two ticks (nothing to show).
+                self.rows.remove(&key);
+                due.push((
+                    key,
+                    if at == span.from && span.from > before {
+                        0
+                    } else {
+                        -1
+                    },
+                ));
+            }
+        }
+        if due.is_empty() {
+            return Ok(None);
+        }
+        let Some(keyed) = &self.keyed else {
+            return Ok(None);
+        };
+        let key_columns = keyed.codec.decode(due.iter().map(|(k, _)| &**k))?;
+        let rows = lookup(&key_columns)?;
+        let mut out_rows: Vec<Bytes> = Vec::new();
+        let mut weights = Vec::new();
+        for ((_, w), row) in due.into_iter().zip(rows) {
+            let Some(row) = row else { continue };
+            if w <= 0 {
+                self.gone.push(row.clone());
+            }
+            if w != 0 {
+                out_rows.push(row);
+                weights.push(w);
+            }
+        }
+        if out_rows.is_empty() {
+            return Ok(None);
+        }
+        let batch = decode_batch(&self.codec, &self.schema, out_rows.iter().map(|r| &**r))?;
+        Ok(Some(ZBatch { batch, weights }))
+    }
+
     /// The rows of `d` (whole state listed from below) that hold now.
     pub(crate) fn holding(&self, d: ZBatch) -> Result<ZBatch> {
         let spans = self.spans(&d.batch)?;
@@ -303,6 +460,10 @@ impl Temporal {
 
     pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
         w.i64(self.now);
+        if self.keyed.is_some() {
+            // Rebuilt from the rows below on restore.
+            return;
+        }
         self.rows.save(w, delta, |w, s| {
             w.i64(s.from);
             w.i64(s.until);
@@ -312,6 +473,9 @@ impl Temporal {
 
     pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
         self.now = r.i64()?;
+        if self.keyed.is_some() {
+            return Ok(());
+        }
         self.rows.load(r, delta, |r| {
             Ok(Span {
                 from: r.i64()?,
@@ -332,13 +496,71 @@ impl Temporal {
         self.rows.forget_changes(spent);
     }
 
+    /// Keyed: what is kept, computed again from `rows`, the whole state of the operator
+    /// below (in chunks), after a restore.
+    pub(crate) fn rebuild(&mut self, rows: &ZBatch) -> Result<()> {
+        if self.keyed.is_none() {
+            return Ok(());
+        }
+        // As if they arrived now; rows past their span are kept due at once, so the
+        // next tick takes them out.
+        let spans = self.spans(&rows.batch)?;
+        let Some(keyed) = &self.keyed else {
+            return Ok(());
+        };
+        let key_columns: Vec<ArrayRef> = keyed
+            .columns
+            .iter()
+            .map(|&i| Arc::clone(rows.batch.column(i)))
+            .collect();
+        let keys = keyed.codec.encode(&key_columns)?;
+        for (i, span) in spans.into_iter().enumerate() {
+            let Some((from, until)) = span else { continue };
+            self.keep_key(keys.row(i).as_ref().into(), from, until);
+        }
+        Ok(())
+    }
+
+    /// Keyed: keeps `key`'s span if anything will happen to it (a row that holds for
+    /// good is not kept). Rows past their span are due at once.
+    fn keep_key(&mut self, key: Bytes, from: i64, until: i64) {
+        let now = self.now;
+        if from <= now && until == i64::MAX {
+            return;
+        }
+        let at = if from > now { from } else { until };
+        self.rows.insert(
+            key.clone(),
+            Span {
+                from,
+                until,
+                weight: 1,
+            },
+        );
+        self.due.insert((at, key));
+    }
+
+    /// Whether the kept state is rebuilt from below after a restore.
+    pub(crate) fn rebuilds(&self) -> bool {
+        self.keyed.is_some()
+    }
+
     pub(crate) fn state_bytes(&self) -> usize {
-        self.rows.footprint()
-            + self
-                .due
-                .iter()
-                .map(|(_, r)| alloc_bytes(r.len()) + 48)
-                .sum::<usize>()
+        let rows = if self.keyed.is_some() {
+            self.rows.table_bytes()
+                + self
+                    .rows
+                    .keys()
+                    .map(|k| alloc_bytes(k.len()))
+                    .sum::<usize>()
+        } else {
+            self.rows.footprint()
+        };
+        rows + self
+            .due
+            .iter()
+            .map(|(_, r)| alloc_bytes(r.len()) + 48)
+            .sum::<usize>()
     }
 
     /// The earliest instant something kept changes, in microseconds.
@@ -399,6 +621,10 @@ mod tests {
         }
     }
 
+    fn no_lookup(_: &[ArrayRef]) -> Result<Vec<Option<Bytes>>> {
+        unreachable!("rows are kept whole here")
+    }
+
     fn ids(d: &ZBatch) -> Vec<(i64, i64)> {
         let a = d
             .batch
@@ -430,7 +656,7 @@ mod tests {
     #[test]
     fn rows_enter_at_their_time_and_leave_when_they_age_out() {
         let mut op = window();
-        assert!(op.advance(1000).unwrap().is_none());
+        assert!(op.advance(1000, &mut no_lookup).unwrap().is_none());
         // Current, future, too old and null rows.
         let out = op
             .apply(&rows(
@@ -443,11 +669,14 @@ mod tests {
         assert_eq!(op.next_due(), Some(1050));
         // Row 1 leaves at 1050 (exclusive), row 2 enters then.
         assert_eq!(
-            ids(&op.advance(1049).unwrap().unwrap_or_else(|| rows(&[], 1))),
+            ids(&op
+                .advance(1049, &mut no_lookup)
+                .unwrap()
+                .unwrap_or_else(|| rows(&[], 1))),
             vec![]
         );
         assert_eq!(
-            ids(&op.advance(1050).unwrap().unwrap()),
+            ids(&op.advance(1050, &mut no_lookup).unwrap().unwrap()),
             vec![(1, -1), (2, 1)]
         );
         // The old row 3 may be forgotten below, and row 1 now too.
@@ -457,13 +686,13 @@ mod tests {
         let out = op.apply(&rows(&[(2, Some(1050))], -1)).unwrap();
         assert_eq!(ids(&out), vec![(2, -1)]);
         assert_eq!(op.kept(), 0);
-        assert!(op.advance(5000).unwrap().is_none());
+        assert!(op.advance(5000, &mut no_lookup).unwrap().is_none());
     }
 
     #[test]
     fn a_row_that_enters_and_leaves_between_ticks_never_shows_and_state_survives_a_checkpoint() {
         let mut op = window();
-        op.advance(1000).unwrap();
+        op.advance(1000, &mut no_lookup).unwrap();
         op.apply(&rows(&[(1, Some(1010)), (2, Some(1500))], 1))
             .unwrap();
         // A checkpoint and restore keep what is due.
@@ -474,11 +703,14 @@ mod tests {
         assert_eq!(restored.kept(), 2);
         assert_eq!(restored.next_due(), Some(1010));
         // Row 1's span (1010..1110) passed entirely before the next tick.
-        let out = restored.advance(1200).unwrap();
+        let out = restored.advance(1200, &mut no_lookup).unwrap();
         assert!(out.is_none(), "{out:?}");
-        assert_eq!(ids(&restored.advance(1500).unwrap().unwrap()), vec![(2, 1)]);
         assert_eq!(
-            ids(&restored.advance(1600).unwrap().unwrap()),
+            ids(&restored.advance(1500, &mut no_lookup).unwrap().unwrap()),
+            vec![(2, 1)]
+        );
+        assert_eq!(
+            ids(&restored.advance(1600, &mut no_lookup).unwrap().unwrap()),
             vec![(2, -1)]
         );
     }

@@ -461,6 +461,36 @@ fn fixed_events(n: usize, seed: u64) -> Vec<Ev> {
         .current()
 }
 
+/// Crashes `engine` (no flush, no checkpoint), opens the store again and checks every
+/// view came back with the rows it had.
+async fn crash_and_reopen(
+    engine: Engine,
+    store_url: &str,
+    wal: &std::path::Path,
+    metrics: &Arc<EngineMetrics>,
+) -> Engine {
+    let before_crash: Vec<(String, Vec<String>)> = engine
+        .views()
+        .names_in_order()
+        .into_iter()
+        .map(|n| {
+            let snap = engine.views().view_snapshot(&n).unwrap().unwrap();
+            (n, rows(&[snap.rows]))
+        })
+        .collect();
+    engine.crash_for_tests();
+    drop(engine);
+    let engine = Engine::open(config(store_url, wal), Arc::clone(metrics))
+        .await
+        .unwrap();
+    engine.views().views_settled().await;
+    for (name, want) in before_crash {
+        let snap = engine.views().view_snapshot(&name).unwrap().unwrap();
+        assert_eq!(rows(&[snap.rows]), want, "view {name} after the crash");
+    }
+    engine
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn views_come_back_after_a_clean_restart_and_after_a_crash() {
     let store = tempfile::tempdir().unwrap();
@@ -554,26 +584,77 @@ async fn views_come_back_after_a_clean_restart_and_after_a_crash() {
     engine.flush_all().await.unwrap();
     engine.ingest("inventory", i.unwrap(), None).await.unwrap();
     engine.views().views_settled().await;
-    let before_crash: Vec<(String, Vec<String>)> = engine
-        .views()
-        .names_in_order()
-        .into_iter()
-        .map(|n| {
-            let snap = engine.views().view_snapshot(&n).unwrap().unwrap();
-            (n, rows(&[snap.rows]))
-        })
-        .collect();
-    engine.crash_for_tests();
-    drop(engine);
+    let engine = crash_and_reopen(engine, &store_url, wal.path(), &metrics).await;
+    check_all(&engine, "after a crash").await.unwrap();
+}
+
+/// A chain of delta checkpoints that outgrows its full checkpoint is folded into a new
+/// full one by the writer thread, never by the maintainer: only the first checkpoint
+/// is encoded whole by it. The compacted chain restores every view after a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_checkpoint_chain_is_compacted_off_the_maintainer() {
+    let store = tempfile::tempdir().unwrap();
+    let wal = tempfile::tempdir().unwrap();
+    let store_url = store.path().to_str().unwrap().to_owned();
+    let metrics = Arc::new(EngineMetrics::unregistered());
     let engine = Engine::open(config(&store_url, wal.path()), Arc::clone(&metrics))
         .await
         .unwrap();
-    engine.views().views_settled().await;
-    for (name, want) in before_crash {
-        let snap = engine.views().view_snapshot(&name).unwrap().unwrap();
-        assert_eq!(rows(&[snap.rows]), want, "view {name} after the crash");
+    for (name, sql) in EXTRA {
+        engine.views().create_view(name, sql, false).await.unwrap();
     }
-    check_all(&engine, "after a crash").await.unwrap();
+    let count = |kind: &str| {
+        metrics
+            .view_checkpoints_total
+            .get_or_create(&crate::metrics::CheckpointLabel {
+                kind: kind.to_owned(),
+            })
+            .get()
+    };
+    let views_dir = store
+        .path()
+        .join(format!("_quiver/nodes/{}/views", engine.node_id()));
+    let deltas = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&views_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("checkpoint-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let mut next_id = 0;
+    let mut round = 0;
+    while count("compacted") == 0 {
+        assert!(round < 40, "no compaction after {round} checkpoints");
+        let (o, i) = batches(&fixed_events(60, 100 + round), &mut next_id);
+        engine.ingest("orders", o.unwrap(), None).await.unwrap();
+        engine.ingest("inventory", i.unwrap(), None).await.unwrap();
+        engine.views().views_settled().await;
+        engine.views().checkpoint_views().await.unwrap();
+        round += 1;
+    }
+    assert!(round > 2, "compacted after {round} checkpoints");
+    assert_eq!(
+        count("full"),
+        1,
+        "only the first checkpoint is encoded whole by the maintainer"
+    );
+    assert_eq!(count("delta"), round - 1);
+    // The new chain has no deltas yet: the old chain's are gone.
+    assert_eq!(deltas(), Vec::<String>::new());
+    // It goes on with deltas on the compacted checkpoint.
+    let (o, i) = batches(&fixed_events(60, 7), &mut next_id);
+    engine.ingest("orders", o.unwrap(), None).await.unwrap();
+    engine.ingest("inventory", i.unwrap(), None).await.unwrap();
+    engine.views().views_settled().await;
+    engine.views().checkpoint_views().await.unwrap();
+    assert_eq!(deltas().len(), 1, "{:?}", deltas());
+    check_all(&engine, "after compaction").await.unwrap();
+    let engine = crash_and_reopen(engine, &store_url, wal.path(), &metrics).await;
+    check_all(&engine, "restored from the compacted chain")
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

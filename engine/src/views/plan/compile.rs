@@ -499,8 +499,12 @@ impl Compiler<'_> {
             Op::Aggregate { .. } => reads_key_only(),
             _ => false,
         };
-        let op =
+        let mut op =
             Temporal::new(from, until, always, Arc::clone(&schema)).map_err(|e| e.to_string())?;
+        // A `DISTINCT ON` holds one row per key and gives it back: keep only keys.
+        if let (Op::DistinctOn { .. }, Some(key)) = (&input.op, &input.key) {
+            op = op.by_key(key.clone()).map_err(|e| e.to_string())?;
+        }
         Ok(Node {
             key: input.key.clone(),
             append_only: false,
