@@ -113,8 +113,14 @@ fn config(dir: &std::path::Path, kpis: Vec<String>) -> EngineConfig {
     c.upkeep_interval = Duration::ZERO;
     c.views.definitions = kpis;
     c.views.checkpoint_interval = Duration::from_secs(3600);
+    // The views' now(): a day after the simulated history starts, so the KPIs' retention
+    // judges it as recent data (10 M events span about 11 simulated hours).
+    c.views.clock = quiver_engine::clock::Clock::manual(HISTORY_START_MS + 24 * 3_600_000);
     c
 }
+
+/// When the simulated history starts: 2026-11-01T00:00:00Z.
+const HISTORY_START_MS: i64 = 1_793_491_200_000;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -137,7 +143,8 @@ async fn main() -> anyhow::Result<()> {
     let engine = Engine::open(config(&dir, kpis.clone()), Arc::clone(&metrics)).await?;
 
     let mut generator = Generator::new(GeneratorConfig {
-        start: "2026-11-01T00:00:00Z".parse()?,
+        start: chrono::DateTime::from_timestamp_millis(HISTORY_START_MS)
+            .ok_or_else(|| anyhow::anyhow!("history start out of range"))?,
         order_lines_per_sec: 200.0,
         ..GeneratorConfig::default()
     });
