@@ -106,7 +106,11 @@ pub(crate) async fn execute_ddl(
 }
 
 async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiResult<DdlOutcome> {
-    let done = |status, tag, body| Ok(DdlOutcome::Done { status, tag, body });
+    // The answer names the statement it ran.
+    let done = |status, tag: &'static str, mut body: Value| {
+        body["statement"] = json!(tag);
+        Ok(DdlOutcome::Done { status, tag, body })
+    };
     if ddl.is_write() && !principal.has(Scope::Admin) {
         return Err(ApiError::forbidden(format!(
             "{} needs a token with the admin scope",
@@ -136,7 +140,7 @@ async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiR
             done(
                 status,
                 "CREATE STREAM",
-                json!({"statement": "CREATE STREAM", "stream": name, "created": created}),
+                json!({"stream": name, "created": created}),
             )
         }
         QuiverDdl::CreateMaterializedView {
@@ -160,7 +164,6 @@ async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiR
                 status,
                 "CREATE MATERIALIZED VIEW",
                 json!({
-                    "statement": "CREATE MATERIALIZED VIEW",
                     "view": crate::views::view_json(&view),
                     "created": !existed,
                 }),
@@ -177,7 +180,6 @@ async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiR
                 StatusCode::OK,
                 "DROP MATERIALIZED VIEW",
                 json!({
-                    "statement": "DROP MATERIALIZED VIEW",
                     "view": name,
                     "dropped": dropped,
                 }),
@@ -202,7 +204,6 @@ async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiR
                 status,
                 "CREATE ALERT",
                 json!({
-                    "statement": "CREATE ALERT",
                     "alert": crate::alerts::rule_json(&rule, true),
                     "created": created,
                 }),
@@ -218,7 +219,7 @@ async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiR
             done(
                 StatusCode::OK,
                 "DROP ALERT",
-                json!({"statement": "DROP ALERT", "alert": name, "dropped": dropped}),
+                json!({"alert": name, "dropped": dropped}),
             )
         }
         QuiverDdl::ExplainMaterializedView { name } => Ok(DdlOutcome::Plan(

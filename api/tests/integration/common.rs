@@ -108,12 +108,26 @@ impl TestServer {
     }
 
     async fn spawn(&mut self) {
-        let port = free_port();
-        // A restart keeps its ports, so clients can reconnect.
-        if self.pg_port == 0 {
-            self.pg_port = free_port();
-            self.flight_port = free_port();
+        // A free port can be taken by another test between the probe and the bind: on
+        // a first start, whose ports no client knows yet, pick others and start again.
+        let first = self.pg_port == 0;
+        for _ in 0..3 {
+            if first {
+                self.pg_port = free_port();
+                self.flight_port = free_port();
+            }
+            if self.try_spawn(first).await {
+                return;
+            }
         }
+        panic!("no free ports after three tries; log:\n{}", self.log());
+    }
+
+    /// Starts the server and waits until it is ready. With `may_retry`, false when it
+    /// could not bind its ports; it panics on any other early exit.
+    async fn try_spawn(&mut self, may_retry: bool) -> bool {
+        let port = free_port();
+        let logged_before = self.log().len();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -142,14 +156,19 @@ impl TestServer {
             if let Ok(r) = self.client.get(format!("{}/ready", self.url)).send().await
                 && r.status().is_success()
             {
-                return;
+                return true;
             }
             if let Some(status) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!("quiver exited early ({status}); log:\n{}", self.log());
+                let log = self.log();
+                if may_retry && log[logged_before..].contains("Address already in use") {
+                    self.child = None;
+                    return false;
+                }
+                panic!("quiver exited early ({status}); log:\n{log}");
             }
             assert!(
                 Instant::now() < deadline,

@@ -213,6 +213,10 @@ impl Maintainer {
                 };
                 deltas.extend(delta.map(|d| (src.clone(), d)));
             }
+            if ticking && deltas.is_empty() {
+                // Neither the clock nor a view it reads moved it.
+                continue;
+            }
             match advance(&*host, run, &deltas, acked) {
                 Ok(Some(diff)) => {
                     diffs.insert(run.shared.name.clone(), diff);

@@ -82,7 +82,13 @@ const NOW_MS: i64 = BASE_MICROS / 1000 + (48 * 60 + 90) * 60 * 1000;
 
 /// A view's SQL with `now()` at the tests' clock.
 fn at_test_clock(sql: &str) -> String {
-    let at = chrono::DateTime::from_timestamp_millis(NOW_MS)
+    with_now_at(sql, NOW_MS)
+}
+
+/// `sql` with `now()` fixed at `ms` (milliseconds since the epoch), as a view's clock
+/// would give it.
+fn with_now_at(sql: &str, ms: i64) -> String {
+    let at = chrono::DateTime::from_timestamp_millis(ms)
         .unwrap()
         .format("%Y-%m-%dT%H:%M:%S%.3fZ");
     sql.replace("now()", &format!("TIMESTAMP '{at}'"))
@@ -784,10 +790,7 @@ async fn temporal_filters_retract_rows_as_the_clock_moves() {
         async move {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             for (name, sql) in VIEWS {
-                let at = chrono::DateTime::from_timestamp_millis(clock.now())
-                    .unwrap()
-                    .format("%Y-%m-%dT%H:%M:%S%.3fZ");
-                let fixed = sql.replace("now()", &format!("TIMESTAMP '{at}'"));
+                let fixed = with_now_at(sql, clock.now());
                 let want = rows(&query(&engine, &fixed).await.1);
                 loop {
                     let snap = engine.views().view_snapshot(name).unwrap().unwrap();
