@@ -152,6 +152,17 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_VIEW_CHECKPOINT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub view_checkpoint_interval: Duration,
 
+    /// Bytes of state all views together keep in memory; past it, operator state not
+    /// used lately (groups, latest rows, join sides) moves to an on-disk B-tree in
+    /// `--view-state-dir` and is read back when events touch it (0: no limit).
+    #[arg(long, env = "QUIVER_VIEW_MEMORY_LIMIT", default_value_t = 512 << 20)]
+    pub view_memory_limit: usize,
+
+    /// Folder of the views' spill file, emptied at every start (default: `view-state`
+    /// in the WAL folder).
+    #[arg(long, env = "QUIVER_VIEW_STATE_DIR")]
+    pub view_state_dir: Option<PathBuf>,
+
     /// Run views' `now()` from this instant (RFC 3339) instead of the system time; it
     /// then advances in real time. For replaying recorded events as if they were
     /// happening, and for tests over fixed data.
@@ -396,6 +407,8 @@ impl ServeConfig {
         c.views.recompute_interval = self.view_recompute_interval;
         c.views.checkpoint_interval = self.view_checkpoint_interval;
         c.views.history = self.view_history.max(1);
+        c.views.memory_limit = self.view_memory_limit;
+        c.views.state_dir = self.view_state_dir.clone();
         if let Some(start) = self.view_clock_start {
             c.views.clock = quiver_engine::clock::Clock::starting_at(start);
         }

@@ -35,6 +35,7 @@ pub(crate) fn view_json(v: &ViewInfo) -> Value {
         "lag_ms": v.lag_ms,
         "rows": v.rows,
         "state_bytes": v.state_bytes,
+        "state_disk_bytes": v.state_disk_bytes,
         "reads": v.reads,
         "columns": columns,
     });

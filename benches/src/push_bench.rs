@@ -307,7 +307,7 @@ async fn server_gauges(
     let value = |line: &str| line.rsplit(' ').next()?.parse::<f64>().ok();
     let state = text
         .lines()
-        .filter(|l| l.starts_with("quiver_view_state_bytes{"))
+        .filter(|l| l.starts_with("quiver_view_state_bytes{") && l.contains("tier=\"memory\""))
         .filter_map(value)
         .sum();
     let gauge = |name: &str| {

@@ -41,6 +41,10 @@ struct Args {
     /// Scratch folder (store and WAL); a temporary one by default.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// The views' memory limit in MiB, as the server's `--view-memory-limit` (0: none);
+    /// past it operator state moves to disk.
+    #[arg(long, default_value_t = 512)]
+    view_memory_limit_mib: usize,
 }
 
 fn own_rss_mib() -> f64 {
@@ -105,7 +109,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn config(dir: &std::path::Path, kpis: Vec<String>) -> EngineConfig {
+fn config(dir: &std::path::Path, kpis: Vec<String>, memory_limit_mib: usize) -> EngineConfig {
     let mut c = EngineConfig::new(
         format!("file://{}", dir.join("store").display()),
         dir.join("wal"),
@@ -113,6 +117,7 @@ fn config(dir: &std::path::Path, kpis: Vec<String>) -> EngineConfig {
     c.upkeep_interval = Duration::ZERO;
     c.views.definitions = kpis;
     c.views.checkpoint_interval = Duration::from_secs(3600);
+    c.views.memory_limit = memory_limit_mib << 20;
     // The views' now(): a day after the simulated history starts, so the KPIs' retention
     // judges it as recent data (10 M events span about 11 simulated hours).
     c.views.clock = quiver_engine::clock::Clock::manual(HISTORY_START_MS + 24 * 3_600_000);
@@ -140,7 +145,11 @@ async fn main() -> anyhow::Result<()> {
         .map(std::fs::read_to_string)
         .collect::<Result<Vec<_>, _>>()?;
     let metrics = Arc::new(EngineMetrics::unregistered());
-    let engine = Engine::open(config(&dir, kpis.clone()), Arc::clone(&metrics)).await?;
+    let engine = Engine::open(
+        config(&dir, kpis.clone(), args.view_memory_limit_mib),
+        Arc::clone(&metrics),
+    )
+    .await?;
 
     let mut generator = Generator::new(GeneratorConfig {
         start: chrono::DateTime::from_timestamp_millis(HISTORY_START_MS)
@@ -209,10 +218,10 @@ async fn main() -> anyhow::Result<()> {
     // Recompute: each view's SQL from the streams, its inputs inlined.
     let infos = engine.views().views_info();
     println!(
-        "\n| view | apply {} events (median ms) | recompute (median ms) | ratio | state MiB | rows |",
+        "\n| view | apply {} events (median ms) | recompute (median ms) | ratio | state MiB in memory | on disk | rows |",
         args.batch
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for (i, v) in infos.iter().enumerate() {
         let ctes: Vec<String> = infos[..i]
             .iter()
@@ -232,12 +241,13 @@ async fn main() -> anyhow::Result<()> {
         let recompute = median(times);
         let apply = median(spent[&v.name].clone());
         println!(
-            "| {} | {:.3} | {:.0} | {:.0}× | {:.1} | {} |",
+            "| {} | {:.3} | {:.0} | {:.0}× | {:.1} | {:.1} | {} |",
             v.name,
             apply,
             recompute,
             recompute / apply,
             v.state_bytes as f64 / (1 << 20) as f64,
+            v.state_disk_bytes as f64 / (1 << 20) as f64,
             v.rows
         );
     }
@@ -258,7 +268,11 @@ async fn main() -> anyhow::Result<()> {
     );
     drop(engine);
     let t = Instant::now();
-    let engine = Engine::open(config(&dir, kpis.clone()), Arc::clone(&metrics)).await?;
+    let engine = Engine::open(
+        config(&dir, kpis.clone(), args.view_memory_limit_mib),
+        Arc::clone(&metrics),
+    )
+    .await?;
     println!(
         "restart to ready from the checkpoint: {:.2} s",
         t.elapsed().as_secs_f64()
@@ -268,7 +282,11 @@ async fn main() -> anyhow::Result<()> {
     // Every node's view checkpoints live under `_quiver/nodes/<node id>/views/`.
     std::fs::remove_dir_all(dir.join("store/_quiver/nodes"))?;
     let t = Instant::now();
-    let engine = Engine::open(config(&dir, kpis), Arc::clone(&metrics)).await?;
+    let engine = Engine::open(
+        config(&dir, kpis, args.view_memory_limit_mib),
+        Arc::clone(&metrics),
+    )
+    .await?;
     println!(
         "restart to ready with no checkpoint (every view refilled from the tables): {:.2} s",
         t.elapsed().as_secs_f64()

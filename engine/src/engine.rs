@@ -308,7 +308,10 @@ impl Engine {
         );
 
         let (stop, _) = watch::channel(false);
-        let view_options = config.views.clone();
+        let mut view_options = config.views.clone();
+        if view_options.state_dir.is_none() {
+            view_options.state_dir = Some(config.wal_dir.join("view-state"));
+        }
         let alerts = Arc::new(crate::alerts::Alerts::new(
             config.alerts.clone(),
             &store,

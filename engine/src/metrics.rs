@@ -64,6 +64,15 @@ pub struct DeliveryLabel {
     pub outcome: String,
 }
 
+/// Label set for view state: one view's, in memory or on disk.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ViewStateLabel {
+    /// View name.
+    pub view: String,
+    /// `memory`, or `disk` (moved to the spill file past `--view-memory-limit`).
+    pub tier: String,
+}
+
 /// Label set for view checkpoints.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CheckpointLabel {
@@ -144,7 +153,13 @@ pub struct EngineMetrics {
     /// Rows held, by view.
     pub view_rows: Family<ViewLabel, Gauge>,
     /// Approximate bytes of state, by view.
-    pub view_state_bytes: Family<ViewLabel, Gauge>,
+    pub view_state_bytes: Family<ViewStateLabel, Gauge>,
+    /// Entries of view state moved to disk, and rounds of moving them.
+    pub view_state_evicted_total: Counter,
+    /// How long a round of moving view state to disk held up view maintenance.
+    pub view_state_evict_seconds: Histogram,
+    /// Bytes the view state spill file takes on disk.
+    pub view_state_file_bytes: Gauge,
     /// Duration of a view checkpoint.
     pub view_checkpoint_seconds: Histogram,
     /// How long a view checkpoint held up view maintenance.
@@ -206,6 +221,9 @@ impl EngineMetrics {
             view_backfill_rows_total: Family::default(),
             view_rows: Family::default(),
             view_state_bytes: Family::default(),
+            view_state_evicted_total: Counter::default(),
+            view_state_evict_seconds: seconds_histogram(),
+            view_state_file_bytes: Gauge::default(),
             view_checkpoint_seconds: seconds_histogram(),
             view_checkpoint_pause_seconds: seconds_histogram(),
             view_checkpoint_bytes: Gauge::default(),
@@ -372,8 +390,23 @@ impl EngineMetrics {
         r.register("view_rows", "Rows held by a view", m.view_rows.clone());
         r.register(
             "view_state_bytes",
-            "Approximate bytes of view state",
+            "Approximate bytes of view state, by view and tier (memory, or disk past --view-memory-limit)",
             m.view_state_bytes.clone(),
+        );
+        r.register(
+            "view_state_evicted",
+            "Entries of view operator state moved to disk",
+            m.view_state_evicted_total.clone(),
+        );
+        r.register(
+            "view_state_evict_seconds",
+            "How long a round of moving view state to disk held up view maintenance",
+            m.view_state_evict_seconds.clone(),
+        );
+        r.register(
+            "view_state_file_bytes",
+            "Bytes the view state spill file takes on disk",
+            m.view_state_file_bytes.clone(),
         );
         r.register(
             "view_checkpoint_seconds",

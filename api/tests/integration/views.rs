@@ -174,7 +174,9 @@ async fn kpi_views_are_maintained_and_survive_restarts() {
     for m in [
         "quiver_view_changes_total{view=\"stock_on_hand\"}",
         "quiver_view_rows{view=\"low_stock\"}",
-        "quiver_view_state_bytes{view=\"orders_current\"}",
+        "quiver_view_state_bytes{view=\"orders_current\",tier=\"memory\"}",
+        "quiver_view_state_bytes{view=\"orders_current\",tier=\"disk\"}",
+        "quiver_view_state_file_bytes",
         "quiver_view_batch_seconds_count",
     ] {
         assert!(metrics.contains(m), "{m} missing from /metrics");

@@ -18,7 +18,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Spent, Tracked, alloc_bytes, table_bytes};
+use super::tracked::{Footprint, Spent, Spillable, Stored, Tracked, alloc_bytes, table_bytes};
 use super::zset::{Codec, Map, ZBatch, evaluate};
 
 /// What an aggregate computes.
@@ -156,6 +156,31 @@ struct Group {
     accs: Vec<Acc>,
 }
 
+impl Stored for Group {
+    /// The accumulators of a new group, which a stored one's values fill.
+    type Ctx = Vec<Acc>;
+
+    fn encode(&self, w: &mut Writer) {
+        w.i64(self.rows);
+        for acc in &self.accs {
+            save_acc(w, acc);
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>, fresh: &Vec<Acc>) -> Result<Self> {
+        let rows = r.i64()?;
+        let mut accs = fresh.clone();
+        for acc in &mut accs {
+            load_acc(r, acc)?;
+        }
+        Ok(Group {
+            rows,
+            epoch: 0,
+            accs,
+        })
+    }
+}
+
 /// Argument values of one aggregate over one batch.
 enum Arg {
     Int(Int64Array),
@@ -173,6 +198,22 @@ impl Arg {
             Self::Encoded(_, a) => a.is_valid(i),
         }
     }
+}
+
+/// The accumulators of a group no row has reached yet.
+fn fresh_accs(specs: &[AggSpec], append_only: bool) -> Vec<Acc> {
+    specs
+        .iter()
+        .map(|s| match s.kind {
+            AggKind::Count => Acc::Count(0),
+            AggKind::CountDistinct => Acc::Distinct(Map::default()),
+            AggKind::Sum(Num::Int) | AggKind::Avg(Num::Int) => Acc::SumInt { sum: 0, n: 0 },
+            AggKind::Sum(Num::Float) | AggKind::Avg(Num::Float) => Acc::SumFloat { sum: 0.0, n: 0 },
+            AggKind::Sum(Num::Decimal) | AggKind::Avg(Num::Decimal) => Acc::SumDec { sum: 0, n: 0 },
+            AggKind::Min | AggKind::Max if append_only => Acc::Extreme(None),
+            AggKind::Min | AggKind::Max => Acc::Values(BTreeMap::new()),
+        })
+        .collect()
 }
 
 /// A GROUP BY node's state.
@@ -202,8 +243,8 @@ impl Aggregate {
             scalar: group_exprs.is_empty(),
             group_codec: Codec::new(group_types)?,
             group_exprs,
+            groups: Tracked::with_ctx(fresh_accs(&specs, append_only)),
             specs,
-            groups: Tracked::default(),
             append_only,
             epoch: 0,
             schema,
@@ -228,22 +269,7 @@ impl Aggregate {
     }
 
     fn fresh_accs(&self) -> Vec<Acc> {
-        self.specs
-            .iter()
-            .map(|s| match s.kind {
-                AggKind::Count => Acc::Count(0),
-                AggKind::CountDistinct => Acc::Distinct(Map::default()),
-                AggKind::Sum(Num::Int) | AggKind::Avg(Num::Int) => Acc::SumInt { sum: 0, n: 0 },
-                AggKind::Sum(Num::Float) | AggKind::Avg(Num::Float) => {
-                    Acc::SumFloat { sum: 0.0, n: 0 }
-                }
-                AggKind::Sum(Num::Decimal) | AggKind::Avg(Num::Decimal) => {
-                    Acc::SumDec { sum: 0, n: 0 }
-                }
-                AggKind::Min | AggKind::Max if self.append_only => Acc::Extreme(None),
-                AggKind::Min | AggKind::Max => Acc::Values(BTreeMap::new()),
-            })
-            .collect()
+        fresh_accs(&self.specs, self.append_only)
     }
 
     fn args(&self, batch: &RecordBatch) -> Result<Vec<Arg>> {
@@ -333,7 +359,8 @@ impl Aggregate {
         let mut weights = Vec::new();
         let mut removed = Vec::new();
         for (key, old) in &touched {
-            let Some(group) = self.groups.get(key) else {
+            // Every group of the batch was brought into memory above.
+            let Some(group) = self.groups.get_held(key) else {
                 continue;
             };
             if group.rows < 0 {
@@ -424,49 +451,43 @@ impl Aggregate {
         chunk: usize,
         f: &mut dyn FnMut(ZBatch) -> Result<()>,
     ) -> Result<()> {
-        let mut keys: Vec<&[u8]> = Vec::new();
+        let mut keys: Vec<Box<[u8]>> = Vec::new();
         let mut rows: Vec<Vec<Cell>> = Vec::new();
-        for (key, group) in self.groups.iter() {
+        self.groups.for_each(|key, group| {
             if group.rows == 0 && !self.scalar {
-                continue;
+                return Ok(());
             }
-            keys.push(key);
+            keys.push(key.into());
             rows.push(cells(&self.specs, group));
             if keys.len() >= chunk {
-                f(ZBatch::inserts(self.build(&keys, &rows)?))?;
+                let refs: Vec<&[u8]> = keys.iter().map(|k| &**k).collect();
+                f(ZBatch::inserts(self.build(&refs, &rows)?))?;
                 keys.clear();
                 rows.clear();
             }
-        }
+            Ok(())
+        })?;
         if !keys.is_empty() {
-            f(ZBatch::inserts(self.build(&keys, &rows)?))?;
+            let refs: Vec<&[u8]> = keys.iter().map(|k| &**k).collect();
+            f(ZBatch::inserts(self.build(&refs, &rows)?))?;
         }
         Ok(())
     }
 
     pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
-        self.groups.save(w, delta, |w, g| {
-            w.i64(g.rows);
-            for acc in &g.accs {
-                save_acc(w, acc);
-            }
-        });
+        self.groups.save(w, delta);
     }
 
     pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
-        let fresh = self.fresh_accs();
-        self.groups.load(r, delta, |r| {
-            let rows = r.i64()?;
-            let mut accs = fresh.clone();
-            for acc in &mut accs {
-                load_acc(r, acc)?;
-            }
-            Ok(Group {
-                rows,
-                epoch: 0,
-                accs,
-            })
-        })
+        self.groups.load(r, delta)
+    }
+
+    pub(crate) fn maps(&mut self) -> Vec<&mut dyn Spillable> {
+        vec![&mut self.groups]
+    }
+
+    pub(crate) fn disk_bytes(&self) -> usize {
+        self.groups.disk_bytes()
     }
 
     pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {

@@ -211,6 +211,9 @@ fn compact_chain(
         writing: None,
         last_checkpoint_bytes: 0,
         chain: Chain::default(),
+        // Its state lives as long as one encode: it is not bounded.
+        spill: None,
+        bounded: std::time::Instant::now(),
     };
     for view in &saved {
         let run = shadow

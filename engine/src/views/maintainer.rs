@@ -42,6 +42,10 @@ pub(super) struct Maintainer {
     pub(super) last_checkpoint_bytes: usize,
     /// The checkpoint files in the store.
     pub(super) chain: Chain,
+    /// Where operator state goes past the memory limit (none: no limit).
+    pub(super) spill: Option<Arc<super::spill::Spill>>,
+    /// When the state was last weighed against the limit.
+    pub(super) bounded: Instant,
 }
 
 impl Maintainer {
@@ -116,6 +120,13 @@ impl Maintainer {
                 Ok(Msg::Barrier { reply }) => {
                     let _ = reply.send(());
                 }
+                #[cfg(test)]
+                Ok(Msg::Bound { reply }) => {
+                    // Rounds move at most `ROUND_BYTES` each; one that frees nothing
+                    // means nothing more can go.
+                    while self.bound_memory(true) {}
+                    let _ = reply.send(());
+                }
                 Ok(Msg::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                     if let Err(e) = self.finish_checkpoint() {
                         warn!(error = %e, "view checkpoint failed");
@@ -129,6 +140,7 @@ impl Maintainer {
                     }
                 }
             }
+            let _ = self.bound_memory(false);
             let now = Instant::now();
             if self
                 .views
@@ -940,10 +952,13 @@ pub(super) fn finish(
     applied.diff
 }
 
-pub(super) fn update_gauges(host: &dyn ViewHost, run: &Running) {
+/// Sets a view's row and state gauges; returns the bytes of its state in memory.
+pub(super) fn update_gauges(host: &dyn ViewHost, run: &Running) -> usize {
     let state = run.shared.state.read();
     let bytes = state.output.state_bytes() + state.node.as_ref().map_or(0, Node::state_bytes);
+    let disk = state.node.as_ref().map_or(0, Node::disk_bytes);
     run.shared.state_bytes.store(bytes, Ordering::Relaxed);
+    run.shared.disk_bytes.store(disk, Ordering::Relaxed);
     let label = ViewLabel {
         view: run.shared.name.clone(),
     };
@@ -951,7 +966,15 @@ pub(super) fn update_gauges(host: &dyn ViewHost, run: &Running) {
     m.view_rows
         .get_or_create(&label)
         .set(state.output.len() as i64);
-    m.view_state_bytes.get_or_create(&label).set(bytes as i64);
+    for (tier, bytes) in [("memory", bytes), ("disk", disk)] {
+        m.view_state_bytes
+            .get_or_create(&ViewStateLabel {
+                view: run.shared.name.clone(),
+                tier: tier.to_owned(),
+            })
+            .set(bytes as i64);
+    }
+    bytes
 }
 
 /// A view's (empty) rows. When its operators can list them from their own state,

@@ -23,6 +23,7 @@ mod maintainer;
 mod ops;
 mod output;
 mod plan;
+mod spill;
 mod temporal;
 mod tracked;
 mod zset;
@@ -43,7 +44,7 @@ use tokio::sync::{broadcast, oneshot};
 use tracing::{error, info, warn};
 
 use crate::catalog::Document;
-use crate::metrics::{EngineMetrics, ViewLabel};
+use crate::metrics::{EngineMetrics, ViewLabel, ViewStateLabel};
 use crate::query::QueryError;
 use crate::query::QuerySession;
 use crate::schema::StreamSchema;
@@ -117,6 +118,11 @@ pub struct ViewOptions {
     pub maintain: bool,
     /// The time temporal filters (`now()` in a view) go by.
     pub clock: crate::clock::Clock,
+    /// Bytes of state all views together keep in memory; past it, operator state not
+    /// used lately moves to disk (0: no limit).
+    pub memory_limit: usize,
+    /// Folder of the spill file (default: `view-state` in the WAL folder).
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ViewOptions {
@@ -128,6 +134,8 @@ impl Default for ViewOptions {
             history: 256,
             maintain: true,
             clock: crate::clock::Clock::system(),
+            memory_limit: 512 << 20,
+            state_dir: None,
         }
     }
 }
@@ -172,8 +180,10 @@ pub struct ViewInfo {
     pub lag_ms: u64,
     /// Rows held.
     pub rows: usize,
-    /// Approximate bytes of state (operators and rows).
+    /// Approximate bytes of state in memory (operators and rows).
     pub state_bytes: usize,
+    /// Bytes of operator state moved to disk (past `--view-memory-limit`).
+    pub state_disk_bytes: usize,
     /// Streams and views it reads.
     pub reads: Vec<String>,
     /// Time spent applying changes to it since start, in total.
@@ -225,6 +235,7 @@ pub(crate) struct ViewShared {
     cache: Mutex<Option<(u64, RecordBatch)>>,
     history: Mutex<VecDeque<Arc<ChangeSet>>>,
     state_bytes: AtomicUsize,
+    disk_bytes: AtomicUsize,
     /// Time spent applying changes to this view, in total.
     apply_nanos: std::sync::atomic::AtomicU64,
 }
@@ -313,6 +324,7 @@ impl ViewShared {
             cache: Mutex::new(None),
             history: Mutex::new(VecDeque::new()),
             state_bytes: AtomicUsize::new(0),
+            disk_bytes: AtomicUsize::new(0),
             apply_nanos: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -368,6 +380,12 @@ enum Msg {
     Barrier {
         reply: oneshot::Sender<()>,
     },
+    /// Weighs the state against the memory limit now, and moves state to disk until
+    /// it is under it (tests: no waiting for the maintainer's own rounds).
+    #[cfg(test)]
+    Bound {
+        reply: oneshot::Sender<()>,
+    },
     Stop,
 }
 
@@ -390,6 +408,8 @@ impl std::fmt::Debug for Msg {
             Self::Explain { .. } => "Explain",
             Self::Checkpoint { .. } => "Checkpoint",
             Self::Barrier { .. } => "Barrier",
+            #[cfg(test)]
+            Self::Bound { .. } => "Bound",
             Self::Stop => "Stop",
         })
     }
@@ -502,6 +522,7 @@ impl Views {
             return Ok(());
         }
         let (ready_tx, ready_rx) = oneshot::channel();
+        let spill = spill::open(&views.options);
         let handle = std::thread::Builder::new()
             .name("quiver-views".into())
             .spawn(move || {
@@ -513,6 +534,8 @@ impl Views {
                     writing: None,
                     last_checkpoint_bytes: 0,
                     chain: Chain::default(),
+                    spill,
+                    bounded: Instant::now(),
                 };
                 m.restore();
                 let _ = ready_tx.send(());
@@ -620,6 +643,15 @@ impl Views {
         }
     }
 
+    /// Moves view state to disk until it is under the memory limit.
+    #[cfg(test)]
+    pub(crate) async fn bound_memory_now(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.feed.send(Msg::Bound { reply: tx }) {
+            let _ = rx.await;
+        }
+    }
+
     /// Every view, in creation order (a view after those it reads).
     pub fn views_info(&self) -> Vec<ViewInfo> {
         self.names_in_order()
@@ -648,6 +680,7 @@ impl Views {
             lag_ms: self.feed.lag().as_micros().div_ceil(1000) as u64,
             rows: state.output.len(),
             state_bytes: v.state_bytes.load(Ordering::Relaxed),
+            state_disk_bytes: v.disk_bytes.load(Ordering::Relaxed),
             reads: v.reads.clone(),
             apply_time: Duration::from_nanos(v.apply_nanos.load(Ordering::Relaxed)),
         }

@@ -1,6 +1,5 @@
 //! The stateful operators besides GROUP BY: latest row per key, and equi-joins.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, RecordBatch};
@@ -9,7 +8,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Spent, Tracked, alloc_bytes, table_bytes};
+use super::tracked::{Footprint, Spent, Spillable, Stored, Tracked, alloc_bytes, table_bytes};
 
 /// A sort position and a row, as `DISTINCT ON` keeps per key.
 impl Footprint for (Bytes, Bytes) {
@@ -18,11 +17,41 @@ impl Footprint for (Bytes, Bytes) {
     }
 }
 
+impl Stored for (Bytes, Bytes) {
+    type Ctx = ();
+    fn encode(&self, w: &mut Writer) {
+        w.bytes(&self.0);
+        w.bytes(&self.1);
+    }
+    fn decode(r: &mut Reader<'_>, (): &()) -> Result<Self> {
+        Ok((r.boxed()?, r.boxed()?))
+    }
+}
+
 /// A join side's rows (with counts) under one join key.
 impl Footprint for Map<Bytes, i64> {
     fn footprint(&self) -> usize {
         table_bytes::<(Bytes, i64)>(self.capacity())
             + self.keys().map(|r| alloc_bytes(r.len())).sum::<usize>()
+    }
+}
+
+impl Stored for Map<Bytes, i64> {
+    type Ctx = ();
+    fn encode(&self, w: &mut Writer) {
+        w.u64(self.len() as u64);
+        for (r, c) in self {
+            w.bytes(r);
+            w.i64(*c);
+        }
+    }
+    fn decode(r: &mut Reader<'_>, (): &()) -> Result<Self> {
+        let mut rows = Map::default();
+        for _ in 0..r.u64()? {
+            let row = r.boxed()?;
+            rows.insert(row, r.i64()?);
+        }
+        Ok(rows)
     }
 }
 use super::zset::{Codec, Map, ZBatch, decode_batch, evaluate, take_optional};
@@ -83,7 +112,7 @@ impl DistinctOn {
         let keys = self.key_codec.encode(key_columns)?;
         Ok(keys
             .iter()
-            .map(|k| self.latest.get(k.as_ref()).map(|(_, row)| row.clone()))
+            .map(|k| self.latest.get(k.as_ref()).map(|v| v.1.clone()))
             .collect())
     }
 
@@ -133,7 +162,8 @@ impl DistinctOn {
         let mut out: Vec<&[u8]> = Vec::new();
         let mut weights = Vec::new();
         for (key, old) in &before {
-            let new = self.latest.get(key).map(|(_, r)| &**r);
+            // Every key of the batch was brought into memory above.
+            let new = self.latest.get_held(key).map(|(_, r)| &**r);
             if old.as_deref() == new {
                 continue;
             }
@@ -156,23 +186,39 @@ impl DistinctOn {
         chunk: usize,
         f: &mut dyn FnMut(ZBatch) -> Result<()>,
     ) -> Result<()> {
-        let rows: Vec<&[u8]> = self.latest.values().map(|(_, r)| &**r).collect();
-        for part in rows.chunks(chunk.max(1)) {
-            let batch = decode_batch(&self.row_codec, &self.schema, part.iter().copied())?;
-            f(ZBatch::inserts(batch))?;
+        let mut part: Vec<Bytes> = Vec::new();
+        let mut send = |part: &mut Vec<Bytes>| -> Result<()> {
+            let batch = decode_batch(&self.row_codec, &self.schema, part.iter().map(|r| &**r))?;
+            part.clear();
+            f(ZBatch::inserts(batch))
+        };
+        self.latest.for_each(|_, (_, row)| {
+            part.push(row.clone());
+            if part.len() >= chunk.max(1) {
+                send(&mut part)?;
+            }
+            Ok(())
+        })?;
+        if !part.is_empty() {
+            send(&mut part)?;
         }
         Ok(())
     }
 
     pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
-        self.latest.save(w, delta, |w, (o, r)| {
-            w.bytes(o);
-            w.bytes(r);
-        });
+        self.latest.save(w, delta);
     }
 
     pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
-        self.latest.load(r, delta, |r| Ok((r.boxed()?, r.boxed()?)))
+        self.latest.load(r, delta)
+    }
+
+    pub(crate) fn maps(&mut self) -> Vec<&mut dyn Spillable> {
+        vec![&mut self.latest]
+    }
+
+    pub(crate) fn disk_bytes(&self) -> usize {
+        self.latest.disk_bytes()
     }
 
     pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
@@ -201,24 +247,11 @@ struct Side {
 
 impl Side {
     fn save(&self, w: &mut Writer, delta: bool) {
-        self.rows.save(w, delta, |w, rows| {
-            w.u64(rows.len() as u64);
-            for (r, c) in rows {
-                w.bytes(r);
-                w.i64(*c);
-            }
-        });
+        self.rows.save(w, delta);
     }
 
     fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
-        self.rows.load(r, delta, |r| {
-            let mut rows = Map::default();
-            for _ in 0..r.u64()? {
-                let row = r.boxed()?;
-                rows.insert(row, r.i64()?);
-            }
-            Ok(rows)
-        })
+        self.rows.load(r, delta)
     }
 
     fn state_bytes(&self) -> usize {
@@ -265,8 +298,15 @@ impl Join {
     }
 
     pub(crate) fn pairs(&self) -> usize {
-        self.left.rows.values().map(HashMap::len).sum::<usize>()
-            + self.right.rows.values().map(HashMap::len).sum::<usize>()
+        let mut pairs = 0;
+        for side in [&self.left, &self.right] {
+            // Only a broken spill file fails, and that stops the process.
+            let _ = side.rows.for_each(|_, rows| {
+                pairs += rows.len();
+                Ok(())
+            });
+        }
+        pairs
     }
 
     /// The output of one join key: (left row, right row or none, count).
@@ -276,10 +316,10 @@ impl Join {
             return out;
         };
         let right = self.right.rows.get(key).filter(|r| !r.is_empty());
-        for (l, lc) in left {
-            match right {
+        for (l, lc) in left.iter() {
+            match &right {
                 Some(right) => {
-                    for (r, rc) in right {
+                    for (r, rc) in right.iter() {
                         *out.entry((l.clone(), Some(r.clone()))).or_insert(0) += lc * rc;
                     }
                 }
@@ -369,7 +409,7 @@ impl Join {
             ));
         }
         let mut pairs: Map<Pair, i64> = Map::default();
-        for key in self.left.rows.keys() {
+        self.left.rows.for_each(|key, _| {
             for (pair, c) in self.output(key) {
                 *pairs.entry(pair).or_insert(0) += c;
             }
@@ -377,7 +417,8 @@ impl Join {
                 pairs.retain(|_, c| *c != 0);
                 f(self.build(std::mem::take(&mut pairs))?)?;
             }
-        }
+            Ok(())
+        })?;
         pairs.retain(|_, c| *c != 0);
         if !pairs.is_empty() {
             f(self.build(pairs)?)?;
@@ -426,6 +467,14 @@ impl Join {
     pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
         self.left.rows.forget_changes(spent);
         self.right.rows.forget_changes(spent);
+    }
+
+    pub(crate) fn maps(&mut self) -> Vec<&mut dyn Spillable> {
+        vec![&mut self.left.rows, &mut self.right.rows]
+    }
+
+    pub(crate) fn disk_bytes(&self) -> usize {
+        self.left.rows.disk_bytes() + self.right.rows.disk_bytes()
     }
 
     pub(crate) fn state_bytes(&self) -> usize {

@@ -8,13 +8,27 @@ use datafusion::common::Result;
 use tracing::warn;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Spent, Tracked, alloc_bytes};
+use super::tracked::{Footprint, Spent, Stored, Tracked, alloc_bytes};
 use super::zset::{Codec, Map, ZBatch, decode_batch, row_codec};
 
 #[derive(Debug)]
 struct Slot {
     row: Box<[u8]>,
     count: i64,
+}
+
+impl Stored for Slot {
+    type Ctx = ();
+    fn encode(&self, w: &mut Writer) {
+        w.bytes(&self.row);
+        w.i64(self.count);
+    }
+    fn decode(r: &mut Reader<'_>, (): &()) -> Result<Self> {
+        Ok(Slot {
+            row: r.boxed()?,
+            count: r.i64()?,
+        })
+    }
 }
 
 impl Footprint for Slot {
@@ -230,7 +244,7 @@ impl Output {
         let mut deletes: Vec<&[u8]> = Vec::new();
         let mut replaced: Vec<&[u8]> = Vec::new();
         for (key, old) in &before {
-            let new = self.rows.get(key);
+            let new = self.rows.get_held(key);
             self.total += new.map_or(0, |s| s.count.max(0) as usize);
             self.bytes -= old.as_ref().map_or(0, |r| row_bytes(key, r));
             self.bytes += new.map_or(0, |s| slot_bytes(key, s));
@@ -252,7 +266,7 @@ impl Output {
         debug_assert_eq!(
             self.bytes,
             self.rows
-                .iter()
+                .iter_in_memory()
                 .map(|(k, s)| slot_bytes(k, s))
                 .sum::<usize>(),
             "the kept byte count drifted"
@@ -260,8 +274,8 @@ impl Output {
         debug_assert_eq!(
             self.total,
             self.rows
-                .values()
-                .map(|s| s.count.max(0) as usize)
+                .iter_in_memory()
+                .map(|(_, s)| s.count.max(0) as usize)
                 .sum::<usize>(),
             "the kept row count drifted"
         );
@@ -346,8 +360,8 @@ impl Output {
         );
         let rows = self
             .rows
-            .values()
-            .flat_map(|s| std::iter::repeat_n(&*s.row, s.count.max(0) as usize));
+            .iter_in_memory()
+            .flat_map(|(_, s)| std::iter::repeat_n(&*s.row, s.count.max(0) as usize));
         decode_batch(&self.row_codec, &self.schema, rows)
     }
 
@@ -376,24 +390,24 @@ impl Output {
         if self.mode != Rows::Saved {
             return;
         }
-        self.rows.save(w, delta, |w, s| {
-            w.bytes(&s.row);
-            w.i64(s.count);
-        });
+        self.rows.save(w, delta);
     }
 
     pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
         if self.mode != Rows::Saved {
             return Ok(());
         }
-        self.rows.load(r, delta, |r| {
-            Ok(Slot {
-                row: r.boxed()?,
-                count: r.i64()?,
-            })
-        })?;
-        self.total = self.rows.values().map(|s| s.count.max(0) as usize).sum();
-        self.bytes = self.rows.iter().map(|(k, s)| slot_bytes(k, s)).sum();
+        self.rows.load(r, delta)?;
+        self.total = self
+            .rows
+            .iter_in_memory()
+            .map(|(_, s)| s.count.max(0) as usize)
+            .sum();
+        self.bytes = self
+            .rows
+            .iter_in_memory()
+            .map(|(k, s)| slot_bytes(k, s))
+            .sum();
         Ok(())
     }
 

@@ -16,7 +16,7 @@ use super::agg::Aggregate;
 use super::codec::{Reader, Writer};
 use super::ops::{DistinctOn, Join};
 use super::temporal::{CLOCK, Temporal, clock_time};
-use super::tracked::Spent;
+use super::tracked::{Spent, Spillable};
 use super::zset::{ZBatch, evaluate};
 
 mod compile;
@@ -445,6 +445,45 @@ impl Node {
             Op::Temporal { input, op, .. } => input.state_bytes() + op.state_bytes(),
             Op::Join { left, right, op } => {
                 left.state_bytes() + right.state_bytes() + op.state_bytes()
+            }
+        }
+    }
+
+    /// Every map of operator state the maintainer may move to disk, depth first.
+    pub(crate) fn maps<'a>(&'a mut self, out: &mut Vec<&'a mut dyn Spillable>) {
+        match &mut self.op {
+            Op::Source { .. } => {}
+            // A temporal filter's spans and due times stay in memory.
+            Op::Filter { input, .. } | Op::Project { input, .. } | Op::Temporal { input, .. } => {
+                input.maps(out);
+            }
+            Op::Aggregate { input, agg } => {
+                input.maps(out);
+                out.extend(agg.maps());
+            }
+            Op::DistinctOn { input, op } => {
+                input.maps(out);
+                out.extend(op.maps());
+            }
+            Op::Join { left, right, op } => {
+                left.maps(out);
+                right.maps(out);
+                out.extend(op.maps());
+            }
+        }
+    }
+
+    /// Bytes of operator state on disk.
+    pub(crate) fn disk_bytes(&self) -> usize {
+        match &self.op {
+            Op::Source { .. } => 0,
+            Op::Filter { input, .. } | Op::Project { input, .. } | Op::Temporal { input, .. } => {
+                input.disk_bytes()
+            }
+            Op::Aggregate { input, agg } => input.disk_bytes() + agg.disk_bytes(),
+            Op::DistinctOn { input, op } => input.disk_bytes() + op.disk_bytes(),
+            Op::Join { left, right, op } => {
+                left.disk_bytes() + right.disk_bytes() + op.disk_bytes()
             }
         }
     }

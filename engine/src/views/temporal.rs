@@ -26,7 +26,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Spent, Tracked, alloc_bytes};
+use super::tracked::{Footprint, Spent, Stored, Tracked, alloc_bytes};
 use super::zset::{Codec, Map, ZBatch, decode_batch};
 
 /// The name of the clock as a source: its change is one row, the time now in
@@ -60,6 +60,22 @@ struct Span {
     from: i64,
     until: i64,
     weight: i64,
+}
+
+impl Stored for Span {
+    type Ctx = ();
+    fn encode(&self, w: &mut Writer) {
+        w.i64(self.from);
+        w.i64(self.until);
+        w.i64(self.weight);
+    }
+    fn decode(r: &mut Reader<'_>, (): &()) -> Result<Self> {
+        Ok(Span {
+            from: r.i64()?,
+            until: r.i64()?,
+            weight: r.i64()?,
+        })
+    }
 }
 
 impl Footprint for Span {
@@ -342,7 +358,7 @@ impl Temporal {
             let Some((at, row)) = self.due.pop_first() else {
                 break;
             };
-            let Some(span) = self.rows.get(&row).copied() else {
+            let Some(span) = self.rows.get(&row).map(|s| *s) else {
                 continue;
             };
             if at == span.from && span.from > before {
@@ -382,7 +398,7 @@ impl Temporal {
             let Some((at, key)) = self.due.pop_first() else {
                 break;
             };
-            let Some(span) = self.rows.get(&key).copied() else {
+            let Some(span) = self.rows.get(&key).map(|s| *s) else {
                 continue;
             };
             if at == span.from && span.from > before && span.until > now_us {
@@ -464,11 +480,7 @@ impl Temporal {
             // Rebuilt from the rows below on restore.
             return;
         }
-        self.rows.save(w, delta, |w, s| {
-            w.i64(s.from);
-            w.i64(s.until);
-            w.i64(s.weight);
-        });
+        self.rows.save(w, delta);
     }
 
     pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
@@ -476,17 +488,11 @@ impl Temporal {
         if self.keyed.is_some() {
             return Ok(());
         }
-        self.rows.load(r, delta, |r| {
-            Ok(Span {
-                from: r.i64()?,
-                until: r.i64()?,
-                weight: r.i64()?,
-            })
-        })?;
+        self.rows.load(r, delta)?;
         let now = self.now;
         self.due = self
             .rows
-            .iter()
+            .iter_in_memory()
             .map(|(row, s)| (if s.from > now { s.from } else { s.until }, row.clone()))
             .collect();
         Ok(())
@@ -550,7 +556,8 @@ impl Temporal {
             self.rows.table_bytes()
                 + self
                     .rows
-                    .keys()
+                    .iter_in_memory()
+                    .map(|(k, _)| k)
                     .map(|k| alloc_bytes(k.len()))
                     .sum::<usize>()
         } else {

@@ -862,3 +862,49 @@ async fn temporal_filters_retract_rows_as_the_clock_moves() {
     assert_eq!(closed, 0);
     assert!(count(&engine, "SELECT COUNT(*) FROM open_or_recent").await > 0);
 }
+
+/// With a memory limit far below what the views hold, their operator state goes to
+/// disk after every batch and is read back as events touch it: every view still equals
+/// its SQL run from scratch, a checkpoint (full, then delta) reads what is on disk, and
+/// the views come back after a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_stay_exact_with_their_state_on_disk() {
+    let store = tempfile::tempdir().unwrap();
+    let wal = tempfile::tempdir().unwrap();
+    let store_url = store.path().to_str().unwrap().to_owned();
+    let metrics = Arc::new(EngineMetrics::unregistered());
+    let mut cfg = config(&store_url, wal.path());
+    cfg.views.memory_limit = 1;
+    let engine = Engine::open(cfg, Arc::clone(&metrics)).await.unwrap();
+    for (name, sql) in EXTRA {
+        engine.views().create_view(name, sql, false).await.unwrap();
+    }
+    let on_disk = |engine: &Engine| {
+        engine
+            .views()
+            .views_info()
+            .iter()
+            .map(|v| v.state_disk_bytes)
+            .sum::<usize>()
+    };
+    let mut next_id = 0;
+    for round in 0..6 {
+        let (o, i) = batches(&fixed_events(80, 100 + round), &mut next_id);
+        engine.ingest("orders", o.unwrap(), None).await.unwrap();
+        engine.ingest("inventory", i.unwrap(), None).await.unwrap();
+        engine.views().views_settled().await;
+        engine.views().bound_memory_now().await;
+        assert!(on_disk(&engine) > 0, "no state on disk in round {round}");
+        check_all(&engine, &format!("with the state on disk, round {round}"))
+            .await
+            .unwrap();
+        if round == 2 || round == 4 {
+            engine.views().checkpoint_views().await.unwrap();
+        }
+    }
+    assert!(metrics.view_state_evicted_total.get() > 0);
+    let engine = crash_and_reopen(engine, &store_url, wal.path(), &metrics).await;
+    check_all(&engine, "after a crash with the state on disk")
+        .await
+        .unwrap();
+}
