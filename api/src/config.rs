@@ -154,8 +154,9 @@ pub struct ServeConfig {
 
     /// Bytes of state all views together keep in memory; past it, operator state not
     /// used lately (groups, latest rows, join sides) moves to an on-disk B-tree in
-    /// `--view-state-dir` and is read back when events touch it (0: no limit).
-    #[arg(long, env = "QUIVER_VIEW_MEMORY_LIMIT", default_value_t = 512 << 20)]
+    /// `--view-state-dir` and is read back when events touch it (0: no limit; the
+    /// default until reading state back is fast enough, see BENCHMARKS.md).
+    #[arg(long, env = "QUIVER_VIEW_MEMORY_LIMIT", default_value_t = 0)]
     pub view_memory_limit: usize,
 
     /// Folder of the views' spill file, emptied at every start (default: `view-state`

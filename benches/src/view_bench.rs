@@ -43,7 +43,7 @@ struct Args {
     dir: Option<PathBuf>,
     /// The views' memory limit in MiB, as the server's `--view-memory-limit` (0: none);
     /// past it operator state moves to disk.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 0)]
     view_memory_limit_mib: usize,
 }
 

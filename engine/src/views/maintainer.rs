@@ -753,6 +753,9 @@ impl Maintainer {
             if let Err(e) = result {
                 error!(view = %def.name, error = %e, "view could not be created; skipped");
             }
+            // Under the memory limit before the next view loads: the restore holds at
+            // most one view's state over it.
+            while self.bound_memory(true) {}
         }
         *host.views().floor.write() = Some(self.floor());
         let running: Vec<SavedView> = self

@@ -119,7 +119,8 @@ pub struct ViewOptions {
     /// The time temporal filters (`now()` in a view) go by.
     pub clock: crate::clock::Clock,
     /// Bytes of state all views together keep in memory; past it, operator state not
-    /// used lately moves to disk (0: no limit).
+    /// used lately moves to disk (0: no limit, the default until reading state back
+    /// from disk is fast enough; see BENCHMARKS.md).
     pub memory_limit: usize,
     /// Folder of the spill file (default: `view-state` in the WAL folder).
     pub state_dir: Option<std::path::PathBuf>,
@@ -134,7 +135,7 @@ impl Default for ViewOptions {
             history: 256,
             maintain: true,
             clock: crate::clock::Clock::system(),
-            memory_limit: 512 << 20,
+            memory_limit: 0,
             state_dir: None,
         }
     }

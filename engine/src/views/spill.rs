@@ -379,7 +379,7 @@ impl Maintainer {
                     if left == 0 {
                         break;
                     }
-                    match map.evict(&mut round, &spill, left) {
+                    match map.evict(&mut round, &spill, left, force) {
                         Ok(freed) => left = left.saturating_sub(freed),
                         Err(e) => {
                             failed = Some(e);
