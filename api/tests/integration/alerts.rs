@@ -362,6 +362,13 @@ async fn rules_fire_deliver_retry_silence_and_survive_a_restart() {
     // Retried after three refusals, each attempt visible.
     stock(&server, "i3", "F", 1).await;
     eventually(15, || async { !got(&receiver, "flaky").is_empty() }).await;
+    // The server records the attempt once the receiver's answer is in, which can be
+    // after the receiver has the message.
+    eventually(5, || async {
+        let d = server.get_json("/v1/alerts/flaky/deliveries").await;
+        d["pending"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
     let d = server.get_json("/v1/alerts/flaky/deliveries").await;
     let outcomes: Vec<&str> = d["attempts"]
         .as_array()
