@@ -377,12 +377,33 @@ impl<V: Stored> Tracked<V> {
     pub(crate) fn disk_bytes(&self) -> usize {
         self.cold.as_ref().map_or(0, |c| c.bytes)
     }
+}
+
+/// Operator state the maintainer can move to disk, whatever its values.
+pub(crate) trait Spillable {
+    /// Bytes held in memory.
+    fn memory_bytes(&self) -> usize;
+    /// `force`: a new generation may start at once (at a restore, and in tests).
+    fn evict(
+        &mut self,
+        round: &mut Round,
+        spill: &std::sync::Arc<Spill>,
+        want: usize,
+        force: bool,
+    ) -> Result<usize>;
+    fn settle(&mut self, committed: bool);
+}
+
+impl<V: Stored> Spillable for Tracked<V> {
+    fn memory_bytes(&self) -> usize {
+        self.footprint()
+    }
 
     /// Moves entries not used lately to disk in `round`, about `want` bytes of them
     /// (fewer if that is all the map has). Returns the bytes of memory it frees. The
-    /// entries wait in `limbo` until [`Tracked::settle`] says whether the round was
+    /// entries wait in `limbo` until [`Spillable::settle`] says whether the round was
     /// committed: the caller holds the state locked until then.
-    pub(crate) fn evict(
+    fn evict(
         &mut self,
         round: &mut Round,
         spill: &std::sync::Arc<Spill>,
@@ -433,9 +454,9 @@ impl<V: Stored> Tracked<V> {
         Ok(freed)
     }
 
-    /// After the round [`Tracked::evict`] wrote in: committed, the entries in limbo
+    /// After the round [`Spillable::evict`] wrote in: committed, the entries in limbo
     /// are on disk and their memory is freed; not, they go back where they were.
-    pub(crate) fn settle(&mut self, committed: bool) {
+    fn settle(&mut self, committed: bool) {
         if let Some(cold) = self.cold.as_mut() {
             cold.settle(committed);
         }
@@ -446,41 +467,6 @@ impl<V: Stored> Tracked<V> {
             self.old.extend(self.limbo.drain(..));
         }
         self.limbo_settled = 0;
-    }
-}
-
-/// Operator state the maintainer can move to disk, whatever its values.
-pub(crate) trait Spillable {
-    /// Bytes held in memory.
-    fn memory_bytes(&self) -> usize;
-    /// `force`: a new generation may start at once (at a restore, and in tests).
-    fn evict(
-        &mut self,
-        round: &mut Round,
-        spill: &std::sync::Arc<Spill>,
-        want: usize,
-        force: bool,
-    ) -> Result<usize>;
-    fn settle(&mut self, committed: bool);
-}
-
-impl<V: Stored> Spillable for Tracked<V> {
-    fn memory_bytes(&self) -> usize {
-        self.footprint()
-    }
-
-    fn evict(
-        &mut self,
-        round: &mut Round,
-        spill: &std::sync::Arc<Spill>,
-        want: usize,
-        force: bool,
-    ) -> Result<usize> {
-        Tracked::evict(self, round, spill, want, force)
-    }
-
-    fn settle(&mut self, committed: bool) {
-        Tracked::settle(self, committed);
     }
 }
 
