@@ -162,7 +162,7 @@ pub struct EngineMetrics {
     pub view_state_file_bytes: Gauge,
     /// Duration of a view checkpoint.
     pub view_checkpoint_seconds: Histogram,
-    /// How long a view checkpoint held up view maintenance.
+    /// The longest a view checkpoint held up view maintenance at once.
     pub view_checkpoint_pause_seconds: Histogram,
     /// Size of the last view checkpoint.
     pub view_checkpoint_bytes: Gauge,
@@ -415,7 +415,7 @@ impl EngineMetrics {
         );
         r.register(
             "view_checkpoint_pause_seconds",
-            "How long a view checkpoint held up view maintenance (the encode; the write to the store runs beside it)",
+            "The longest a view checkpoint held up view maintenance at once (it is encoded in slices between batches; the write to the store runs beside them)",
             m.view_checkpoint_pause_seconds.clone(),
         );
         r.register(

@@ -18,7 +18,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Spent, Spillable, Stored, Tracked, alloc_bytes, table_bytes};
+use super::tracked::{Footprint, Part, Spillable, Stored, Tracked, alloc_bytes, table_bytes};
 use super::zset::{Codec, Map, ZBatch, evaluate};
 
 /// What an aggregate computes.
@@ -474,8 +474,8 @@ impl Aggregate {
         Ok(())
     }
 
-    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
-        self.groups.save(w, delta);
+    pub(crate) fn parts<'a>(&'a mut self, out: &mut Vec<Part<'a>>) {
+        out.push(Part::Map(&mut self.groups));
     }
 
     pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
@@ -488,10 +488,6 @@ impl Aggregate {
 
     pub(crate) fn disk_bytes(&self) -> usize {
         self.groups.disk_bytes()
-    }
-
-    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
-        self.groups.forget_changes(spent);
     }
 
     /// Approximate bytes held.

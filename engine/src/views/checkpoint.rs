@@ -2,12 +2,13 @@
 //! under this node's id (`_quiver/nodes/<id>/views/`) off the maintainer thread.
 //!
 //! A chain is one full checkpoint and the deltas written on it (per view, only the
-//! state that changed). A restore reads the full checkpoint and merges its deltas in
+//! state that changed). The maintainer encodes a checkpoint a slice at a time between
+//! batches, so no pause grows with the state. A restore reads the full checkpoint and merges its deltas in
 //! order; a full checkpoint starts a new chain and deletes the old one's deltas.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use datafusion::common::DataFusionError;
 use futures::StreamExt;
@@ -15,38 +16,50 @@ use tracing::{info, warn};
 
 use super::codec::{Reader, Writer};
 use super::maintainer::{Maintainer, Running, update_gauges};
-use super::{MAGIC, ViewHost};
+use super::tracked::Part;
+use super::{MAGIC, ViewHost, ViewShared};
 
 impl Maintainer {
     /// Writes every view's state and positions to the store, then lets the WAL drop
-    /// what the checkpoint covers; returns once it is written.
+    /// what the checkpoint covers; returns once it is written. A checkpoint being
+    /// encoded is finished and written first.
     pub(super) fn checkpoint(&mut self) -> crate::Result<()> {
+        self.encode_all();
+        self.finish_checkpoint()?;
         self.start_checkpoint()?;
+        self.encode_all();
         self.finish_checkpoint()
     }
 
-    /// Starts a checkpoint: encodes every view's state and positions on this thread
-    /// (the only pause the views see), then writes it to the store on another thread,
-    /// after which the WAL may drop what it covers. One checkpoint is written at a time,
-    /// so an older one can never land over a newer one.
+    /// Starts a checkpoint: sets every view's changes aside at this point of the
+    /// WAL ([`Checkpointed::freeze`]), to be encoded a slice at a time between
+    /// batches ([`Maintainer::encode_slice`]) and then written to the store on
+    /// another thread, after which the WAL may drop what it covers. One checkpoint is
+    /// encoded or written at a time, so an older one can never land over a newer one.
     ///
     /// Checkpoints are deltas: per view, only the state that changed since the last
-    /// checkpoint, stored beside the last full one, so the pause grows with what
-    /// changed, not with the state. Only the first checkpoint, and one after a failed
-    /// write, is full and encoded here. Once the deltas add up to more than the full
-    /// one (or number `MAX_DELTAS`), the writer thread, after storing the delta,
-    /// compacts the chain: it restores the views from the stored files into state of
-    /// its own and writes them whole as the start of a new chain, while the views go
-    /// on (no checkpoint starts until it is done).
+    /// checkpoint, stored beside the last full one. A view not in the stored chain
+    /// yet (all of them, at the first checkpoint) has every key it holds among its
+    /// changes, so it is written whole the same way. Only after a failed write (the
+    /// changes it held are gone) is a full checkpoint encoded here in one go. Once the
+    /// deltas add up to more than the full one (or number `MAX_DELTAS`), the writer
+    /// thread, after storing the delta, compacts the chain: it restores the views
+    /// from the stored files into state of its own and writes them whole as the start
+    /// of a new chain, while the views go on (no checkpoint starts until it is done).
     pub(super) fn start_checkpoint(&mut self) -> crate::Result<()> {
         self.finish_checkpoint()?;
+        if self.slicing.is_some() {
+            return Ok(());
+        }
         let Some(host) = self.host() else {
             return Ok(());
         };
         let started = Instant::now();
+        let hold = Hold::start();
         let chain = &self.chain;
         // Compacting in the background failed often enough: encode a full one here.
-        let full = chain.base == 0 || chain.broken || chain.deltas >= 2 * MAX_DELTAS;
+        let whole = chain.broken || chain.deltas >= 2 * MAX_DELTAS;
+        let full = whole || chain.base == 0;
         let compact =
             !full && (chain.delta_bytes > chain.base_bytes || chain.deltas + 1 >= MAX_DELTAS);
         let (base, seq) = if full {
@@ -54,54 +67,226 @@ impl Maintainer {
         } else {
             (chain.base, chain.deltas + 1)
         };
-        let hint = if full {
-            self.chain.base_bytes.max(self.last_checkpoint_bytes)
-        } else {
-            self.last_checkpoint_bytes
+        self.dirty = false;
+        let mut cut = Cut {
+            base,
+            seq,
+            full,
+            compact,
+            floor: self.floor(),
+            stats: Slices {
+                started,
+                longest: Duration::ZERO,
+                longest_cpu: Duration::ZERO,
+                busy: Duration::ZERO,
+                count: 0,
+            },
         };
-        let (bytes, sizes) = encode_checkpoint(&self.views, hint + hint / 8, base, seq);
-        let encoded = started.elapsed();
-        let mut spent = Vec::new();
-        for run in &mut self.views {
-            let mut state = run.shared.state.write();
-            if let Some(node) = state.node.as_mut() {
-                node.forget_changes(&mut spent);
+        if whole {
+            let (bytes, sizes) = encode_checkpoint(&self.views, self.chain.base_bytes, base);
+            for run in &mut self.views {
+                let mut state = run.shared.state.write();
+                for part in state.parts() {
+                    if let Part::Map(map) = part {
+                        map.forget_all();
+                    }
+                }
+                drop(state);
+                run.in_chain = true;
+                update_gauges(&*host, run);
             }
-            state.output.forget_changes(&mut spent);
+            cut.stats.add(hold);
+            drop(host);
+            return self.write_checkpoint(vec![bytes], cut, sizes);
+        }
+        let mut head = Writer::default();
+        head.buf.extend_from_slice(MAGIC);
+        head.u64(base);
+        head.u64(seq);
+        head.u64(self.views.len() as u64);
+        let mut views = Vec::with_capacity(self.views.len());
+        for run in &mut self.views {
+            let mut w = Writer::default();
+            let mut state = run.shared.state.write();
+            view_head(&mut w, run, state.version, seq > 0 && run.in_chain);
+            let parts = state
+                .parts()
+                .into_iter()
+                .map(|part| match part {
+                    Part::Bytes(b) => Some(b),
+                    Part::Map(map) => {
+                        map.freeze();
+                        None
+                    }
+                })
+                .collect();
             drop(state);
             run.in_chain = true;
-            update_gauges(&*host, run);
+            views.push(Frozen {
+                shared: Arc::clone(&run.shared),
+                head: w.buf,
+                parts,
+            });
         }
-        let paused = started.elapsed();
-        self.last_checkpoint_bytes = bytes.len();
+        cut.stats.add(hold);
+        self.slicing = Some(Slicing {
+            cut,
+            head: head.buf,
+            views,
+            written: 0,
+        });
+        Ok(())
+    }
+
+    /// Encodes the checkpoint set aside by [`Maintainer::start_checkpoint`] for about
+    /// `SLICE`, and once all of it is encoded, hands it to the writer thread. The
+    /// maintainer calls it between batches while a checkpoint is being encoded.
+    pub(super) fn encode_slice(&mut self) {
+        self.encode(Some(Instant::now() + SLICE));
+    }
+
+    /// Encodes the checkpoint being encoded, if any, to the end, and has it written.
+    pub(super) fn encode_all(&mut self) {
+        self.encode(None);
+    }
+
+    fn encode(&mut self, deadline: Option<Instant>) {
+        let Some(slicing) = self.slicing.as_mut() else {
+            return;
+        };
+        let hold = Hold::start();
+        let mut done = true;
+        while slicing.written < slicing.views.len() {
+            let mut state = slicing.views[slicing.written].shared.state.write();
+            done = state.parts().into_iter().all(|part| match part {
+                Part::Map(map) => map.write_frozen(deadline),
+                Part::Bytes(_) => true,
+            });
+            drop(state);
+            if !done {
+                break;
+            }
+            slicing.written += 1;
+        }
+        slicing.cut.stats.add(hold);
+        if !done {
+            return;
+        }
+        let Some(slicing) = self.slicing.take() else {
+            return;
+        };
+        if let Err(e) = self.write_sliced(slicing) {
+            warn!(error = %e, "view checkpoint failed; will retry");
+            self.dirty = true;
+            self.chain.broken = true;
+            self.answer(Err(e.to_string()));
+        }
+    }
+
+    /// Answers those waiting for the checkpoint that just ended.
+    pub(super) fn answer(&mut self, result: Result<(), String>) {
+        for waiting in std::mem::take(&mut self.answering) {
+            let _ = waiting.send(result.clone().map_err(crate::Error::Config));
+        }
+    }
+
+    /// Gathers the encoded checkpoint (its buffers are moved, not copied) and starts
+    /// writing it.
+    fn write_sliced(&mut self, slicing: Slicing) -> crate::Result<()> {
+        let hold = Hold::start();
+        let Slicing {
+            mut cut,
+            head,
+            views,
+            ..
+        } = slicing;
+        let mut chunks = vec![head];
+        let mut sizes = Vec::with_capacity(views.len());
+        for view in views {
+            let mut body = Vec::new();
+            let mut state = view.shared.state.write();
+            let mut frozen = view.parts.into_iter();
+            for part in state.parts() {
+                match (part, frozen.next()) {
+                    (Part::Map(map), Some(None)) => {
+                        let (count, mut entries) =
+                            map.take_frozen().ok_or(crate::Error::Internal(
+                                "a view's state was replaced while its checkpoint was encoded",
+                            ))?;
+                        body.push(count.to_le_bytes().to_vec());
+                        body.append(&mut entries);
+                    }
+                    (Part::Bytes(_), Some(Some(bytes))) => body.push(bytes),
+                    _ => {
+                        return Err(crate::Error::Internal(
+                            "a view's operators changed while its checkpoint was encoded",
+                        ));
+                    }
+                }
+            }
+            drop(state);
+            let len: usize = body.iter().map(Vec::len).sum();
+            sizes.push((len, view.shared.name.clone()));
+            chunks.push(view.head);
+            chunks.push((len as u64).to_le_bytes().to_vec());
+            chunks.append(&mut body);
+        }
+        if let Some(host) = self.host() {
+            for run in &self.views {
+                update_gauges(&*host, run);
+            }
+        }
+        cut.stats.add(hold);
+        self.write_checkpoint(chunks, cut, largest(sizes))
+    }
+
+    /// Writes an encoded checkpoint to the store on another thread, then lets the WAL
+    /// drop what it covers and, with `compact`, compacts the chain.
+    fn write_checkpoint(
+        &mut self,
+        chunks: Vec<Vec<u8>>,
+        cut: Cut,
+        largest: String,
+    ) -> crate::Result<()> {
+        let Some(host) = self.host() else {
+            return Ok(());
+        };
+        let Cut {
+            base,
+            seq,
+            full,
+            compact,
+            floor,
+            stats,
+        } = cut;
+        let len: usize = chunks.iter().map(Vec::len).sum();
+        self.last_checkpoint_bytes = len;
         let file = if full {
             self.chain = Chain {
                 base,
-                base_bytes: bytes.len(),
+                base_bytes: len,
                 ..Chain::default()
             };
             checkpoint_file(host.node_id())
         } else {
             self.chain.deltas = seq;
-            self.chain.delta_bytes += bytes.len();
+            self.chain.delta_bytes += len;
             delta_file(host.node_id(), base, seq)
         };
-        let floor = self.floor();
         let views = self.views.len();
         let weak = Arc::clone(&self.host);
         drop(host);
-        self.dirty = false;
         let handle = std::thread::Builder::new()
             .name("quiver-views-checkpoint".into())
             .spawn(move || {
                 let Some(host) = weak.upgrade() else {
                     return Ok(None);
                 };
-                drop(spent);
-                let len = bytes.len();
                 let written = Instant::now();
                 let rt = host.query_runtime();
-                rt.block_on(put(&*host, &file, bytes))?;
+                let body: object_store::PutPayload =
+                    chunks.into_iter().map(bytes::Bytes::from).collect();
+                rt.block_on(put(&*host, &file, body))?;
                 *host.views().floor.write() = Some(floor);
                 if let Err(e) = host.truncate_wal() {
                     warn!(error = %e, "WAL truncation after a view checkpoint failed");
@@ -124,9 +309,9 @@ impl Maintainer {
                 };
                 let m = host.metrics();
                 m.view_checkpoint_seconds
-                    .observe(started.elapsed().as_secs_f64());
+                    .observe(stats.started.elapsed().as_secs_f64());
                 m.view_checkpoint_pause_seconds
-                    .observe(paused.as_secs_f64());
+                    .observe(stats.longest.as_secs_f64());
                 m.view_checkpoint_bytes.set(len as i64);
                 let kind = |kind: &str| crate::metrics::CheckpointLabel {
                     kind: kind.to_owned(),
@@ -141,12 +326,15 @@ impl Maintainer {
                     views,
                     bytes = len,
                     kind = if full { "full" } else { "delta" },
-                    pause_ms = paused.as_millis() as u64,
-                    encode_ms = encoded.as_millis() as u64,
+                    pause_ms = stats.longest.as_secs_f64() * 1e3,
+                    pause_cpu_ms = stats.longest_cpu.as_secs_f64() * 1e3,
+                    slices = stats.count,
+                    encode_ms = stats.busy.as_millis() as u64,
                     write_ms = written.elapsed().as_millis() as u64,
-                    largest = %sizes,
+                    largest = %largest,
                     "views checkpointed"
                 );
+                *host.views().last_checkpoint.lock() = Some(stats);
                 Ok(compacted)
             })
             .map_err(|e| {
@@ -167,7 +355,7 @@ impl Maintainer {
         let result = handle.join().unwrap_or(Err(crate::Error::Internal(
             "the view checkpoint writer panicked",
         )));
-        match result {
+        let result = match result {
             Ok(Some(chain)) => {
                 self.chain = chain;
                 Ok(())
@@ -179,8 +367,94 @@ impl Maintainer {
                 self.chain.broken = true;
                 Err(e)
             }
+        };
+        self.answer(result.as_ref().map_err(ToString::to_string).copied());
+        result
+    }
+}
+
+/// The longest a checkpoint's slices may hold the maintainer, about.
+pub(super) const SLICE: Duration = Duration::from_millis(2);
+
+/// Where a checkpoint goes in the chain, the WAL positions it covers, and how it
+/// has held the maintainer so far.
+struct Cut {
+    base: u64,
+    seq: u64,
+    full: bool,
+    /// The writer compacts the chain after storing it.
+    compact: bool,
+    floor: HashMap<String, u64>,
+    stats: Slices,
+}
+
+/// A checkpoint set aside at one point of the WAL and encoded a slice at a time.
+pub(super) struct Slicing {
+    cut: Cut,
+    /// The file's header.
+    head: Vec<u8>,
+    views: Vec<Frozen>,
+    /// Views whose parts are all encoded.
+    written: usize,
+}
+
+/// A view set aside for a checkpoint: the head of its entry in the file (name, SQL,
+/// version, positions), and per part of its state the bytes it had then, or None for
+/// a map (whose delta the map encodes).
+struct Frozen {
+    shared: Arc<ViewShared>,
+    head: Vec<u8>,
+    parts: Vec<Option<Vec<u8>>>,
+}
+
+/// How a checkpoint held the maintainer: its longest hold (in time, and in CPU time
+/// the thread spent in one hold, which leaves out the time the thread waited for a
+/// core), how many, and all of them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Slices {
+    pub(crate) started: Instant,
+    pub(crate) longest: Duration,
+    pub(crate) longest_cpu: Duration,
+    pub(crate) busy: Duration,
+    pub(crate) count: u32,
+}
+
+impl Slices {
+    fn add(&mut self, hold: Hold) {
+        let held = hold.wall.elapsed();
+        self.count += 1;
+        self.busy += held;
+        self.longest = self.longest.max(held);
+        let cpu = match (hold.cpu, thread_cpu()) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => held,
+        };
+        self.longest_cpu = self.longest_cpu.max(cpu);
+    }
+}
+
+/// One hold of the maintainer, from its start.
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    wall: Instant,
+    cpu: Option<Duration>,
+}
+
+impl Hold {
+    fn start() -> Self {
+        Self {
+            wall: Instant::now(),
+            cpu: thread_cpu(),
         }
     }
+}
+
+/// The CPU time this thread has run, where the system tells it
+/// (`/proc/thread-self/schedstat` on Linux; its first field is in nanoseconds).
+fn thread_cpu() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
 }
 
 /// Folds the stored chain `base` (the full checkpoint and its deltas) into a new full
@@ -209,6 +483,9 @@ fn compact_chain(
         rx: std::sync::mpsc::channel().1,
         dirty: false,
         writing: None,
+        asked: Vec::new(),
+        answering: Vec::new(),
+        slicing: None,
         last_checkpoint_bytes: 0,
         chain: Chain::default(),
         // Its state lives as long as one encode: it is not bounded.
@@ -223,7 +500,7 @@ fn compact_chain(
     }
     let next = new_chain_id(base);
     let hint = chain.base_bytes + chain.delta_bytes;
-    let (bytes, _) = encode_checkpoint(&shadow.views, hint, next, 0);
+    let (bytes, _) = encode_checkpoint(&shadow.views, hint, next);
     drop(shadow);
     let len = bytes.len();
     rt.block_on(put(host, &checkpoint_file(host.node_id()), bytes))?;
@@ -244,59 +521,60 @@ fn compact_chain(
     })
 }
 
-/// A checkpoint file's bytes: its chain and place in it (`seq` 0 is the full
-/// checkpoint), then every view's name, SQL, version, positions and state, the state
-/// as a delta where the view is already in the chain and `seq` is not 0. Also returns
-/// the three views whose state took the most bytes, for the log.
+/// A full checkpoint file's bytes: its chain, then every view's name, SQL,
+/// version, positions and whole state. Also names the three views whose state took
+/// the most bytes, for the log.
 pub(super) fn encode_checkpoint(
     views: &[Running],
     capacity: usize,
     base: u64,
-    seq: u64,
 ) -> (Vec<u8>, String) {
-    let mut sizes: Vec<(usize, &str)> = Vec::with_capacity(views.len());
+    let mut sizes = Vec::with_capacity(views.len());
     let mut w = Writer {
         buf: Vec::with_capacity(capacity),
     };
     w.buf.extend_from_slice(MAGIC);
     w.u64(base);
-    w.u64(seq);
+    w.u64(0);
     w.u64(views.len() as u64);
-    let mut body = Writer::default();
     for run in views {
-        w.str(&run.shared.name);
-        w.str(&run.shared.sql);
-        let state = run.shared.state.read();
-        w.u64(state.version);
-        w.u64(run.positions.len() as u64);
-        for (s, p) in &run.positions {
-            w.str(s);
-            w.u64(*p);
-        }
-        w.u64(u64::from(run.incremental));
-        let delta = seq > 0 && run.in_chain;
-        w.u64(u64::from(delta));
+        let mut state = run.shared.state.write();
+        view_head(&mut w, run, state.version, false);
         // The body is length-prefixed: reserve the prefix, write in place, fill it in.
         let at = w.buf.len();
         w.u64(0);
-        body.buf = std::mem::take(&mut w.buf);
-        if let Some(node) = &state.node {
-            node.save(&mut body, delta);
-        }
-        state.output.save(&mut body, delta);
-        w.buf = std::mem::take(&mut body.buf);
+        super::tracked::save_all(state.parts(), &mut w);
         let len = w.buf.len() - at - 8;
         w.buf[at..at + 8].copy_from_slice(&(len as u64).to_le_bytes());
-        sizes.push((len, &run.shared.name));
+        sizes.push((len, run.shared.name.clone()));
     }
+    (w.buf, largest(sizes))
+}
+
+/// A view's entry in a checkpoint file, up to its state: name, SQL, version,
+/// positions, whether it is maintained, and whether its state is a delta.
+fn view_head(w: &mut Writer, run: &Running, version: u64, delta: bool) {
+    w.str(&run.shared.name);
+    w.str(&run.shared.sql);
+    w.u64(version);
+    w.u64(run.positions.len() as u64);
+    for (s, p) in &run.positions {
+        w.str(s);
+        w.u64(*p);
+    }
+    w.u64(u64::from(run.incremental));
+    w.u64(u64::from(delta));
+}
+
+/// The three views whose state took the most bytes, for the log.
+fn largest(mut sizes: Vec<(usize, String)>) -> String {
     sizes.sort_unstable_by(|a, b| b.cmp(a));
-    let largest = sizes
+    sizes
         .iter()
         .take(3)
         .map(|(len, name)| format!("{name} {len}"))
         .collect::<Vec<_>>()
-        .join(", ");
-    (w.buf, largest)
+        .join(", ")
 }
 
 /// The checkpoint files in the store: a full checkpoint and the deltas written on it.
@@ -482,7 +760,11 @@ pub(super) async fn delete_other_chains(host: &dyn ViewHost, base: u64) -> crate
     Ok(())
 }
 
-pub(super) async fn put(host: &dyn ViewHost, rel: &str, body: Vec<u8>) -> crate::Result<()> {
+pub(super) async fn put(
+    host: &dyn ViewHost,
+    rel: &str,
+    body: impl Into<object_store::PutPayload>,
+) -> crate::Result<()> {
     use object_store::ObjectStoreExt;
     let store = host.store();
     store

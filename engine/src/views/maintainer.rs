@@ -38,6 +38,12 @@ pub(super) struct Maintainer {
     /// The checkpoint being written to the store, off this thread.
     /// A compacted checkpoint chain comes back from it.
     pub(super) writing: Option<std::thread::JoinHandle<crate::Result<Option<Chain>>>>,
+    /// The checkpoint being encoded, a slice after each batch, before it is written.
+    pub(super) slicing: Option<super::checkpoint::Slicing>,
+    /// Callers waiting for a checkpoint that has not started yet, and those waiting
+    /// for the one being encoded or written.
+    pub(super) asked: Vec<Answer>,
+    pub(super) answering: Vec<Answer>,
     /// The size of the last checkpoint, to size the next one's buffer at once.
     pub(super) last_checkpoint_bytes: usize,
     /// The checkpoint files in the store.
@@ -47,6 +53,9 @@ pub(super) struct Maintainer {
     /// When the state was last weighed against the limit.
     pub(super) bounded: Instant,
 }
+
+/// Where the result of a requested checkpoint goes.
+pub(super) type Answer = oneshot::Sender<crate::Result<()>>;
 
 impl Maintainer {
     pub(super) fn host(&self) -> Option<Host> {
@@ -72,9 +81,18 @@ impl Maintainer {
                 .map_or(next_checkpoint, |r| r.min(next_checkpoint))
                 .min(self.next_tick(&options.clock, now))
                 .max(now);
+            // A checkpoint being encoded goes on as soon as nothing else waits.
+            let wait = if self.slicing.is_some() {
+                Duration::ZERO
+            } else if self.writing.is_some() && !self.answering.is_empty() {
+                // Someone waits for the write: look at it often.
+                (deadline - now).min(Duration::from_millis(2))
+            } else {
+                deadline - now
+            };
             let msg = match held.take() {
                 Some(m) => Ok(m),
-                None => self.rx.recv_timeout(deadline - now),
+                None => self.rx.recv_timeout(wait),
             };
             match msg {
                 Ok(Msg::Event(first)) => {
@@ -113,10 +131,7 @@ impl Maintainer {
                 Ok(Msg::Explain { name, reply }) => {
                     let _ = reply.send(self.explain(&name));
                 }
-                Ok(Msg::Checkpoint { reply }) => {
-                    let _ = reply.send(self.checkpoint());
-                    last_checkpoint = Instant::now();
-                }
+                Ok(Msg::Checkpoint { reply }) => self.asked.push(reply),
                 Ok(Msg::Barrier { reply }) => {
                     let _ = reply.send(());
                 }
@@ -135,12 +150,13 @@ impl Maintainer {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // Temporal filters move with the clock, events or not.
-                    if self.views.iter().any(|v| v.temporal) {
+                    if Instant::now() >= deadline && self.views.iter().any(|v| v.temporal) {
                         self.apply_events(Vec::new());
                     }
                 }
             }
             let _ = self.bound_memory(false);
+            self.encode_slice();
             let now = Instant::now();
             if self
                 .views
@@ -154,8 +170,19 @@ impl Maintainer {
             {
                 warn!(error = %e, "view checkpoint failed; will retry");
             }
-            // A checkpoint still being written defers the next one rather than stall.
-            if now >= last_checkpoint + options.checkpoint_interval && self.writing.is_none() {
+            // A checkpoint still being encoded or written defers the next one rather
+            // than stall.
+            let idle = self.writing.is_none() && self.slicing.is_none();
+            if idle && !self.asked.is_empty() {
+                // Asked for: encoded in slices and written like any other, and answered
+                // once written.
+                self.answering = std::mem::take(&mut self.asked);
+                let started = self.start_checkpoint();
+                if started.is_err() || (self.writing.is_none() && self.slicing.is_none()) {
+                    self.answer(started.map_err(|e| e.to_string()));
+                }
+                last_checkpoint = Instant::now();
+            } else if idle && now >= last_checkpoint + options.checkpoint_interval {
                 if self.dirty
                     && let Err(e) = self.start_checkpoint()
                 {
@@ -406,6 +433,9 @@ impl Maintainer {
 
     /// Refills a view whose state can no longer be trusted, publishing the difference.
     pub(super) fn rebuild(&mut self, i: usize) {
+        // The operators are replaced: a checkpoint being encoded takes their changes
+        // first.
+        self.encode_all();
         let Some(host) = self.host() else { return };
         let sql = self.views[i].shared.sql.clone();
         let name = self.views[i].shared.name.clone();

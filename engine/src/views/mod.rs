@@ -277,6 +277,16 @@ impl Published {
         self.output.replace(&current, batch)
     }
 
+    /// What a checkpoint holds of the view: its operators' state, then its rows.
+    fn parts(&mut self) -> Vec<tracked::Part<'_>> {
+        let mut out = Vec::new();
+        if let Some(node) = self.node.as_mut() {
+            node.parts(&mut out);
+        }
+        self.output.parts(&mut out);
+        out
+    }
+
     /// The version after `applied`: one more when it changed anything.
     fn bump(&mut self, applied: &output::Applied) -> u64 {
         if !applied.is_empty() {
@@ -459,6 +469,8 @@ pub struct Views {
     changes: broadcast::Sender<Arc<ChangeSet>>,
     /// Per stream, the lowest WAL position a checkpointed view still needs replayed.
     floor: RwLock<Option<HashMap<String, u64>>>,
+    /// How the last checkpoint written held the maintainer.
+    last_checkpoint: Mutex<Option<checkpoint::Slices>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     options: ViewOptions,
     ordinals: std::sync::atomic::AtomicU64,
@@ -471,6 +483,7 @@ impl Views {
             registry: RwLock::new(BTreeMap::new()),
             changes: broadcast::channel(CHANGE_FEED_CAPACITY).0,
             floor: RwLock::new(None),
+            last_checkpoint: Mutex::new(None),
             thread: Mutex::new(None),
             options,
             ordinals: std::sync::atomic::AtomicU64::new(0),
@@ -533,6 +546,9 @@ impl Views {
                     rx,
                     dirty: false,
                     writing: None,
+                    asked: Vec::new(),
+                    answering: Vec::new(),
+                    slicing: None,
                     last_checkpoint_bytes: 0,
                     chain: Chain::default(),
                     spill,

@@ -8,7 +8,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Spent, Spillable, Stored, Tracked, alloc_bytes, table_bytes};
+use super::tracked::{Footprint, Part, Spillable, Stored, Tracked, alloc_bytes, table_bytes};
 
 /// A sort position and a row, as `DISTINCT ON` keeps per key.
 impl Footprint for (Bytes, Bytes) {
@@ -205,8 +205,8 @@ impl DistinctOn {
         Ok(())
     }
 
-    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
-        self.latest.save(w, delta);
+    pub(crate) fn parts<'a>(&'a mut self, out: &mut Vec<Part<'a>>) {
+        out.push(Part::Map(&mut self.latest));
     }
 
     pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
@@ -219,10 +219,6 @@ impl DistinctOn {
 
     pub(crate) fn disk_bytes(&self) -> usize {
         self.latest.disk_bytes()
-    }
-
-    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
-        self.latest.forget_changes(spent);
     }
 
     pub(crate) fn state_bytes(&self) -> usize {
@@ -246,10 +242,6 @@ struct Side {
 }
 
 impl Side {
-    fn save(&self, w: &mut Writer, delta: bool) {
-        self.rows.save(w, delta);
-    }
-
     fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
         self.rows.load(r, delta)
     }
@@ -454,19 +446,14 @@ impl Join {
         })
     }
 
-    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
-        self.left.save(w, delta);
-        self.right.save(w, delta);
+    pub(crate) fn parts<'a>(&'a mut self, out: &mut Vec<Part<'a>>) {
+        out.push(Part::Map(&mut self.left.rows));
+        out.push(Part::Map(&mut self.right.rows));
     }
 
     pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
         self.left.load(r, delta)?;
         self.right.load(r, delta)
-    }
-
-    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
-        self.left.rows.forget_changes(spent);
-        self.right.rows.forget_changes(spent);
     }
 
     pub(crate) fn maps(&mut self) -> Vec<&mut dyn Spillable> {

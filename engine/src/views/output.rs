@@ -8,7 +8,7 @@ use datafusion::common::Result;
 use tracing::warn;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Spent, Stored, Tracked, alloc_bytes};
+use super::tracked::{Footprint, Part, Stored, Tracked, alloc_bytes};
 use super::zset::{Codec, Map, ZBatch, decode_batch, row_codec};
 
 #[derive(Debug)]
@@ -384,13 +384,11 @@ impl Output {
         )
     }
 
-    /// Writes the rows: all of them, or with `delta` those changed since the last
-    /// [`Output::forget_changes`]. Nothing when the rows are not saved.
-    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
-        if self.mode != Rows::Saved {
-            return;
+    /// What a checkpoint holds of the rows: nothing when they are not saved.
+    pub(crate) fn parts<'a>(&'a mut self, out: &mut Vec<Part<'a>>) {
+        if self.mode == Rows::Saved {
+            out.push(Part::Map(&mut self.rows));
         }
-        self.rows.save(w, delta);
     }
 
     pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
@@ -409,9 +407,5 @@ impl Output {
             .map(|(k, s)| slot_bytes(k, s))
             .sum();
         Ok(())
-    }
-
-    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
-        self.rows.forget_changes(spent);
     }
 }

@@ -13,10 +13,10 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::agg::Aggregate;
-use super::codec::{Reader, Writer};
+use super::codec::Reader;
 use super::ops::{DistinctOn, Join};
 use super::temporal::{CLOCK, Temporal, clock_time};
-use super::tracked::{Spent, Spillable};
+use super::tracked::{Part, Spillable};
 use super::zset::{ZBatch, evaluate};
 
 mod compile;
@@ -359,33 +359,33 @@ impl Node {
         }
     }
 
-    /// Writes the state of every stateful operator, depth first: all of it, or with
-    /// `delta` what changed since the last [`Node::forget_changes`].
-    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
-        match &self.op {
+    /// What a checkpoint holds of every stateful operator, depth first, in the order
+    /// [`Node::load`] reads it.
+    pub(crate) fn parts<'a>(&'a mut self, out: &mut Vec<Part<'a>>) {
+        match &mut self.op {
             Op::Source { .. } => {}
-            Op::Filter { input, .. } | Op::Project { input, .. } => input.save(w, delta),
+            Op::Filter { input, .. } | Op::Project { input, .. } => input.parts(out),
             Op::Aggregate { input, agg } => {
-                input.save(w, delta);
-                agg.save(w, delta);
+                input.parts(out);
+                agg.parts(out);
             }
             Op::DistinctOn { input, op } => {
-                input.save(w, delta);
-                op.save(w, delta);
+                input.parts(out);
+                op.parts(out);
             }
             Op::Temporal { input, op, .. } => {
-                input.save(w, delta);
-                op.save(w, delta);
+                input.parts(out);
+                op.parts(out);
             }
             Op::Join { left, right, op } => {
-                left.save(w, delta);
-                right.save(w, delta);
-                op.save(w, delta);
+                left.parts(out);
+                right.parts(out);
+                op.parts(out);
             }
         }
     }
 
-    /// Reads what [`Node::save`] wrote; a delta is applied on the state held.
+    /// Reads what [`Node::parts`] wrote; a delta is applied on the state held.
     pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
         match &mut self.op {
             Op::Source { .. } => Ok(()),
@@ -406,31 +406,6 @@ impl Node {
                 left.load(r, delta)?;
                 right.load(r, delta)?;
                 op.load(r, delta)
-            }
-        }
-    }
-
-    /// A checkpoint has taken the changes: every operator starts counting again.
-    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
-        match &mut self.op {
-            Op::Source { .. } => {}
-            Op::Filter { input, .. } | Op::Project { input, .. } => input.forget_changes(spent),
-            Op::Aggregate { input, agg } => {
-                input.forget_changes(spent);
-                agg.forget_changes(spent);
-            }
-            Op::DistinctOn { input, op } => {
-                input.forget_changes(spent);
-                op.forget_changes(spent);
-            }
-            Op::Temporal { input, op, .. } => {
-                input.forget_changes(spent);
-                op.forget_changes(spent);
-            }
-            Op::Join { left, right, op } => {
-                left.forget_changes(spent);
-                right.forget_changes(spent);
-                op.forget_changes(spent);
             }
         }
     }

@@ -26,7 +26,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Spent, Stored, Tracked, alloc_bytes};
+use super::tracked::{Footprint, Part, Stored, Tracked, alloc_bytes};
 use super::zset::{Codec, Map, ZBatch, decode_batch};
 
 /// The name of the clock as a source: its change is one row, the time now in
@@ -474,13 +474,12 @@ impl Temporal {
         )?))
     }
 
-    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
-        w.i64(self.now);
-        if self.keyed.is_some() {
-            // Rebuilt from the rows below on restore.
-            return;
+    pub(crate) fn parts<'a>(&'a mut self, out: &mut Vec<Part<'a>>) {
+        out.push(Part::Bytes(self.now.to_le_bytes().to_vec()));
+        // Keyed, the spans are rebuilt from the rows below on restore.
+        if self.keyed.is_none() {
+            out.push(Part::Map(&mut self.rows));
         }
-        self.rows.save(w, delta);
     }
 
     pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
@@ -496,10 +495,6 @@ impl Temporal {
             .map(|(row, s)| (if s.from > now { s.from } else { s.until }, row.clone()))
             .collect();
         Ok(())
-    }
-
-    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
-        self.rows.forget_changes(spent);
     }
 
     /// Keyed: what is kept, computed again from `rows`, the whole state of the operator
@@ -704,7 +699,9 @@ mod tests {
             .unwrap();
         // A checkpoint and restore keep what is due.
         let mut w = Writer::default();
-        op.save(&mut w, false);
+        let mut parts = Vec::new();
+        op.parts(&mut parts);
+        crate::views::tracked::save_all(parts, &mut w);
         let mut restored = window();
         restored.load(&mut Reader::new(&w.buf), false).unwrap();
         assert_eq!(restored.kept(), 2);

@@ -3,13 +3,17 @@
 //! every entry. Writing a view of millions of rows then costs what changed since the
 //! last checkpoint, not the view's size, and the maintainer's pause stays short.
 //!
+//! A delta is written a slice at a time between batches ([`Tracked::freeze`]): the
+//! changed keys are set aside, the maintainer writes some of them after each batch,
+//! and a key changed again before its turn is written first, as it was (copy on
+//! write). The checkpoint holds the map as it was at the freeze, and no pause of the
+//! maintainer grows with what changed.
+//!
 //! Past the views' memory limit, entries move to disk ([`super::spill`]): the map
 //! keeps two generations in memory, `young` (used since the last eviction round
 //! started on this map) and `old`, and a round moves `old` entries to disk. Using an
 //! `old` entry moves it back to `young`, so entries in use stay in memory. Reaching for
 //! a key on disk reads it back into `young`. A key lives in exactly one place.
-
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use datafusion::common::Result;
 
@@ -56,18 +60,36 @@ const MIN_AGE: std::time::Duration = std::time::Duration::from_secs(10);
 /// it weighs that many and scales (the set is in no order, so they are a fair sample).
 const WEIGHED: usize = 4096;
 
+/// A set of keys that gives any one of them up at once ([`IndexSet::pop`]), so a
+/// delta can be written a few keys at a time without a cursor.
+pub(crate) type Keys = indexmap::IndexSet<Box<[u8]>, foldhash::fast::RandomState>;
+
+/// A delta being written a slice at a time: the keys still to write, and the entries
+/// written so far (`key, present, [value]` each), in buffers of about `CHUNK` bytes
+/// (one growing buffer would copy itself over and over, some copies inside a slice).
+#[derive(Debug, Default)]
+struct Frozen {
+    pending: Keys,
+    out: Writer,
+    full: Vec<Vec<u8>>,
+    count: u64,
+}
+
+/// The size of the buffers a delta is written into.
+const CHUNK: usize = 1 << 20;
+
 /// A map from encoded keys to state, with the keys changed since the last save.
 #[derive(Debug)]
 pub(crate) struct Tracked<V: Stored> {
     young: Map<Box<[u8]>, V>,
     old: Map<Box<[u8]>, V>,
-    changed: Map<Box<[u8]>, ()>,
-    /// The footprint of the entries in memory whose keys are not in `changed`, so the
-    /// whole footprint costs what changed to compute, not the map's size.
+    changed: Keys,
+    /// The delta being written, if any. No key is both in it and in `changed`.
+    frozen: Option<Frozen>,
+    /// The footprint of the entries in memory whose keys are neither in `changed` nor
+    /// waiting in `frozen`, so the whole footprint costs what changed to compute, not
+    /// the map's size.
     settled: usize,
-    /// The footprint of the entries the last save wrote, and whether it wrote all.
-    saved: AtomicUsize,
-    saved_full: AtomicBool,
     /// False: nothing is checkpointed from this map, so changes are not remembered
     /// (and the footprint is not kept either).
     track: bool,
@@ -81,9 +103,6 @@ pub(crate) struct Tracked<V: Stored> {
     rotated: Option<std::time::Instant>,
 }
 
-/// Changed-key sets a checkpoint has taken, to be freed off the maintainer thread.
-pub(crate) type Spent = Vec<Map<Box<[u8]>, ()>>;
-
 impl<V: Stored> Default for Tracked<V> {
     fn default() -> Self {
         Self::with_ctx(V::Ctx::default())
@@ -96,10 +115,9 @@ impl<V: Stored> Tracked<V> {
         Self {
             young: Map::default(),
             old: Map::default(),
-            changed: Map::default(),
+            changed: Keys::default(),
+            frozen: None,
             settled: 0,
-            saved: AtomicUsize::new(0),
-            saved_full: AtomicBool::new(false),
             track: true,
             ctx,
             cold: None,
@@ -123,7 +141,10 @@ impl<V: Stored> Tracked<V> {
     pub(crate) fn table_bytes(&self) -> usize {
         table_bytes::<(Box<[u8]>, V)>(self.young.capacity())
             + table_bytes::<(Box<[u8]>, V)>(self.old.capacity())
-            + table_bytes::<(Box<[u8]>, ())>(self.changed.capacity())
+            + set_bytes(self.changed.capacity())
+            + self.frozen.as_ref().map_or(0, |f| {
+                set_bytes(f.pending.capacity()) + f.out.buf.capacity()
+            })
             + self
                 .cold
                 .as_ref()
@@ -141,6 +162,12 @@ pub(crate) fn table_bytes<T>(capacity: usize) -> usize {
     slots * (std::mem::size_of::<T>() + 1)
 }
 
+/// The bytes of a [`Keys`] set that can hold `capacity` keys: its entries (hash and
+/// key) and its table of their indexes.
+fn set_bytes(capacity: usize) -> usize {
+    capacity * std::mem::size_of::<(usize, Box<[u8]>)>() + table_bytes::<usize>(capacity)
+}
+
 /// What the allocator adds to an allocation of `len` bytes, on average (jemalloc's
 /// size classes round a small request up by an eighth to a quarter).
 pub(crate) fn alloc_bytes(len: usize) -> usize {
@@ -154,12 +181,52 @@ fn entry_bytes<V: Footprint>(key: &[u8], value: &V) -> usize {
 impl<V: Stored> Tracked<V> {
     /// Counts `key` as changed. True the first time since the last checkpoint: the
     /// caller then takes the entry's old footprint out of the settled one.
-    fn mark(track: bool, changed: &mut Map<Box<[u8]>, ()>, key: &[u8]) -> bool {
-        if !track || changed.contains_key(key) {
+    fn mark(track: bool, changed: &mut Keys, key: &[u8]) -> bool {
+        if !track || changed.contains(key) {
             return false;
         }
-        changed.insert(key.into(), ());
+        changed.insert(key.into());
         true
+    }
+
+    /// Whether the footprint of `key`'s entry is counted apart from the settled one:
+    /// the key changed, or waits to be written in a delta.
+    fn apart(changed: &Keys, frozen: Option<&Frozen>, key: &[u8]) -> bool {
+        changed.contains(key) || frozen.is_some_and(|f| f.pending.contains(key))
+    }
+
+    /// Before `key`'s entry changes: if a delta still has to write it, it is written
+    /// now, as it was at the freeze.
+    fn thaw(&mut self, key: &[u8]) {
+        if let Some(mut frozen) = self.frozen.take() {
+            if frozen.pending.swap_remove(key) {
+                self.write_entry(&mut frozen, key);
+            }
+            self.frozen = Some(frozen);
+        }
+    }
+
+    /// Writes `key`'s entry as it is into a delta (which no longer holds the key), and
+    /// counts its footprint as settled again.
+    fn write_entry(&mut self, frozen: &mut Frozen, key: &[u8]) {
+        let w = &mut frozen.out;
+        frozen.count += 1;
+        w.bytes(key);
+        if let Some(v) = self.get_held(key) {
+            w.u64(1);
+            v.encode(w);
+            self.settled += entry_bytes(key, v);
+        } else if let Some(bytes) = self.cold.as_ref().and_then(|c| c.get(key)) {
+            // The spill file holds the value as `encode` wrote it.
+            w.u64(1);
+            w.buf.extend_from_slice(&bytes);
+        } else {
+            w.u64(0);
+        }
+        if w.buf.len() >= CHUNK {
+            let next = Vec::with_capacity(CHUNK + CHUNK / 4);
+            frozen.full.push(std::mem::replace(&mut w.buf, next));
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -208,7 +275,7 @@ impl<V: Stored> Tracked<V> {
         if let Some(cold) = self.cold.as_mut() {
             cold.shadow(key);
         }
-        if self.track && !self.changed.contains_key(key) {
+        if self.track && !Self::apart(&self.changed, self.frozen.as_ref(), key) {
             self.settled += entry_bytes(key, &value);
         }
         self.young.insert(key.into(), value);
@@ -224,6 +291,7 @@ impl<V: Stored> Tracked<V> {
         if !self.fetch(key) {
             return None;
         }
+        self.thaw(key);
         let value = self.young.get_mut(key)?;
         if Self::mark(self.track, &mut self.changed, key) {
             self.settled -= entry_bytes(key, value);
@@ -233,6 +301,7 @@ impl<V: Stored> Tracked<V> {
 
     pub(crate) fn insert(&mut self, key: Box<[u8]>, value: V) {
         self.fetch(&key);
+        self.thaw(&key);
         let first = Self::mark(self.track, &mut self.changed, &key);
         let len = key.len();
         if let Some(old) = self.young.insert(key, value)
@@ -246,6 +315,7 @@ impl<V: Stored> Tracked<V> {
         if !self.fetch(key) {
             return None;
         }
+        self.thaw(key);
         let value = self.young.remove(key)?;
         if Self::mark(self.track, &mut self.changed, key) {
             self.settled -= entry_bytes(key, &value);
@@ -274,52 +344,9 @@ impl<V: Stored> Tracked<V> {
         Ok(())
     }
 
-    /// Writes every entry, or with `delta` only the changed keys (a removed key as
-    /// absent). Either way: a count, then `key, present, [value]` per entry.
-    pub(crate) fn save(&self, w: &mut Writer, delta: bool) {
-        let mut present = 0;
-        let held = |key: &[u8]| {
-            self.young
-                .get(key)
-                .or_else(|| self.old.get(key))
-                .map(|v| entry_bytes(key, v))
-        };
-        if delta {
-            w.u64(self.changed.len() as u64);
-            for key in self.changed.keys() {
-                w.bytes(key);
-                match self.get(key) {
-                    Some(v) => {
-                        w.u64(1);
-                        v.encode(w);
-                        present += held(key).unwrap_or(0);
-                    }
-                    None => w.u64(0),
-                }
-            }
-        } else {
-            w.u64(self.len() as u64);
-            // Reading the disk cannot fail short of a broken file, which stops the
-            // process (see `spill`); a value that does not decode is a bug.
-            let written = self.for_each(|key, v| {
-                w.bytes(key);
-                w.u64(1);
-                v.encode(w);
-                present += held(key).unwrap_or(0);
-                Ok(())
-            });
-            if let Err(e) = written {
-                panic!("view state could not be listed for a checkpoint: {e}");
-            }
-        }
-        // Counted here, where each entry is at hand, so that forgetting the changes
-        // need not look every changed key up again.
-        self.saved.store(present, Ordering::Relaxed);
-        self.saved_full.store(!delta, Ordering::Relaxed);
-    }
-
-    /// Reads what [`Tracked::save`] wrote: a full save replaces every entry, a delta
-    /// is applied on top of what is held. Nothing counts as changed afterwards.
+    /// Reads what a checkpoint holds of the map ([`Checkpointed`]): a full save
+    /// replaces every entry, a delta is applied on top of what is held. Nothing counts
+    /// as changed afterwards.
     pub(crate) fn load(&mut self, r: &mut Reader<'_>, delta: bool) -> Result<()> {
         if !delta {
             self.young.clear();
@@ -337,40 +364,43 @@ impl<V: Stored> Tracked<V> {
             }
         }
         self.changed.clear();
+        self.frozen = None;
+        self.settle_all();
+        Ok(())
+    }
+
+    /// Counts every entry in memory as settled (nothing changed).
+    fn settle_all(&mut self) {
         self.settled = self
             .young
             .iter()
             .chain(self.old.iter())
             .map(|(k, v)| entry_bytes(k, v))
             .sum();
-        Ok(())
-    }
-
-    /// After a checkpoint has saved the changes: start counting again. The taken set
-    /// goes to `spent`, to be freed elsewhere (a million keys take a while to free).
-    pub(crate) fn forget_changes(&mut self, spent: &mut Spent) {
-        let saved = *self.saved.get_mut();
-        self.settled = if *self.saved_full.get_mut() {
-            saved
-        } else {
-            self.settled + saved
-        };
-        spent.push(std::mem::take(&mut self.changed));
     }
 
     /// Approximate bytes held in memory: the tables, every entry's footprint, and the
-    /// changed keys. Costs at most `WEIGHED` lookups, not the map's size.
+    /// changed keys. Costs at most `WEIGHED` lookups per set of keys, not the map's
+    /// size.
     pub(crate) fn footprint(&self) -> usize {
         debug_assert!(self.track, "an untracked map keeps no footprint");
-        let weigh =
-            |k: &[u8]| alloc_bytes(k.len()) + self.get_held(k).map_or(0, |v| entry_bytes(k, v));
-        let changed = if self.changed.len() <= WEIGHED {
-            self.changed.keys().map(|k| weigh(k)).sum::<usize>()
-        } else {
-            let sample: usize = self.changed.keys().take(WEIGHED).map(|k| weigh(k)).sum();
-            sample / WEIGHED * self.changed.len()
+        let weigh = |keys: &Keys| {
+            let one =
+                |k: &[u8]| alloc_bytes(k.len()) + self.get_held(k).map_or(0, |v| entry_bytes(k, v));
+            if keys.len() <= WEIGHED {
+                keys.iter().map(|k| one(k)).sum::<usize>()
+            } else {
+                // Spread over the set: its order is the order keys came in.
+                let step = keys.len() / WEIGHED;
+                let sample: usize = (0..WEIGHED)
+                    .filter_map(|i| keys.get_index(i * step))
+                    .map(|k| one(k))
+                    .sum();
+                sample / WEIGHED * keys.len()
+            }
         };
-        self.table_bytes() + self.settled + changed
+        let frozen = self.frozen.as_ref().map_or(0, |f| weigh(&f.pending));
+        self.table_bytes() + self.settled + weigh(&self.changed) + frozen
     }
 
     /// Bytes of keys and values on disk.
@@ -425,7 +455,7 @@ impl<V: Stored> Spillable for Tracked<V> {
         for (key, value) in self.old.extract_if(|_, _| true) {
             let bytes = entry_bytes(&key, &value);
             freed += bytes;
-            if self.track && !self.changed.contains_key(&key) {
+            if self.track && !Self::apart(&self.changed, self.frozen.as_ref(), &key) {
                 self.limbo_settled += bytes;
             }
             self.limbo.push((key, value));
@@ -470,6 +500,110 @@ impl<V: Stored> Spillable for Tracked<V> {
     }
 }
 
+/// Operator state a checkpoint holds, whatever its values. Either way a map is
+/// written as a count, then `key, present, [value]` per entry.
+pub(crate) trait Checkpointed {
+    /// Writes every entry (a full checkpoint).
+    fn save_all(&self, w: &mut Writer);
+    /// After [`Checkpointed::save_all`] by the maintainer: nothing counts as changed.
+    fn forget_all(&mut self);
+    /// Starts a delta: the keys changed since the last one are set aside, to be
+    /// written as they are now; changes from here on go to the next delta.
+    fn freeze(&mut self);
+    /// Writes set-aside entries until `deadline` (none: all of them). True once
+    /// none is left.
+    fn write_frozen(&mut self, deadline: Option<std::time::Instant>) -> bool;
+    /// The delta, once written: its count and its entries (in several buffers).
+    /// None if none was frozen.
+    fn take_frozen(&mut self) -> Option<(u64, Vec<Vec<u8>>)>;
+}
+
+/// What a checkpoint holds of a view, in the order it is read back: bytes written as
+/// they are, and maps.
+pub(crate) enum Part<'a> {
+    Bytes(Vec<u8>),
+    Map(&'a mut dyn Checkpointed),
+}
+
+/// Writes `parts` whole, as a full checkpoint holds them.
+pub(crate) fn save_all(parts: Vec<Part<'_>>, w: &mut Writer) {
+    for part in parts {
+        match part {
+            Part::Bytes(b) => w.buf.extend_from_slice(&b),
+            Part::Map(map) => map.save_all(w),
+        }
+    }
+}
+
+/// Entries a slice writes between looks at the clock.
+const BETWEEN_LOOKS: usize = 16;
+
+impl<V: Stored> Checkpointed for Tracked<V> {
+    fn save_all(&self, w: &mut Writer) {
+        w.u64(self.len() as u64);
+        // Reading the disk cannot fail short of a broken file, which stops the
+        // process (see `spill`); a value that does not decode is a bug.
+        let written = self.for_each(|key, v| {
+            w.bytes(key);
+            w.u64(1);
+            v.encode(w);
+            Ok(())
+        });
+        if let Err(e) = written {
+            panic!("view state could not be listed for a checkpoint: {e}");
+        }
+    }
+
+    fn forget_all(&mut self) {
+        self.changed = Keys::default();
+        self.frozen = None;
+        self.settle_all();
+    }
+
+    fn freeze(&mut self) {
+        debug_assert!(self.frozen.is_none(), "a delta is still being written");
+        self.frozen = Some(Frozen {
+            pending: std::mem::take(&mut self.changed),
+            ..Frozen::default()
+        });
+    }
+
+    fn write_frozen(&mut self, deadline: Option<std::time::Instant>) -> bool {
+        let Some(mut frozen) = self.frozen.take() else {
+            return true;
+        };
+        let done = loop {
+            let mut left = true;
+            for _ in 0..BETWEEN_LOOKS {
+                let Some(key) = frozen.pending.pop() else {
+                    left = false;
+                    break;
+                };
+                self.write_entry(&mut frozen, &key);
+            }
+            if !left {
+                break true;
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                break false;
+            }
+        };
+        if done {
+            // The set's table is freed now, not at the next freeze.
+            frozen.pending = Keys::default();
+        }
+        self.frozen = Some(frozen);
+        done
+    }
+
+    fn take_frozen(&mut self) -> Option<(u64, Vec<Vec<u8>>)> {
+        let mut frozen = self.frozen.take()?;
+        debug_assert!(frozen.pending.is_empty(), "the delta is not written yet");
+        frozen.full.push(frozen.out.buf);
+        Some((frozen.count, frozen.full))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,9 +624,21 @@ mod tests {
         }
     }
 
-    fn save(t: &Tracked<i64>, delta: bool) -> Vec<u8> {
+    /// A checkpoint of `t`: whole, or a delta (frozen, then written in slices of
+    /// no time at all, so one look at the clock per `BETWEEN_LOOKS` entries).
+    fn save(t: &mut Tracked<i64>, delta: bool) -> Vec<u8> {
         let mut w = Writer::default();
-        t.save(&mut w, delta);
+        if delta {
+            t.freeze();
+            let past = std::time::Instant::now();
+            while !t.write_frozen(Some(past)) {}
+            let (count, entries) = t.take_frozen().unwrap();
+            w.u64(count);
+            w.buf.extend_from_slice(&entries.concat());
+        } else {
+            t.save_all(&mut w);
+            t.forget_all();
+        }
         w.buf
     }
 
@@ -519,20 +665,17 @@ mod tests {
         for i in 0..100u8 {
             live.insert(vec![i].into(), i64::from(i));
         }
-        let base = save(&live, false);
-        live.forget_changes(&mut Vec::new());
+        let base = save(&mut live, false);
         // Changes: updates, removals, new keys, and a key removed then added again.
         *live.get_mut(&[3]).unwrap() += 1000;
         live.remove(&[4]);
         live.insert(vec![200].into(), 7);
         live.remove(&[5]);
         live.insert(vec![5].into(), 55);
-        let d1 = save(&live, true);
-        live.forget_changes(&mut Vec::new());
+        let d1 = save(&mut live, true);
         live.remove(&[200]);
         *live.get_mut(&[6]).unwrap() = -6;
-        let d2 = save(&live, true);
-        live.forget_changes(&mut Vec::new());
+        let d2 = save(&mut live, true);
 
         let mut restored = Tracked::default();
         load(&mut restored, &base, false);
@@ -554,16 +697,95 @@ mod tests {
         assert!(live.table_bytes() >= live.len() * (std::mem::size_of::<(Box<[u8]>, i64)>() + 1));
     }
 
+    /// Footprint kept up to date, against one counted from scratch (besides the
+    /// tables, whose capacity depends on how the map grew).
+    fn footprint_is_exact(t: &Tracked<i64>) {
+        let mut counted = 0;
+        for (k, v) in t.young.iter().chain(t.old.iter()) {
+            if !Tracked::<i64>::apart(&t.changed, t.frozen.as_ref(), k) {
+                counted += entry_bytes(k, v);
+            }
+        }
+        assert_eq!(t.settled, counted, "settled footprint drifted");
+    }
+
+    /// A delta written in slices while the map keeps changing holds the map as it was
+    /// at the freeze: a key changed before its turn is written first, as it was.
+    #[test]
+    fn a_delta_written_in_slices_holds_the_map_as_it_was_at_the_freeze() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = Spill::create(dir.path(), 1 << 20).unwrap();
+        let mut live = Tracked::default();
+        for i in 0..2000u32 {
+            live.insert(key(i), i64::from(i));
+        }
+        let base = save(&mut live, false);
+        // Changes, some of them then moved to disk.
+        for i in (0..2000u32).step_by(3) {
+            *live.get_mut(&key(i)).unwrap() += 1;
+        }
+        for i in (1..2000u32).step_by(50) {
+            live.remove(&key(i));
+        }
+        round(&mut live, &spill, usize::MAX, true);
+        round(&mut live, &spill, usize::MAX, true);
+        assert!(live.disk_bytes() > 0);
+        let at_freeze = entries(&live);
+
+        live.freeze();
+        // A few slices, changes between them: updates, removals, re-insertions and
+        // new keys, on keys the delta has and has not written yet.
+        let mut slices = 0;
+        let mut i = 0u32;
+        while !live.write_frozen(Some(std::time::Instant::now())) {
+            slices += 1;
+            for _ in 0..37 {
+                let k = key(i % 2100);
+                match i % 4 {
+                    0 => {
+                        if let Some(v) = live.get_mut(&k) {
+                            *v -= 1000;
+                        }
+                    }
+                    1 => {
+                        live.remove(&k);
+                    }
+                    2 => live.insert(k, -7),
+                    _ => live.insert(key(10_000 + i), 1),
+                }
+                i += 7;
+            }
+            footprint_is_exact(&live);
+        }
+        assert!(slices > 10, "{slices} slices");
+        let (count, entries1) = live.take_frozen().unwrap();
+        let mut d1 = Writer::default();
+        d1.u64(count);
+        d1.buf.extend_from_slice(&entries1.concat());
+        let d2 = save(&mut live, true);
+        footprint_is_exact(&live);
+
+        let mut restored = Tracked::default();
+        load(&mut restored, &base, false);
+        load(&mut restored, &d1.buf, true);
+        assert_eq!(
+            entries(&restored),
+            at_freeze,
+            "the delta is not the map at the freeze"
+        );
+        load(&mut restored, &d2, true);
+        assert_eq!(entries(&restored), entries(&live));
+    }
+
     #[test]
     fn reading_without_changing_marks_nothing() {
         let mut t = Tracked::default();
         t.insert(vec![1].into(), 1);
-        save(&t, false);
-        t.forget_changes(&mut Vec::new());
+        save(&mut t, false);
         assert!(t.get(&[1]).is_some());
         assert!(t.get_mut(&[9]).is_none());
         assert!(t.remove(&[9]).is_none());
-        let delta = save(&t, true);
+        let delta = save(&mut t, true);
         let mut r = Reader::new(&delta);
         assert_eq!(r.u64().unwrap(), 0);
     }
@@ -602,8 +824,7 @@ mod tests {
             live.insert(key(i), i64::from(i));
             model.insert(key(i).to_vec(), i64::from(i));
         }
-        let base = save(&live, false);
-        live.forget_changes(&mut Vec::new());
+        let base = save(&mut live, false);
         let all = live.footprint();
 
         // About half goes to disk; everything is still there.
@@ -653,15 +874,14 @@ mod tests {
         }
 
         // A delta saved with the changes on disk rebuilds the map on the base.
-        let delta = save(&live, true);
-        live.forget_changes(&mut Vec::new());
+        let delta = save(&mut live, true);
         let mut restored = Tracked::default();
         load(&mut restored, &base, false);
         load(&mut restored, &delta, true);
         assert_eq!(entries(&restored), entries(&live));
         // So does a full save, read from disk.
         let mut whole = Tracked::default();
-        load(&mut whole, &save(&live, false), false);
+        load(&mut whole, &save(&mut live, false), false);
         assert_eq!(entries(&whole), entries(&live));
         // Memory is what is in memory: the footprint of entries on disk is gone.
         assert!(live.footprint() < all / 4, "{} of {all}", live.footprint());
