@@ -242,6 +242,16 @@ async fn main() -> anyhow::Result<()> {
         "view checkpoint (every view, to the store): {:.2} s",
         t.elapsed().as_secs_f64()
     );
+    if let Some(h) = engine.views().last_checkpoint_holds() {
+        println!(
+            "  it held the maintainer {} times, {:.0} ms in all, the longest {:.2} ms ({}; {:.2} ms of CPU at most)",
+            h.count,
+            h.busy.as_secs_f64() * 1e3,
+            h.longest.as_secs_f64() * 1e3,
+            h.longest_at,
+            h.longest_cpu.as_secs_f64() * 1e3
+        );
+    }
 
     // Recompute: each view's SQL from the streams, its inputs inlined.
     let infos = engine.views().views_info();

@@ -36,5 +36,7 @@ pub use query::{Prepared, QueryError, QueryOptions, QuerySession, QuiverDdl, bin
 pub use schema::{ColumnDef, ColumnType, Rule, StreamSchema};
 pub use store::Store;
 pub use table::{TableAt, TableOptions};
-pub use views::{ChangeSet, Maintenance, ViewInfo, ViewOptions, ViewSnapshot, Views};
+pub use views::{
+    ChangeSet, CheckpointHolds, Maintenance, ViewInfo, ViewOptions, ViewSnapshot, Views,
+};
 pub use wal::WalOptions;

@@ -78,6 +78,7 @@ impl Maintainer {
                 started,
                 longest: Duration::ZERO,
                 longest_cpu: Duration::ZERO,
+                longest_at: "",
                 busy: Duration::ZERO,
                 count: 0,
             },
@@ -95,7 +96,7 @@ impl Maintainer {
                 run.in_chain = true;
                 update_gauges(&*host, run);
             }
-            cut.stats.add(hold);
+            cut.stats.add(hold, "whole");
             drop(host);
             return self.write_checkpoint(vec![bytes], cut, sizes);
         }
@@ -128,7 +129,7 @@ impl Maintainer {
                 parts,
             });
         }
-        cut.stats.add(hold);
+        cut.stats.add(hold, "freeze");
         self.slicing = Some(Slicing {
             cut,
             head: head.buf,
@@ -168,7 +169,7 @@ impl Maintainer {
             }
             slicing.written += 1;
         }
-        slicing.cut.stats.add(hold);
+        slicing.cut.stats.add(hold, "slice");
         if !done {
             return;
         }
@@ -231,12 +232,8 @@ impl Maintainer {
             chunks.push((len as u64).to_le_bytes().to_vec());
             chunks.append(&mut body);
         }
-        if let Some(host) = self.host() {
-            for run in &self.views {
-                update_gauges(&*host, run);
-            }
-        }
-        cut.stats.add(hold);
+        // The state gauges follow at the next weighing (`bound_memory`).
+        cut.stats.add(hold, "gather");
         self.write_checkpoint(chunks, cut, largest(sizes))
     }
 
@@ -328,6 +325,7 @@ impl Maintainer {
                     kind = if full { "full" } else { "delta" },
                     pause_ms = stats.longest.as_secs_f64() * 1e3,
                     pause_cpu_ms = stats.longest_cpu.as_secs_f64() * 1e3,
+                    pause_at = stats.longest_at,
                     slices = stats.count,
                     encode_ms = stats.busy.as_millis() as u64,
                     write_ms = written.elapsed().as_millis() as u64,
@@ -411,20 +409,25 @@ struct Frozen {
 /// the thread spent in one hold, which leaves out the time the thread waited for a
 /// core), how many, and all of them.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Slices {
-    pub(crate) started: Instant,
-    pub(crate) longest: Duration,
-    pub(crate) longest_cpu: Duration,
-    pub(crate) busy: Duration,
-    pub(crate) count: u32,
+pub struct Slices {
+    pub started: Instant,
+    pub longest: Duration,
+    pub longest_cpu: Duration,
+    /// Which part of the checkpoint the longest hold was.
+    pub longest_at: &'static str,
+    pub busy: Duration,
+    pub count: u32,
 }
 
 impl Slices {
-    fn add(&mut self, hold: Hold) {
+    fn add(&mut self, hold: Hold, what: &'static str) {
         let held = hold.wall.elapsed();
         self.count += 1;
         self.busy += held;
-        self.longest = self.longest.max(held);
+        if held > self.longest {
+            self.longest = held;
+            self.longest_at = what;
+        }
         let cpu = match (hold.cpu, thread_cpu()) {
             (Some(a), Some(b)) => b.saturating_sub(a),
             _ => held,

@@ -28,6 +28,8 @@ mod temporal;
 mod tracked;
 mod zset;
 
+pub use checkpoint::Slices as CheckpointHolds;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -650,6 +652,12 @@ impl Views {
         }
         rx.await
             .map_err(|_| crate::Error::Config("the view maintainer has stopped".into()))?
+    }
+
+    /// How the last view checkpoint written held the maintainer: its longest hold,
+    /// how many holds, and their time together.
+    pub fn last_checkpoint_holds(&self) -> Option<CheckpointHolds> {
+        *self.last_checkpoint.lock()
     }
 
     /// Returns once every event acknowledged before the call is applied to the views.

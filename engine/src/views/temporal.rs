@@ -26,7 +26,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::physical_expr::PhysicalExpr;
 
 use super::codec::{Reader, Writer};
-use super::tracked::{Footprint, Part, Stored, Tracked, alloc_bytes};
+use super::tracked::{Footprint, Part, Stored, Tracked, alloc_bytes, sampled};
 use super::zset::{Codec, Map, ZBatch, decode_batch};
 
 /// The name of the clock as a source: its change is one row, the time now in
@@ -546,23 +546,25 @@ impl Temporal {
         self.keyed.is_some()
     }
 
+    /// Approximate bytes held. Weighed every 100 ms, so it costs at most `WEIGHED`
+    /// entries per set, not the state's size (ten million due keys took about a
+    /// second to add up, and starved the maintainer).
     pub(crate) fn state_bytes(&self) -> usize {
         let rows = if self.keyed.is_some() {
             self.rows.table_bytes()
-                + self
-                    .rows
-                    .iter_in_memory()
-                    .map(|(k, _)| k)
-                    .map(|k| alloc_bytes(k.len()))
-                    .sum::<usize>()
+                + sampled(
+                    self.rows
+                        .iter_in_memory()
+                        .map(|(k, _)| alloc_bytes(k.len())),
+                    self.rows.len(),
+                )
         } else {
             self.rows.footprint()
         };
-        rows + self
-            .due
-            .iter()
-            .map(|(_, r)| alloc_bytes(r.len()) + 48)
-            .sum::<usize>()
+        rows + sampled(
+            self.due.iter().map(|(_, r)| alloc_bytes(r.len()) + 48),
+            self.due.len(),
+        )
     }
 
     /// The earliest instant something kept changes, in microseconds.

@@ -162,6 +162,15 @@ pub(crate) fn table_bytes<T>(capacity: usize) -> usize {
     slots * (std::mem::size_of::<T>() + 1)
 }
 
+/// The sum of `sizes`, `len` of them: added up to `WEIGHED`, scaled past it (from the
+/// first ones, which stand for the rest).
+pub(crate) fn sampled(sizes: impl Iterator<Item = usize>, len: usize) -> usize {
+    if len <= WEIGHED {
+        return sizes.sum();
+    }
+    sizes.take(WEIGHED).sum::<usize>() / WEIGHED * len
+}
+
 /// The bytes of a [`Keys`] set that can hold `capacity` keys: its entries (hash and
 /// key) and its table of their indexes.
 fn set_bytes(capacity: usize) -> usize {
