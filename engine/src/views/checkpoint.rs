@@ -462,14 +462,20 @@ fn thread_cpu() -> Option<Duration> {
 
 /// Folds the stored chain `base` (the full checkpoint and its deltas) into a new full
 /// checkpoint: the views are restored from the files into state of this thread's own,
-/// as at a start, and encoded whole. Costs a second copy of the views' state while it
-/// runs, and no pause of the maintainer. Returns the new chain.
+/// as at a start, and encoded whole, at the lowest CPU priority. Costs a second copy
+/// of the views' state while it runs, and no pause of the maintainer. Returns the new
+/// chain.
 fn compact_chain(
     host: &dyn ViewHost,
     weak: &Arc<dyn super::WeakHost>,
     base: u64,
 ) -> crate::Result<Chain> {
     let started = Instant::now();
+    // Seconds of one core, and nothing waits for it: the views, ingest and push go
+    // first. (This thread ends after it.)
+    if let Err(e) = rustix::process::nice(19) {
+        warn!(error = %e, "cannot lower the priority of the checkpoint compaction");
+    }
     let rt = host.query_runtime();
     let Some((saved, chain)) = rt.block_on(read_chain(host))? else {
         return Err(crate::Error::Config("the view checkpoint vanished".into()));
