@@ -5,12 +5,17 @@
 # starts it again and runs benches/sql_vs_duckdb.py. The server maintains no views
 # (`--kpi-dir none`), so the queries have the CPU to themselves, as DuckDB does.
 #
-#   benches/sql_vs_duckdb.sh [events] [runs]
+# The default shape is the generator's (200 SKUs, 4 warehouses); pass more for the
+# high-cardinality shape, e.g. `benches/sql_vs_duckdb.sh 10000000 5 2000 10`.
+#
+#   benches/sql_vs_duckdb.sh [events] [runs] [skus] [warehouses]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/lib.sh
 events="${1:-10000000}"
 runs="${2:-5}"
+skus="${3:-200}"
+warehouses="${4:-4}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/quiver-target}"
 python3 -c 'import duckdb, pyarrow' 2>/dev/null || pip install --quiet --break-system-packages duckdb pyarrow
 cargo build --release -p quiver-api
@@ -31,7 +36,9 @@ serve() {
   wait_ready "$port"
 }
 
-"$bin" generate --events "$events" --format arrow --out "$scratch/gen" --seed 7
+"$bin" generate --events "$events" --format arrow --out "$scratch/gen" --seed 7 \
+  --skus "$skus" --warehouses "$warehouses"
+echo "shape: $skus SKUs, $warehouses warehouses"
 serve
 for stream in orders inventory; do
   "$bin" load "$scratch/gen/$stream.arrow" --stream "$stream" \

@@ -12,8 +12,10 @@
 //! Queries run on a runtime of their own, so a heavy query shares the CPU with ingest
 //! through the OS scheduler instead of stalling the server's I/O tasks.
 
+mod count_distinct;
 mod ddl;
 mod distinct_on;
+mod latest;
 mod pool;
 mod rewrite;
 mod spill;
@@ -264,8 +266,8 @@ impl QuerySession {
         Self::build(source, metrics, runtime, true)
     }
 
-    /// A session for planning views: `DISTINCT ON` stays as it is written, since views
-    /// maintain it as its own operator.
+    /// A session for planning views: `DISTINCT ON` and `COUNT(DISTINCT)` stay as
+    /// DataFusion plans them, since views maintain them with operators of their own.
     pub(crate) fn for_views(
         source: Arc<dyn TableSource>,
         metrics: Arc<EngineMetrics>,
@@ -278,7 +280,7 @@ impl QuerySession {
         source: Arc<dyn TableSource>,
         metrics: Arc<EngineMetrics>,
         runtime: &QueryRuntime,
-        rewrite_distinct_on: bool,
+        adhoc: bool,
     ) -> Self {
         let config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
@@ -288,11 +290,15 @@ impl QuerySession {
             .with_config(config)
             .with_runtime_env(runtime.env_for_query())
             .with_default_features()
+            .with_query_planner(Arc::new(latest::QuiverQueryPlanner))
             .build();
-        if rewrite_distinct_on {
-            state.add_analyzer_rule(Arc::new(distinct_on::DistinctOnAsWindow));
+        if adhoc {
+            state.add_analyzer_rule(Arc::new(distinct_on::DistinctOnAsLatest));
         }
         let ctx = SessionContext::new_with_state(state);
+        if adhoc {
+            ctx.register_udaf(count_distinct::QuiverCount::udaf());
+        }
         ctx.register_catalog(CATALOG, Arc::new(QuiverCatalog::new(Arc::clone(&source))));
         ctx.register_udtf(
             TimeTravel::AT_VERSION,
