@@ -18,15 +18,20 @@ skus="${3:-200}"
 warehouses="${4:-4}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/quiver-target}"
 python3 -c 'import duckdb, pyarrow' 2>/dev/null || pip install --quiet --break-system-packages duckdb pyarrow
-cargo build --release -p quiver-api
-bin="$CARGO_TARGET_DIR/release/quiver"
+# Built with the benches package, as the other scripts are, so features unify the same
+# way and the release build is shared.
+# QUIVER_BENCH_BIN runs another build of quiver (e.g. an older one, for a before/after).
+if [ -z "${QUIVER_BENCH_BIN:-}" ]; then
+  cargo build --release -p quiver-api -p quiver-benches --bin quiver
+fi
+bin="${QUIVER_BENCH_BIN:-$CARGO_TARGET_DIR/release/quiver}"
 
 scratch="$(mktemp -d)"
 port=18090
 token="bench-admin-token"
 pid=""
 # QUIVER_BENCH_KEEP=1 keeps the scratch store for more runs of the .py by hand.
-trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; [ -n "${QUIVER_BENCH_KEEP:-}" ] && echo "kept $scratch" || rm -rf "$scratch"' EXIT
+trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; [ -n "${QUIVER_BENCH_KEEP:-}" ] && echo "kept $scratch" || rm -rf "$scratch"' EXIT
 
 serve() {
   QUIVER_ADMIN_TOKEN="$token" QUIVER_LOG=warn "$bin" serve \

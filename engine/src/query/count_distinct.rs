@@ -10,16 +10,15 @@
 //! and final aggregation is DataFusion's (a list of the group's distinct values), so
 //! either side may be DataFusion's own accumulator.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Int64Array, LargeStringArray, LargeStringBuilder,
-    ListArray, StringArray, StringBuilder, StringViewArray, StringViewBuilder, UInt32Array,
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, ListArray, UInt32Array,
 };
 use datafusion::arrow::buffer::OffsetBuffer;
 use datafusion::arrow::compute::take;
-use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Schema};
 use datafusion::common::{Result, ScalarValue, internal_err};
 use datafusion::functions_aggregate::count::count_udaf;
 use datafusion::logical_expr::expr::AggregateFunctionParams;
@@ -29,6 +28,8 @@ use datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, Documentation, EmitTo, GroupsAccumulator,
     ReversedUDAF, SetMonotonicity, Signature, StatisticsArgs,
 };
+use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
 type Hasher = foldhash::fast::RandomState;
 
@@ -103,7 +104,7 @@ impl AggregateUDFImpl for QuiverCount {
         args: AccumulatorArgs,
     ) -> Result<Box<dyn GroupsAccumulator>> {
         match Self::ours(&args) {
-            Some(data_type) => Ok(Box::new(TextDistinctCount::new(data_type))),
+            Some(data_type) => Ok(Box::new(TextDistinctCount::new(data_type)?)),
             None => self.inner.create_groups_accumulator(args),
         }
     }
@@ -138,48 +139,61 @@ impl AggregateUDFImpl for QuiverCount {
 }
 
 /// Distinct text values per group, for all groups of one aggregation.
-#[derive(Debug)]
 struct TextDistinctCount {
     /// The type of the values, and of the items of the state's lists.
     data_type: DataType,
-    /// Every distinct text seen, numbered in order of first sight.
-    numbers: HashMap<Box<str>, u32, Hasher>,
-    text_bytes: usize,
+    /// Every distinct text seen, numbered in order of first sight: DataFusion's
+    /// one-column GROUP BY table, which hashes a whole column at a time and keeps the
+    /// texts in one buffer.
+    texts: Box<dyn GroupValues>,
+    /// Text numbers of the values at hand (reused).
+    numbers: Vec<usize>,
     /// (group << 32) | text number, for each pair seen.
     seen: HashSet<u64, Hasher>,
     /// Distinct texts per group.
     counts: Vec<i64>,
 }
 
+impl std::fmt::Debug for TextDistinctCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextDistinctCount")
+            .field("data_type", &self.data_type)
+            .field("texts", &self.texts.len())
+            .field("pairs", &self.seen.len())
+            .finish()
+    }
+}
+
 impl TextDistinctCount {
-    fn new(data_type: DataType) -> Self {
+    fn new(data_type: DataType) -> Result<Self> {
         #[cfg(test)]
         tests::CREATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self {
+        let schema = Schema::new(vec![Field::new("text", data_type.clone(), true)]);
+        Ok(Self {
             data_type,
-            numbers: HashMap::default(),
-            text_bytes: 0,
+            texts: new_group_values(Arc::new(schema), &GroupOrdering::None)?,
+            numbers: Vec::new(),
             seen: HashSet::default(),
             counts: Vec::new(),
-        }
+        })
     }
 
-    fn add(&mut self, group: usize, text: &str) -> Result<()> {
-        let number = match self.numbers.get(text) {
-            Some(&n) => n,
-            None => {
-                let Ok(n) = u32::try_from(self.numbers.len()) else {
-                    return internal_err!("COUNT(DISTINCT) over more than 2^32 texts");
-                };
-                self.numbers.insert(text.into(), n);
-                self.text_bytes += text.len();
-                n
-            }
-        };
+    /// Numbers `values` into `self.numbers`.
+    fn number(&mut self, values: &ArrayRef) -> Result<()> {
+        self.numbers.clear();
+        self.texts
+            .intern(std::slice::from_ref(values), &mut self.numbers)?;
+        if self.texts.len() > u32::MAX as usize {
+            return internal_err!("COUNT(DISTINCT) over more than 2^32 texts");
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, group: usize, number: usize) -> Result<()> {
         let Ok(group) = u32::try_from(group) else {
             return internal_err!("COUNT(DISTINCT) over more than 2^32 groups");
         };
-        if self.seen.insert(u64::from(group) << 32 | u64::from(number)) {
+        if self.seen.insert(u64::from(group) << 32 | number as u64) {
             self.counts[group as usize] += 1;
         }
         Ok(())
@@ -191,8 +205,7 @@ impl TextDistinctCount {
         match emit_to {
             EmitTo::All => {
                 self.seen.clear();
-                self.numbers.clear();
-                self.text_bytes = 0;
+                self.texts.clear_shrink(0);
             }
             EmitTo::First(n) => {
                 let n = n as u64;
@@ -219,11 +232,11 @@ impl GroupsAccumulator for TextDistinctCount {
             return internal_err!("COUNT(DISTINCT) takes one argument");
         };
         self.counts.resize(total_num_groups, 0);
-        let texts = Texts::of(values)?;
+        self.number(values)?;
         for (row, &group) in group_indices.iter().enumerate() {
             let included = opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row));
-            if let Some(text) = texts.get(row).filter(|_| included) {
-                self.add(group, text)?;
+            if included && values.is_valid(row) {
+                self.add(group, self.numbers[row])?;
             }
         }
         Ok(())
@@ -255,28 +268,15 @@ impl GroupsAccumulator for TextDistinctCount {
                 next[group] += 1;
             }
         }
-        let mut texts: Vec<&str> = vec![""; self.numbers.len()];
-        for (text, &n) in &self.numbers {
-            texts[n as usize] = text;
-        }
-        let texts = items.iter().map(|&n| texts[n as usize]);
-        let values: ArrayRef = match self.data_type {
-            DataType::Utf8View => {
-                let mut b = StringViewBuilder::with_capacity(items.len());
-                texts.for_each(|t| b.append_value(t));
-                Arc::new(b.finish())
-            }
-            DataType::LargeUtf8 => {
-                let mut b = LargeStringBuilder::new();
-                texts.for_each(|t| b.append_value(t));
-                Arc::new(b.finish())
-            }
-            _ => {
-                let mut b = StringBuilder::new();
-                texts.for_each(|t| b.append_value(t));
-                Arc::new(b.finish())
-            }
+        // The texts by number: the table gives them up, and takes them back (numbered
+        // the same) when groups stay.
+        let Some(texts) = self.texts.emit(EmitTo::All)?.pop() else {
+            return internal_err!("COUNT(DISTINCT) texts emitted no column");
         };
+        let values = take(&texts, &UInt32Array::from(items), None)?;
+        if matches!(emit_to, EmitTo::First(_)) {
+            self.number(&texts)?;
+        }
         let Ok(offsets) = offsets
             .into_iter()
             .map(i32::try_from)
@@ -306,12 +306,13 @@ impl GroupsAccumulator for TextDistinctCount {
         };
         self.counts.resize(total_num_groups, 0);
         let lists = lists.as_list::<i32>();
-        let texts = Texts::of(lists.values())?;
+        let texts = lists.values();
+        self.number(texts)?;
         let offsets = lists.value_offsets();
         for (row, &group) in group_indices.iter().enumerate() {
             for i in offsets[row] as usize..offsets[row + 1] as usize {
-                if let Some(text) = texts.get(i) {
-                    self.add(group, text)?;
+                if texts.is_valid(i) {
+                    self.add(group, self.numbers[i])?;
                 }
             }
         }
@@ -353,36 +354,10 @@ impl GroupsAccumulator for TextDistinctCount {
 
     fn size(&self) -> usize {
         size_of::<Self>()
-            + self.numbers.capacity() * (size_of::<(Box<str>, u32)>() + 1)
-            + self.text_bytes
+            + self.texts.size()
+            + self.numbers.capacity() * size_of::<usize>()
             + self.seen.capacity() * (size_of::<u64>() + 1)
             + self.counts.capacity() * size_of::<i64>()
-    }
-}
-
-/// A text column of any of arrow's three string layouts.
-enum Texts<'a> {
-    View(&'a StringViewArray),
-    Small(&'a StringArray),
-    Large(&'a LargeStringArray),
-}
-
-impl<'a> Texts<'a> {
-    fn of(array: &'a ArrayRef) -> Result<Self> {
-        Ok(match array.data_type() {
-            DataType::Utf8View => Self::View(array.as_string_view()),
-            DataType::Utf8 => Self::Small(array.as_string::<i32>()),
-            DataType::LargeUtf8 => Self::Large(array.as_string::<i64>()),
-            other => return internal_err!("COUNT(DISTINCT) of text got {other}"),
-        })
-    }
-
-    fn get(&self, i: usize) -> Option<&'a str> {
-        match self {
-            Self::View(a) => a.is_valid(i).then(|| a.value(i)),
-            Self::Small(a) => a.is_valid(i).then(|| a.value(i)),
-            Self::Large(a) => a.is_valid(i).then(|| a.value(i)),
-        }
     }
 }
 
@@ -400,7 +375,11 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    use super::QuiverCount;
+    use datafusion::arrow::array::{ArrayRef, AsArray};
+    use datafusion::arrow::datatypes::Int64Type;
+    use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
+
+    use super::{QuiverCount, TextDistinctCount};
 
     /// Accumulators made, so the test knows its queries went through this one.
     pub(super) static CREATED: std::sync::atomic::AtomicUsize =
@@ -463,6 +442,44 @@ mod tests {
     async fn run(ctx: &SessionContext, sql: &str) -> String {
         let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
         pretty_format_batches(&batches).unwrap().to_string()
+    }
+
+    fn counts(acc: &mut TextDistinctCount, emit_to: EmitTo) -> Vec<i64> {
+        let counts = acc.evaluate(emit_to).unwrap();
+        counts.as_primitive::<Int64Type>().values().to_vec()
+    }
+
+    fn texts(texts: &[Option<&str>]) -> Vec<ArrayRef> {
+        vec![Arc::new(StringViewArray::from(texts.to_vec()))]
+    }
+
+    /// Emitting the first groups (as an aggregation under memory pressure does) hands
+    /// over their texts and keeps the other groups' texts under the same numbers.
+    #[test]
+    fn emitting_the_first_groups_keeps_the_rest_exact() {
+        let mut acc = TextDistinctCount::new(DataType::Utf8View).unwrap();
+        let values = texts(&[
+            Some("a"),
+            Some("b"),
+            Some("a"),
+            None,
+            Some("c"),
+            Some("b"),
+            Some("d"),
+        ]);
+        acc.update_batch(&values, &[0, 0, 1, 1, 2, 2, 2], None, 3)
+            .unwrap();
+        let state = acc.state(EmitTo::First(1)).unwrap();
+        let mut other = TextDistinctCount::new(DataType::Utf8View).unwrap();
+        other.merge_batch(&state, &[0], 1).unwrap();
+        assert_eq!(counts(&mut other, EmitTo::All), [2]);
+        // The groups left are numbered from 0: {a} and {c, b, d}.
+        let values = texts(&[Some("e"), Some("c"), Some("a")]);
+        acc.update_batch(&values, &[1, 1, 0], None, 2).unwrap();
+        assert_eq!(counts(&mut acc, EmitTo::First(1)), [1]);
+        let values = texts(&[Some("b"), Some("f")]);
+        acc.update_batch(&values, &[0, 0], None, 1).unwrap();
+        assert_eq!(counts(&mut acc, EmitTo::All), [5]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
