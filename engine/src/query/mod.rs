@@ -12,7 +12,6 @@
 //! Queries run on a runtime of their own, so a heavy query shares the CPU with ingest
 //! through the OS scheduler instead of stalling the server's I/O tasks.
 
-mod count_distinct;
 mod ddl;
 mod distinct_on;
 mod latest;
@@ -266,8 +265,8 @@ impl QuerySession {
         Self::build(source, metrics, runtime, true)
     }
 
-    /// A session for planning views: `DISTINCT ON` and `COUNT(DISTINCT)` stay as
-    /// DataFusion plans them, since views maintain them with operators of their own.
+    /// A session for planning views: `DISTINCT ON` stays as it is written, since views
+    /// maintain it as its own operator.
     pub(crate) fn for_views(
         source: Arc<dyn TableSource>,
         metrics: Arc<EngineMetrics>,
@@ -296,9 +295,6 @@ impl QuerySession {
             state.add_analyzer_rule(Arc::new(distinct_on::DistinctOnAsLatest));
         }
         let ctx = SessionContext::new_with_state(state);
-        if adhoc {
-            ctx.register_udaf(count_distinct::QuiverCount::udaf());
-        }
         ctx.register_catalog(CATALOG, Arc::new(QuiverCatalog::new(Arc::clone(&source))));
         ctx.register_udtf(
             TimeTravel::AT_VERSION,
