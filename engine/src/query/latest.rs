@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch};
 use datafusion::arrow::compute::{SortOptions, interleave_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
-use datafusion::arrow::row::{RowConverter, Rows, SortField};
+use datafusion::arrow::row::{Row, RowConverter, Rows, SortField};
 use datafusion::catalog::Session;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DFSchemaRef, Result, internal_err};
@@ -45,6 +45,8 @@ use datafusion::physical_plan::{
 };
 use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
 use futures::{StreamExt, TryStreamExt};
+
+use crate::views::evaluate;
 
 /// One row per value of `keys`: the first in `order` (any one when `order` is empty).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Hash)]
@@ -313,6 +315,14 @@ struct Best {
     row: u32,
 }
 
+impl Best {
+    /// A key seen for the first time in the batch at hand.
+    const NEW: Self = Self {
+        held: u32::MAX,
+        row: 0,
+    };
+}
+
 /// An input batch that holds at least one best row, and its order columns in row
 /// format (none when there is no ORDER BY).
 struct Held {
@@ -400,23 +410,17 @@ impl Latest {
             None => None,
         };
         let here = u32::try_from(self.held.len()).expect("fewer than 2^32 batches held");
-        const NEW: Best = Best {
-            held: u32::MAX,
-            row: 0,
-        };
-        self.best.resize(self.groups.len(), NEW);
+        self.best.resize(self.groups.len(), Best::NEW);
         let mut kept = false;
         for (row, &id) in self.ids.iter().enumerate() {
             let best = self.best[id];
-            let better = if best.held == NEW.held {
+            let better = if best.held == Best::NEW.held {
                 true
             } else if let Some(order) = &order {
                 let current = if best.held == here {
                     order.row(best.row as usize)
                 } else {
-                    let held = self.held[best.held as usize].order.as_ref();
-                    held.expect("held batches have their order rows")
-                        .row(best.row as usize)
+                    self.order_row(best)
                 };
                 order.row(row) < current
             } else {
@@ -447,12 +451,8 @@ impl Latest {
         let order = match &self.converter {
             Some(c) => {
                 let mut rows = c.empty_rows(self.best.len(), 0);
-                for b in &self.best {
-                    let held = self.held[b.held as usize].order.as_ref();
-                    rows.push(
-                        held.expect("held batches have their order rows")
-                            .row(b.row as usize),
-                    );
+                for &b in &self.best {
+                    rows.push(self.order_row(b));
                 }
                 Some(rows)
             }
@@ -468,6 +468,13 @@ impl Latest {
         self.held_bytes = batch.get_array_memory_size() + order.as_ref().map_or(0, Rows::size);
         self.held = vec![Held { batch, order }];
         Ok(())
+    }
+
+    /// The order columns of a best row in a held batch, in row format.
+    fn order_row(&self, b: Best) -> Row<'_> {
+        let held = self.held[b.held as usize].order.as_ref();
+        held.expect("held batches have their order rows when there is an ORDER BY")
+            .row(b.row as usize)
     }
 
     fn take(&self, best: &[Best]) -> Result<RecordBatch> {
@@ -493,13 +500,6 @@ impl Latest {
             .map(|chunk| self.take(chunk))
             .collect()
     }
-}
-
-fn evaluate(exprs: &[Arc<dyn PhysicalExpr>], batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
-    exprs
-        .iter()
-        .map(|e| e.evaluate(batch)?.into_array(batch.num_rows()))
-        .collect()
 }
 
 /// Copies the strings of view columns that rows were taken into, so a compacted batch

@@ -29,6 +29,7 @@ mod tracked;
 mod zset;
 
 pub use checkpoint::Slices as CheckpointHolds;
+pub(crate) use zset::evaluate;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
