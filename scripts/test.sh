@@ -4,7 +4,7 @@
 # cargo-nextest. Each step prints how long it took.
 #
 # Installed when missing: from Debian (one `apt-get update`, no recommended extras)
-# psql and Chromium; from PyPI moto's S3 server, the Python BI clients (psycopg,
+# psql, Chromium and poppler-utils; from PyPI moto's S3 server, the Python BI clients (psycopg,
 # SQLAlchemy, the ADBC Flight SQL driver, pyarrow), DuckDB and aiosmtpd (the SMTP sink
 # alert emails are delivered to); from npm the `ws` and
 # `playwright-core` packages of the JavaScript client's tests; cargo-nextest (the
@@ -32,6 +32,8 @@ install() {
   command -v psql >/dev/null 2>&1 || apt+=(postgresql-client)
   # The push client and the dashboard are tested in a real browser.
   [ -x /usr/bin/chromium ] || apt+=(chromium)
+  # PDF reports are read back with pdftotext and pdfinfo and rendered with pdftoppm.
+  command -v pdftotext >/dev/null 2>&1 || apt+=(poppler-utils)
   if [ "${#apt[@]}" -gt 0 ]; then
     local sudo=()
     [ "$(id -u)" = 0 ] || sudo=(sudo)

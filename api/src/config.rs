@@ -261,12 +261,12 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_FORECAST_HORIZON", default_value_t = 14)]
     pub forecast_horizon: usize,
 
-    /// SMTP relay for alert emails: `smtp://host:port` (STARTTLS when offered),
+    /// SMTP relay for alert and report emails: `smtp://host:port` (STARTTLS when offered),
     /// `smtps://host:port` (TLS), credentials as `smtp://user:pass@host`.
     #[arg(long, env = "QUIVER_SMTP_URL", hide_env_values = true)]
     pub smtp_url: Option<String>,
 
-    /// Sender address of alert emails.
+    /// Sender address of alert and report emails.
     #[arg(long, env = "QUIVER_EMAIL_FROM", default_value = "quiver@localhost")]
     pub email_from: String,
 
@@ -278,6 +278,34 @@ pub struct ServeConfig {
     /// minutes), 12 attempts in all.
     #[arg(long, env = "QUIVER_ALERT_RETRY", default_value = "1s", value_parser = humantime::parse_duration)]
     pub alert_retry: Duration,
+
+    /// How long report runs and their files are kept.
+    #[arg(long, env = "QUIVER_REPORT_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub report_retention: Duration,
+
+    /// Longest a report run may take, queries and file together (each query also has
+    /// the query memory limit, and the file the result size limit).
+    #[arg(long, env = "QUIVER_REPORT_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub report_timeout: Duration,
+
+    /// Report files larger than this are not attached to the email; it links to them.
+    #[arg(long, env = "QUIVER_EMAIL_MAX_ATTACHMENT_BYTES", default_value_t = 10 << 20)]
+    pub email_max_attachment_bytes: usize,
+
+    /// Wait after a failed report email; doubles with each further failure, 4 attempts
+    /// in all.
+    #[arg(long, env = "QUIVER_REPORT_EMAIL_RETRY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub report_email_retry: Duration,
+
+    /// The server's address as email readers reach it, for links to report files
+    /// (default: the HTTP listen address).
+    #[arg(long, env = "QUIVER_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// Run report schedules from this instant (RFC 3339) instead of the system time; it
+    /// then advances in real time. For tests and for trying a schedule.
+    #[arg(long, env = "QUIVER_REPORT_CLOCK_START", value_parser = parse_instant_ms)]
+    pub report_clock_start: Option<i64>,
 
     /// Alert notifications kept (the `notifications` table holds the newest).
     #[arg(long, env = "QUIVER_NOTIFICATIONS_KEEP", default_value_t = 1000)]
@@ -425,6 +453,25 @@ impl ServeConfig {
 impl ServeConfig {
     /// The job settings and schedules these flags describe; an error names a bad cron
     /// expression.
+    /// The report settings these flags describe.
+    pub(crate) fn report_options(&self) -> crate::reports::ReportOptions {
+        crate::reports::ReportOptions {
+            retention: self.report_retention,
+            timeout: self.report_timeout,
+            max_result_bytes: self.max_result_bytes,
+            smtp_url: self.smtp_url.clone(),
+            email_from: self.email_from.clone(),
+            email_timeout: self.alert_delivery_timeout,
+            email_retry: self.report_email_retry,
+            max_attachment_bytes: self.email_max_attachment_bytes,
+            public_url: self.public_url.clone(),
+            clock: match self.report_clock_start {
+                Some(start) => quiver_engine::clock::Clock::starting_at(start),
+                None => quiver_engine::clock::Clock::system(),
+            },
+        }
+    }
+
     pub(crate) fn jobs(&self) -> anyhow::Result<crate::jobs::Jobs> {
         use quiver_models::job::JobKind;
         let mut schedules = std::collections::BTreeMap::new();
@@ -443,7 +490,7 @@ impl ServeConfig {
             match text.as_deref().map(str::trim) {
                 None | Some("" | "off") => {}
                 Some(t) => {
-                    let s = crate::jobs::Schedule::parse(t)
+                    let s = crate::schedule::Schedule::parse(t)
                         .map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
                     schedules.insert(kind, s);
                 }

@@ -16,7 +16,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use croner::Cron;
 use quiver_engine::Engine;
 use quiver_models::job::{JobConfig, JobKind, Run, run_job};
 use serde_json::{Value, json};
@@ -25,31 +24,8 @@ use tracing::{info, warn};
 
 use crate::auth::Scope;
 use crate::error::{ApiError, ApiResult, ErrorKind};
+use crate::schedule::Schedule;
 use crate::state::AppState;
-
-/// A parsed cron schedule, and the text it came from.
-#[derive(Debug, Clone)]
-pub(crate) struct Schedule {
-    text: String,
-    cron: Cron,
-}
-
-impl Schedule {
-    /// Parses a cron expression (5 fields, or 6 with seconds first; UTC).
-    pub(crate) fn parse(text: &str) -> anyhow::Result<Self> {
-        let cron = Cron::from_str(text.trim())
-            .map_err(|e| anyhow::anyhow!("'{text}' is not a cron expression: {e}"))?;
-        Ok(Self {
-            text: text.trim().to_owned(),
-            cron,
-        })
-    }
-
-    /// The first time after `after` the schedule fires.
-    fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.cron.find_next_occurrence(&after, false).ok()
-    }
-}
 
 /// The run in progress.
 #[derive(Debug)]
@@ -245,7 +221,7 @@ impl Jobs {
                 json!({
                     "kind": kind,
                     "tables": kind.tables(),
-                    "schedule": self.schedules.get(&kind).map(|s| s.text.clone()),
+                    "schedule": self.schedules.get(&kind).map(|s| s.text().to_owned()),
                     "next_run": next.get(&kind),
                     "running": running.as_ref().filter(|r| r["kind"] == json!(kind)),
                     "last_run": last.get(&kind),

@@ -57,6 +57,16 @@ impl RunningServer {
             .await
             .context("loading tokens")?;
         let jobs = Arc::new(config.jobs()?);
+        let reports = Arc::new(crate::reports::Reports::new(
+            config.report_options(),
+            &store,
+            &node,
+            &mut registry,
+        ));
+        reports
+            .load()
+            .await
+            .map_err(|e| anyhow::anyhow!("loading the reports: {e}"))?;
         let rate_limiter = NonZeroU32::new(config.ingest_rate_limit)
             .map(|n| RateLimiter::keyed(Quota::per_second(n)));
         let state = Arc::new(AppState {
@@ -72,12 +82,16 @@ impl RunningServer {
             )),
             push,
             jobs,
+            reports,
         });
 
         let listener = TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
         let http_addr = listener.local_addr()?;
+        state
+            .reports
+            .default_public_url(format!("http://{http_addr}"));
         let app = router(Arc::clone(&state));
         let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
         let http = tokio::spawn(async move {
@@ -121,12 +135,16 @@ impl RunningServer {
         let recovering = Arc::clone(&state);
         let (failed_tx, failed) = tokio::sync::watch::channel(None);
         let jobs_stop = shutdown.subscribe();
+        let reports_stop = shutdown.subscribe();
         tokio::spawn(async move {
             match Engine::open(engine_config, Arc::clone(&recovering.metrics)).await {
                 Ok(engine) => {
                     recovering.push.start(engine.clone());
                     recovering.jobs.load_last(&engine).await;
                     recovering.jobs.spawn(engine.clone(), jobs_stop);
+                    recovering
+                        .reports
+                        .spawn(Arc::clone(&recovering), engine.clone(), reports_stop);
                     let _ = recovering.engine.set(engine);
                     info!("ready");
                 }
@@ -271,6 +289,26 @@ fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/alerts/{name}/deliveries",
             get(crate::alerts::deliveries),
+        )
+        .route(
+            "/v1/reports",
+            get(crate::reports::http::list).post(crate::reports::http::create),
+        )
+        .route(
+            "/v1/reports/{name}",
+            get(crate::reports::http::get_one)
+                .put(crate::reports::http::replace)
+                .delete(crate::reports::http::delete),
+        )
+        .route("/v1/reports/{name}/run", post(crate::reports::http::run))
+        .route("/v1/reports/{name}/runs", get(crate::reports::http::runs))
+        .route(
+            "/v1/reports/{name}/runs/{id}",
+            get(crate::reports::http::run_one),
+        )
+        .route(
+            "/v1/reports/{name}/runs/{id}/file",
+            get(crate::reports::http::file),
         )
         .route(
             "/v1/silences",

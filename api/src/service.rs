@@ -50,12 +50,25 @@ pub(crate) async fn take_slot(state: &AppState) -> ApiResult<Slot> {
             )
             .retry_after(1)
         })?;
+    Ok(slot(state, permit))
+}
+
+/// A query slot for work that waits its turn however long it takes (report runs).
+pub(crate) async fn wait_slot(state: &AppState) -> Slot {
+    let permit = Arc::clone(&state.query_slots)
+        .acquire_owned()
+        .await
+        .expect("the query slots are never closed");
+    slot(state, permit)
+}
+
+fn slot(state: &AppState, permit: tokio::sync::OwnedSemaphorePermit) -> Slot {
     let gauge = state.metrics.sql_active_queries.clone();
     gauge.inc();
-    Ok(Slot {
+    Slot {
         _permit: permit,
         gauge,
-    })
+    }
 }
 
 /// What one of Quiver's DDL statements did; each SQL surface answers in its own form.

@@ -25,6 +25,8 @@ pub(crate) struct AppState {
     pub(crate) push: Arc<crate::push::Push>,
     /// Batch jobs: runs on request and on schedule.
     pub(crate) jobs: Arc<crate::jobs::Jobs>,
+    /// Reports: definitions, runs and their schedules.
+    pub(crate) reports: Arc<crate::reports::Reports>,
 }
 
 impl AppState {

@@ -20,6 +20,7 @@ mod durable_file;
 mod engine;
 mod error;
 mod idempotency;
+pub mod mail;
 pub mod metrics;
 pub mod query;
 mod results;

@@ -3,6 +3,7 @@
 
 mod files;
 mod jobs;
+mod report;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -79,6 +80,11 @@ enum Command {
     /// Find anomalies in revenue per minute and hourly units, and warehouses unlike
     /// their peers, into the table `anomalies` of a store.
     Anomalies(jobs::JobArgs),
+    /// Run a report on a running server and save its file.
+    Report {
+        #[command(subcommand)]
+        command: report::ReportCommand,
+    },
     /// Manage tokens on a running server.
     Token {
         #[command(subcommand)]
@@ -235,6 +241,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             remote,
         } => files::load(&file, &stream, batch.max(1), concurrency.max(1), &remote).await,
         Command::Token { command } => token(command).await,
+        Command::Report { command } => report::run(command).await,
         Command::Forecast(args) => {
             init_logging_at("auto", "warn");
             jobs::run(quiver_models::job::JobKind::Forecast, args).await

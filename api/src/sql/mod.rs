@@ -140,7 +140,7 @@ fn parse_request(headers: &HeaderMap, body: &[u8]) -> ApiResult<SqlRequest> {
 }
 
 /// A JSON parameter as a SQL value; it is converted to the placeholder's type later.
-fn json_param(index: usize, value: &Value) -> ApiResult<ScalarValue> {
+pub(crate) fn json_param(index: usize, value: &Value) -> ApiResult<ScalarValue> {
     Ok(match value {
         Value::Null => ScalarValue::Null,
         Value::Bool(b) => ScalarValue::Boolean(Some(*b)),

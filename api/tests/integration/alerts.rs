@@ -87,9 +87,9 @@ fn body(g: &Got) -> Value {
 }
 
 /// A local SMTP sink writing each message into a Maildir.
-struct Smtp {
+pub(crate) struct Smtp {
     child: std::process::Child,
-    port: u16,
+    pub(crate) port: u16,
     maildir: std::path::PathBuf,
 }
 
@@ -100,7 +100,7 @@ impl Drop for Smtp {
     }
 }
 
-async fn start_smtp(dir: &std::path::Path) -> Smtp {
+pub(crate) async fn start_smtp(dir: &std::path::Path) -> Smtp {
     let port = free_port();
     let maildir = dir.join("maildir");
     let child = std::process::Command::new("python3")
@@ -133,7 +133,7 @@ async fn start_smtp(dir: &std::path::Path) -> Smtp {
     }
 }
 
-fn mails(smtp: &Smtp) -> Vec<String> {
+pub(crate) fn mails(smtp: &Smtp) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir(smtp.maildir.join("new")) else {
         return Vec::new();
     };

@@ -399,6 +399,29 @@ pub(crate) fn strings(batches: &[RecordBatch], col: usize) -> Vec<String> {
     out
 }
 
+/// A request with a token and an optional JSON body; the status and the body as JSON
+/// (or as a JSON string when it is not JSON).
+pub(crate) async fn request(
+    server: &TestServer,
+    method: reqwest::Method,
+    token: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut req = server
+        .client
+        .request(method, format!("{}{path}", server.url))
+        .bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (status, body)
+}
+
 /// Waits until `f` returns true (polling), or panics after `secs`.
 pub(crate) async fn eventually<F, Fut>(secs: u64, mut f: F)
 where

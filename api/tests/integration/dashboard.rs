@@ -4,27 +4,8 @@
 
 use serde_json::{Value, json};
 
-use crate::common::{ADMIN, TestServer};
+use crate::common::{ADMIN, TestServer, request as call};
 use crate::push::run_node_with;
-
-async fn call(
-    server: &TestServer,
-    method: reqwest::Method,
-    token: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut r = server
-        .client
-        .request(method, format!("{}{path}", server.url))
-        .bearer_auth(token);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let r = r.send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboards_are_served_saved_with_versions_and_guarded() {

@@ -10,6 +10,7 @@ mod disk_full;
 mod ingest;
 mod jobs;
 mod push;
+mod reports;
 mod s3;
 mod sql;
 mod tools;

@@ -10,8 +10,6 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, KeyInit as _, Mac as _};
-use lettre::message::MultiPart;
-use lettre::{AsyncSmtpTransport, AsyncTransport as _, Message, Tokio1Executor};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
@@ -193,40 +191,27 @@ pub(super) async fn email(
     );
     let html = format!(
         "<html><body><h2>{}</h2><p>View <code>{}</code>, condition <code>{}</code>, since {}.</p><pre>{}</pre></body></html>",
-        escape(subject),
-        escape(data["view"].as_str().unwrap_or("")),
-        escape(data["predicate"].as_str().unwrap_or("")),
-        escape(data["since"].as_str().unwrap_or("")),
-        escape(&serde_json::to_string_pretty(&data["row"]).unwrap_or_default()),
+        crate::mail::escape_html(subject),
+        crate::mail::escape_html(data["view"].as_str().unwrap_or("")),
+        crate::mail::escape_html(data["predicate"].as_str().unwrap_or("")),
+        crate::mail::escape_html(data["since"].as_str().unwrap_or("")),
+        crate::mail::escape_html(&serde_json::to_string_pretty(&data["row"]).unwrap_or_default()),
     );
-    let message = Message::builder()
-        .from(
-            options
-                .email_from
-                .parse()
-                .map_err(|e| failed(None, format!("sender '{}': {e}", options.email_from)))?,
-        )
-        .to(to
-            .parse()
-            .map_err(|e| failed(None, format!("address '{to}': {e}")))?)
-        .subject(subject)
-        .multipart(MultiPart::alternative_plain_html(text, html))
-        .map_err(|e| failed(None, format!("building the email: {e}")))?;
-    let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(relay)
-        .map_err(|e| failed(None, format!("SMTP relay '{relay}': {e}")))?
-        .timeout(Some(options.delivery_timeout))
-        .build();
-    transport
-        .send(message)
-        .await
-        .map(|_| Sent { status: None })
-        .map_err(|e| failed(None, format!("SMTP: {e}")))
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    crate::mail::send(
+        relay,
+        options.delivery_timeout,
+        crate::mail::Email {
+            from: options.email_from.clone(),
+            to: vec![to.to_owned()],
+            subject: subject.to_owned(),
+            text,
+            html,
+            attachment: None,
+        },
+    )
+    .await
+    .map(|()| Sent { status: None })
+    .map_err(|e| failed(None, e))
 }
 
 #[cfg(test)]
