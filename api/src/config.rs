@@ -279,6 +279,17 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_ALERT_RETRY", default_value = "1s", value_parser = humantime::parse_duration)]
     pub alert_retry: Duration,
 
+    /// Folder of built-in report definitions (`*.json`, each a `POST /v1/reports`
+    /// body), created at start when missing. Default: `./sql/reports` when it exists,
+    /// else the copies built into the binary. `none` loads none.
+    #[arg(long, env = "QUIVER_REPORT_DIR")]
+    pub report_dir: Option<String>,
+
+    /// Whether the built-in reports keep their schedules (the demo's choice; `serve`
+    /// loads them to run on request).
+    #[arg(skip)]
+    pub report_example_schedules: bool,
+
     /// How long report runs and their files are kept.
     #[arg(long, env = "QUIVER_REPORT_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
     pub report_retention: Duration,
@@ -370,17 +381,30 @@ impl ServeConfig {
             None if std::path::Path::new("sql/kpis").is_dir() => PathBuf::from("sql/kpis"),
             None => return Ok(BUILT_IN_KPIS.iter().map(|s| (*s).to_owned()).collect()),
         };
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(|e| anyhow::anyhow!("cannot read the KPI folder {}: {e}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-            .collect();
-        files.sort();
-        files
-            .iter()
-            .map(|f| {
-                std::fs::read_to_string(f)
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))
+        Ok(read_folder(&dir, "sql")
+            .map_err(|e| anyhow::anyhow!("the KPI folder: {e}"))?
+            .into_iter()
+            .map(|(_, text)| text)
+            .collect())
+    }
+
+    /// The built-in report definitions to create at start.
+    pub fn report_examples(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let texts: Vec<(String, String)> = match self.report_dir.as_deref() {
+            Some("none") => return Ok(Vec::new()),
+            Some(d) => read_folder(std::path::Path::new(d), "json")?,
+            None if std::path::Path::new("sql/reports").is_dir() => {
+                read_folder(std::path::Path::new("sql/reports"), "json")?
+            }
+            None => BUILT_IN_REPORTS
+                .iter()
+                .map(|(name, text)| ((*name).to_owned(), (*text).to_owned()))
+                .collect(),
+        };
+        texts
+            .into_iter()
+            .map(|(name, text)| {
+                serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{name}: {e}"))
             })
             .collect()
     }
@@ -512,6 +536,35 @@ pub(crate) fn job_config(horizon: usize, threads: usize) -> quiver_models::job::
 }
 
 /// The KPI catalog (`sql/kpis`), built in for when the folder is not at hand.
+const BUILT_IN_REPORTS: &[(&str, &str)] = &[
+    (
+        "daily_sales.json",
+        include_str!("../../sql/reports/daily_sales.json"),
+    ),
+    (
+        "weekly_stock.json",
+        include_str!("../../sql/reports/weekly_stock.json"),
+    ),
+];
+
+/// The files of `dir` with extension `ext`, in name order: (path, text).
+fn read_folder(dir: &std::path::Path, ext: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("cannot read the folder {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .map(|t| (f.display().to_string(), t))
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))
+        })
+        .collect()
+}
+
 const BUILT_IN_KPIS: &[&str] = &[
     include_str!("../../sql/kpis/01_revenue_per_minute.sql"),
     include_str!("../../sql/kpis/02_hourly_sales_by_sku.sql"),

@@ -136,12 +136,24 @@ impl RunningServer {
         let (failed_tx, failed) = tokio::sync::watch::channel(None);
         let jobs_stop = shutdown.subscribe();
         let reports_stop = shutdown.subscribe();
+        let report_examples = match config.report_examples() {
+            Ok(examples) => examples,
+            Err(e) => {
+                tracing::warn!(error = %e, "the built-in reports are not loaded");
+                Vec::new()
+            }
+        };
+        let examples_scheduled = config.report_example_schedules;
         tokio::spawn(async move {
             match Engine::open(engine_config, Arc::clone(&recovering.metrics)).await {
                 Ok(engine) => {
                     recovering.push.start(engine.clone());
                     recovering.jobs.load_last(&engine).await;
                     recovering.jobs.spawn(engine.clone(), jobs_stop);
+                    recovering
+                        .reports
+                        .load_examples(&engine, report_examples, examples_scheduled)
+                        .await;
                     recovering
                         .reports
                         .spawn(Arc::clone(&recovering), engine.clone(), reports_stop);

@@ -297,7 +297,8 @@ async fn demo(
     rate: f64,
     backfill_days: u32,
 ) -> anyhow::Result<()> {
-    // The demo runs the jobs on a schedule unless told otherwise.
+    // The demo runs the jobs and the built-in reports on a schedule unless told otherwise.
+    serve.report_example_schedules = true;
     serve
         .forecast_schedule
         .get_or_insert_with(|| "0 * * * *".to_owned());

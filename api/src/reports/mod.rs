@@ -44,6 +44,9 @@ use crate::state::AppState;
 /// Runs kept per report at most, whatever the retention.
 const MAX_RUNS_KEPT: usize = 1000;
 
+/// The owner of the built-in reports (`sql/reports`).
+const BUILT_IN: &str = "built-in";
+
 /// Attempts at one email before the delivery is marked failed.
 const EMAIL_ATTEMPTS: u32 = 4;
 
@@ -445,6 +448,57 @@ impl Reports {
         self.wake.notify_one();
         info!(report = %def.name, created, "report saved");
         Ok((stored, created))
+    }
+
+    /// Creates the built-in reports that are missing, and brings up to date the ones
+    /// still as built in (owner `built-in`); one a user replaced is left alone. Without
+    /// `scheduled` they run only on request. A query marked `"optional": true` is left
+    /// out while it does not plan (a table not made yet).
+    pub(crate) async fn load_examples(
+        &self,
+        engine: &Engine,
+        examples: Vec<Value>,
+        scheduled: bool,
+    ) {
+        for mut example in examples {
+            let name = example["name"].as_str().unwrap_or("?").to_owned();
+            if !scheduled && let Value::Object(m) = &mut example {
+                m.remove("schedule");
+            }
+            let mut optional = Vec::new();
+            if let Some(queries) = example["queries"].as_array_mut() {
+                for (i, q) in queries.iter_mut().enumerate() {
+                    if let Value::Object(m) = q
+                        && m.remove("optional") == Some(Value::Bool(true))
+                    {
+                        optional.push(i);
+                    }
+                }
+            }
+            let mut def: ReportDef = match serde_json::from_value(example) {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(report = %name, error = %e, "a built-in report does not parse");
+                    continue;
+                }
+            };
+            let mut kept = Vec::new();
+            for (i, q) in def.queries.iter().enumerate() {
+                if !optional.contains(&i) || check_query(engine, &def, i).await.is_ok() {
+                    kept.push(q.clone());
+                }
+            }
+            def.queries = kept;
+            let existing = self.live.lock().defs.get(&name).cloned();
+            let replace = match existing {
+                None => false,
+                Some(s) if s.owner == BUILT_IN && s.def != def => true,
+                Some(_) => continue,
+            };
+            if let Err(e) = self.create(engine, def, BUILT_IN, replace).await {
+                warn!(report = %name, error = %e, "cannot load a built-in report");
+            }
+        }
     }
 
     /// Deletes a report, its runs and its files.

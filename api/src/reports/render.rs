@@ -612,7 +612,8 @@ impl ReportWriter for Xlsx {
                 ws.autofilter(0, 0, last_row, last_col).map_err(io_error)?;
             }
         }
-        let Some(def) = &sheet.chart else {
+        // A chart of no rows is no chart (and Excel refuses one without a series).
+        let Some(def) = sheet.chart.as_ref().filter(|_| sheet.row > 1) else {
             return Ok(());
         };
         let kind = match def.kind {
@@ -628,6 +629,9 @@ impl ReportWriter for Xlsx {
             // Long rows (x, series, y) become a hidden sheet with one column per series.
             let data_name = self.sheet_name(&format!("{} data", sheet.name));
             let (x_values, series_names, cells) = pivot(&sheet.points);
+            if series_names.is_empty() {
+                return Ok(());
+            }
             let x_kind = sheet.kinds[usize::from(col(&def.x))];
             let x_format = match x_kind {
                 CellKind::Date => Some(self.date.clone()),

@@ -688,6 +688,72 @@ async fn schedules_fire_missed_runs_run_once_and_old_runs_expire() {
     assert_eq!(status, 404);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn built_in_reports_load_run_and_keep_a_users_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(dir.path(), &[]).await;
+    let stock = r#"{"event_id":"s1","event_time":"2026-11-25T08:00:00Z","sku":"SKU-1","warehouse_id":"W1","kind":"receipt","quantity":5}"#;
+    assert_eq!(
+        server
+            .post("inventory", "application/x-ndjson", stock)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        server
+            .post("orders", "application/x-ndjson", orders(50))
+            .await
+            .status(),
+        200
+    );
+    let daily = server.get_json("/v1/reports/daily_sales").await;
+    assert_eq!(daily["owner"], "built-in", "{daily}");
+    assert_eq!(daily["format"], "xlsx");
+    // `serve` runs them on request only.
+    assert!(daily["schedule"].is_null(), "{daily}");
+    assert!(daily["next_run"].is_null(), "{daily}");
+    // No forecast tables yet: the weekly report leaves out its optional queries.
+    let weekly = server.get_json("/v1/reports/weekly_stock").await;
+    let titles: Vec<&str> = weekly["queries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["title"].as_str().unwrap())
+        .collect();
+    assert_eq!(titles, ["Low stock", "Sell-through"], "{weekly}");
+    let run = run_to_end(&server, "weekly_stock", None).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    let (pdf, ct, _) = download(&server, &run).await;
+    assert_eq!(ct, "application/pdf");
+    let path = artifact_dir().join("weekly_stock.pdf");
+    std::fs::write(&path, &pdf).unwrap();
+    let text = poppler("pdftotext", &["-layout", path.to_str().unwrap(), "-"]);
+    assert!(
+        text.contains("Weekly stock") && text.contains("SKU-1"),
+        "{text}"
+    );
+    let run = run_to_end(&server, "daily_sales", None).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    assert_eq!(run["queries"].as_array().unwrap().len(), 4, "{run}");
+
+    // A user's own version of a built-in report survives a restart.
+    let (status, body) = send(
+        &server,
+        reqwest::Method::PUT,
+        ADMIN,
+        "/v1/reports/daily_sales",
+        Some(json!({"format": "csv", "queries": [{"sql": BY_WAREHOUSE}]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["owner"], "admin");
+    server.restart().await;
+    let daily = server.get_json("/v1/reports/daily_sales").await;
+    assert_eq!(daily["format"], "csv", "{daily}");
+    assert_eq!(daily["created_at"], body["created_at"]);
+}
+
 /// Waits until the email of run `id` is in `state`; the run.
 async fn delivered(server: &TestServer, id: &str, state: &str) -> Value {
     let path = format!("/v1/reports/mailed/runs/{id}");

@@ -247,6 +247,32 @@ async fn demo_feeds_both_streams_and_stops_cleanly() {
         rows("orders") > 100 && rows("inventory") > 100
     })
     .await;
+    // The demo schedules the built-in reports.
+    let reports: serde_json::Value = client
+        .get(format!("{url}/v1/reports"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let schedule = |name: &str| {
+        reports["reports"]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["name"] == name))
+            .map(|r| r["schedule"].clone())
+    };
+    assert_eq!(
+        schedule("daily_sales"),
+        Some("0 7 * * *".into()),
+        "{reports}"
+    );
+    assert_eq!(
+        schedule("weekly_stock"),
+        Some("0 7 * * MON".into()),
+        "{reports}"
+    );
     Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
