@@ -254,7 +254,7 @@ pub(crate) async fn create(
             ));
         }
     };
-    match execute_ddl(&engine, &principal, ddl).await? {
+    match execute_ddl(&engine, &state.reports, &principal, ddl).await? {
         DdlOutcome::Done { status, body, .. } => Ok((status, Json(body)).into_response()),
         DdlOutcome::Plan(_) => Err(ApiError::bad_request(
             "invalid_alert",
@@ -310,7 +310,7 @@ pub(crate) async fn delete(
         name,
         if_exists: false,
     };
-    match execute_ddl(&engine, &principal, ddl).await? {
+    match execute_ddl(&engine, &state.reports, &principal, ddl).await? {
         DdlOutcome::Done { body, .. } => Ok(Json(body)),
         DdlOutcome::Plan(_) => Err(ApiError::bad_request("invalid_alert", "not a drop")),
     }

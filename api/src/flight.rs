@@ -187,7 +187,7 @@ impl QuiverFlight {
         let (plan, slot) = match planned {
             (Prepared::Query(plan), slot) => (*plan, slot),
             (Prepared::Ddl(ddl), _) => {
-                let batch = ddl_batch(engine, principal, ddl).await?;
+                let batch = ddl_batch(engine, &self.state.reports, principal, ddl).await?;
                 return Ok(batches_response(
                     batch.schema(),
                     futures::stream::iter([Ok(batch)]),
@@ -311,11 +311,15 @@ fn ddl_schema(ddl: &QuiverDdl) -> SchemaRef {
 
 async fn ddl_batch(
     engine: &Engine,
+    reports: &crate::reports::Reports,
     principal: &Principal,
     ddl: QuiverDdl,
 ) -> Result<RecordBatch, Status> {
     let schema = ddl_schema(&ddl);
-    let lines = match execute_ddl(engine, principal, ddl).await.map_err(status)? {
+    let lines = match execute_ddl(engine, reports, principal, ddl)
+        .await
+        .map_err(status)?
+    {
         DdlOutcome::Done { body, .. } => vec![body.to_string()],
         DdlOutcome::Plan(lines) => lines,
     };
@@ -466,7 +470,9 @@ impl FlightSqlService for QuiverFlight {
             .map_err(|e| status(ApiError::from(e)))?
         {
             Prepared::Ddl(ddl) => {
-                execute_ddl(engine, &principal, ddl).await.map_err(status)?;
+                execute_ddl(engine, &self.state.reports, &principal, ddl)
+                    .await
+                    .map_err(status)?;
                 Ok(0)
             }
             Prepared::Query(_) => Err(Status::invalid_argument(

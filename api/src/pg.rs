@@ -312,10 +312,12 @@ impl PgService {
 
     async fn ddl(&self, conn: &PgConn, ddl: QuiverDdl) -> Result<Response, ApiError> {
         let engine = self.engine()?;
-        Ok(match execute_ddl(engine, &conn.principal, ddl).await? {
-            DdlOutcome::Done { tag, .. } => Response::Execution(Tag::new(tag)),
-            DdlOutcome::Plan(lines) => Response::Query(text_rows("plan", lines)),
-        })
+        Ok(
+            match execute_ddl(engine, &self.state.reports, &conn.principal, ddl).await? {
+                DdlOutcome::Done { tag, .. } => Response::Execution(Tag::new(tag)),
+                DdlOutcome::Plan(lines) => Response::Query(text_rows("plan", lines)),
+            },
+        )
     }
 
     /// Starts a planned query and answers with its rows as they come.

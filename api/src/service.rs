@@ -16,6 +16,7 @@ use tracing::info;
 
 use crate::auth::{Principal, Scope};
 use crate::error::{ApiError, ApiResult, ErrorKind};
+use crate::reports::{ReportError, Reports};
 use crate::state::AppState;
 
 /// A running query's slot; the active-queries gauge follows it.
@@ -88,6 +89,7 @@ pub(crate) enum DdlOutcome {
 /// Runs a DDL statement: writes need the admin scope, on every surface.
 pub(crate) async fn execute_ddl(
     engine: &Engine,
+    reports: &Reports,
     principal: &Principal,
     ddl: QuiverDdl,
 ) -> ApiResult<DdlOutcome> {
@@ -99,9 +101,11 @@ pub(crate) async fn execute_ddl(
         QuiverDdl::DropMaterializedView { name, .. } => Some(("drop", "view", name.clone())),
         QuiverDdl::CreateAlert { rule, .. } => Some(("create", "alert", rule.name.clone())),
         QuiverDdl::DropAlert { name, .. } => Some(("drop", "alert", name.clone())),
+        QuiverDdl::CreateReport { name, .. } => Some(("create", "report", name.clone())),
+        QuiverDdl::DropReport { name, .. } => Some(("drop", "report", name.clone())),
         QuiverDdl::ExplainMaterializedView { .. } => None,
     };
-    let outcome = run_ddl(engine, principal, ddl).await?;
+    let outcome = run_ddl(engine, reports, principal, ddl).await?;
     // Only what changed something is recorded (IF NOT EXISTS on an existing one is not).
     let changed = match &outcome {
         DdlOutcome::Done { body, .. } => {
@@ -118,7 +122,12 @@ pub(crate) async fn execute_ddl(
     Ok(outcome)
 }
 
-async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiResult<DdlOutcome> {
+async fn run_ddl(
+    engine: &Engine,
+    reports: &Reports,
+    principal: &Principal,
+    ddl: QuiverDdl,
+) -> ApiResult<DdlOutcome> {
     // The answer names the statement it ran.
     let done = |status, tag: &'static str, mut body: Value| {
         body["statement"] = json!(tag);
@@ -233,6 +242,56 @@ async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiR
                 StatusCode::OK,
                 "DROP ALERT",
                 json!({"alert": name, "dropped": dropped}),
+            )
+        }
+        QuiverDdl::CreateReport {
+            name,
+            if_not_exists,
+            title,
+            format,
+            schedule,
+            email,
+            sql,
+        } => {
+            if if_not_exists && reports.get(&name).is_ok() {
+                return done(
+                    StatusCode::OK,
+                    "CREATE REPORT",
+                    json!({"report": name, "created": false}),
+                );
+            }
+            let def: crate::reports::ReportDef = serde_json::from_value(json!({
+                "name": name, "title": title, "format": format, "schedule": schedule,
+                "email": email, "queries": [{"sql": sql}],
+            }))
+            .map_err(|e| ApiError::bad_request("invalid_report", format!("CREATE REPORT: {e}")))?;
+            reports
+                .create(engine, def, &principal.name, false)
+                .await
+                .map_err(|e| match e {
+                    ReportError::Invalid(m) => {
+                        ApiError::bad_request("invalid_report", format!("CREATE REPORT: {m}"))
+                    }
+                    other => ApiError::from(other),
+                })?;
+            info!(report = %name, principal = %principal.token_id, "CREATE REPORT");
+            done(
+                StatusCode::CREATED,
+                "CREATE REPORT",
+                json!({"report": name, "created": true}),
+            )
+        }
+        QuiverDdl::DropReport { name, if_exists } => {
+            let dropped = match reports.delete(&name).await {
+                Ok(()) => true,
+                Err(ReportError::NotFound(_)) if if_exists => false,
+                Err(e) => return Err(e.into()),
+            };
+            info!(report = %name, principal = %principal.token_id, "DROP REPORT");
+            done(
+                StatusCode::OK,
+                "DROP REPORT",
+                json!({"report": name, "dropped": dropped}),
             )
         }
         QuiverDdl::ExplainMaterializedView { name } => Ok(DdlOutcome::Plan(

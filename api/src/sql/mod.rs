@@ -97,7 +97,7 @@ pub(crate) async fn sql(
     .unwrap_or_else(|_| Err(QueryError::Timeout(engine.query_options().timeout)));
     let result = match planned {
         Err(e) => Err(ApiError::from(e)),
-        Ok((Prepared::Ddl(ddl), _slot)) => run_ddl(engine, &principal, ddl).await,
+        Ok((Prepared::Ddl(ddl), _slot)) => run_ddl(engine, &state.reports, &principal, ddl).await,
         Ok((Prepared::Query(plan), slot)) => {
             run_query(&state, engine, session, *plan, format, deadline, slot).await
         }
@@ -167,8 +167,13 @@ pub(crate) fn json_param(index: usize, value: &Value) -> ApiResult<ScalarValue> 
     })
 }
 
-async fn run_ddl(engine: &Engine, principal: &Principal, ddl: QuiverDdl) -> ApiResult<Response> {
-    Ok(match execute_ddl(engine, principal, ddl).await? {
+async fn run_ddl(
+    engine: &Engine,
+    reports: &crate::reports::Reports,
+    principal: &Principal,
+    ddl: QuiverDdl,
+) -> ApiResult<Response> {
+    Ok(match execute_ddl(engine, reports, principal, ddl).await? {
         DdlOutcome::Done { status, body, .. } => (status, Json(body)).into_response(),
         DdlOutcome::Plan(lines) => {
             let rows: Vec<Value> = lines.into_iter().map(|l| json!([l])).collect();

@@ -754,6 +754,112 @@ async fn built_in_reports_load_run_and_keep_a_users_changes() {
     assert_eq!(daily["created_at"], body["created_at"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_report_and_drop_report_in_sql() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), &["--report-dir", "none"]).await;
+    assert_eq!(
+        server
+            .post("orders", "application/x-ndjson", orders(20))
+            .await
+            .status(),
+        200
+    );
+    let sql = |token: &'static str, text: &'static str| {
+        let server = &server;
+        async move {
+            let resp = server.sql_as(token, text, json!([]), "json").await;
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let create = "CREATE REPORT weekly TITLE 'Weekly sales' FORMAT csv \
+                  SCHEDULE 'CRON_TZ=Europe/Paris 0 7 * * MON' \
+                  EMAIL 'a@example.com', 'b@example.com' \
+                  AS SELECT warehouse_id, COUNT(*) AS n FROM orders WHERE sku <> 'x' GROUP BY 1 ORDER BY 1;";
+    let (status, body) = sql(ADMIN, create).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["created"], true);
+    let report = server.get_json("/v1/reports/weekly").await;
+    assert_eq!(report["title"], "Weekly sales", "{report}");
+    assert_eq!(report["schedule"], "CRON_TZ=Europe/Paris 0 7 * * MON");
+    assert_eq!(report["email"], json!(["a@example.com", "b@example.com"]));
+    let query = report["queries"][0]["sql"].as_str().unwrap();
+    assert!(
+        query.starts_with("SELECT warehouse_id") && query.contains("'x'"),
+        "{query}"
+    );
+    let run = run_to_end(&server, "weekly", None).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    assert_eq!(run["rows"], 4, "{run}");
+
+    let (status, body) = sql(ADMIN, create).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = sql(
+        ADMIN,
+        "CREATE REPORT IF NOT EXISTS weekly FORMAT pdf AS SELECT 1",
+    )
+    .await;
+    assert_eq!((status, &body["created"]), (200, &json!(false)), "{body}");
+    for (text, want) in [
+        (
+            "CREATE REPORT r FORMAT docx AS SELECT 1",
+            "unknown format 'docx'",
+        ),
+        (
+            "CREATE REPORT r FORMAT csv AS DROP MATERIALIZED VIEW low_stock",
+            "a report runs queries only",
+        ),
+        (
+            "CREATE REPORT r FORMAT csv SCHEDULE 'soon' AS SELECT 1",
+            "schedule: 'soon'",
+        ),
+        ("CREATE REPORT r AS SELECT 1", "FORMAT is required"),
+        (
+            "CREATE REPORT r FORMAT csv TITLE AS SELECT 1",
+            "TITLE takes a quoted string",
+        ),
+        (
+            "CREATE REPORT r FORMAT csv COLOUR 'red' AS SELECT 1",
+            "found 'COLOUR'",
+        ),
+    ] {
+        let (status, body) = sql(ADMIN, text).await;
+        assert_eq!(status, 400, "{text}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(want), "{text}: {message}");
+    }
+    let (_, token) = send(
+        &server,
+        reqwest::Method::POST,
+        ADMIN,
+        "/v1/tokens",
+        Some(json!({"name": "viewer", "scopes": ["read"]})),
+    )
+    .await;
+    let reader: &'static str =
+        Box::leak(token["token"].as_str().unwrap().to_owned().into_boxed_str());
+    let (status, body) = sql(reader, "DROP REPORT weekly").await;
+    assert_eq!(status, 403, "{body}");
+
+    // Over the Postgres wire too.
+    let out = crate::bi::psql_ok(&server, "DROP REPORT weekly");
+    assert!(out.contains("DROP REPORT"), "{out}");
+    let (status, _) = send(
+        &server,
+        reqwest::Method::GET,
+        ADMIN,
+        "/v1/reports/weekly",
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, body) = sql(ADMIN, "DROP REPORT IF EXISTS weekly").await;
+    assert_eq!((status, &body["dropped"]), (200, &json!(false)), "{body}");
+    let (status, body) = sql(ADMIN, "DROP REPORT weekly").await;
+    assert_eq!(status, 404, "{body}");
+}
+
 /// Waits until the email of run `id` is in `state`; the run.
 async fn delivered(server: &TestServer, id: &str, state: &str) -> Value {
     let path = format!("/v1/reports/mailed/runs/{id}");

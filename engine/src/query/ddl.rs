@@ -55,6 +55,26 @@ pub enum QuiverDdl {
         /// Succeed when the alert does not exist.
         if_exists: bool,
     },
+    /// `CREATE REPORT [IF NOT EXISTS] name [TITLE '…'] FORMAT f [SCHEDULE '…']
+    /// [EMAIL 'a', …] AS <query>`: a report of one query (the HTTP API takes several,
+    /// with charts).
+    CreateReport {
+        name: String,
+        if_not_exists: bool,
+        title: Option<String>,
+        format: String,
+        schedule: Option<String>,
+        email: Vec<String>,
+        /// The query after `AS`.
+        sql: String,
+    },
+    /// `DROP REPORT [IF EXISTS] name`.
+    DropReport {
+        /// Report name.
+        name: String,
+        /// Succeed when the report does not exist.
+        if_exists: bool,
+    },
 }
 
 impl QuiverDdl {
@@ -67,6 +87,8 @@ impl QuiverDdl {
             Self::ExplainMaterializedView { .. } => "EXPLAIN MATERIALIZED VIEW",
             Self::CreateAlert { .. } => "CREATE ALERT",
             Self::DropAlert { .. } => "DROP ALERT",
+            Self::CreateReport { .. } => "CREATE REPORT",
+            Self::DropReport { .. } => "DROP REPORT",
         }
     }
 
@@ -129,32 +151,14 @@ pub(super) fn parse(sql: &str) -> Result<Option<QuiverDdl>, QueryError> {
                 if_not_exists,
             }))
         }
+        ["CREATE", "REPORT", ..] => parse_create_report(&tokens).map(Some),
+        ["DROP", "REPORT", ..] => {
+            let (name, if_exists) = drop_target(&tokens, "DROP REPORT [IF EXISTS] name")?;
+            Ok(Some(QuiverDdl::DropReport { name, if_exists }))
+        }
         ["DROP", "ALERT", ..] => {
-            let rest: Vec<String> = tokens
-                .iter()
-                .filter(|t| !matches!(t, Token::Whitespace(_) | Token::SemiColon))
-                .skip(2)
-                .map(|t| match t {
-                    Token::Word(w) => w.value.clone(),
-                    other => other.to_string(),
-                })
-                .collect();
-            let upper: Vec<String> = rest.iter().map(|w| w.to_ascii_uppercase()).collect();
-            match (upper.as_slice(), rest.as_slice()) {
-                ([i, e, _], [_, _, name]) if i == "IF" && e == "EXISTS" => {
-                    Ok(Some(QuiverDdl::DropAlert {
-                        name: name.clone(),
-                        if_exists: true,
-                    }))
-                }
-                (_, [name]) => Ok(Some(QuiverDdl::DropAlert {
-                    name: name.clone(),
-                    if_exists: false,
-                })),
-                _ => Err(QueryError::Invalid(
-                    "expected DROP ALERT [IF EXISTS] name".into(),
-                )),
-            }
+            let (name, if_exists) = drop_target(&tokens, "DROP ALERT [IF EXISTS] name")?;
+            Ok(Some(QuiverDdl::DropAlert { name, if_exists }))
         }
         ["EXPLAIN", "MATERIALIZED", "VIEW", ..] => {
             let rest: Vec<&Token> = tokens
@@ -211,6 +215,113 @@ fn find_words(sql: &str, words: &[&str]) -> Option<usize> {
         at = upper[at..].find(w).map(|i| at + i + w.len())?;
     }
     Some(at)
+}
+
+/// The name (and `IF EXISTS`) of a `DROP <kind> [IF EXISTS] name` statement.
+fn drop_target(tokens: &[Token], expected: &str) -> Result<(String, bool), QueryError> {
+    let rest: Vec<String> = tokens
+        .iter()
+        .filter(|t| !matches!(t, Token::Whitespace(_) | Token::SemiColon))
+        .skip(2)
+        .map(|t| match t {
+            Token::Word(w) => w.value.clone(),
+            other => other.to_string(),
+        })
+        .collect();
+    let upper: Vec<String> = rest.iter().map(|w| w.to_ascii_uppercase()).collect();
+    match (upper.as_slice(), rest.as_slice()) {
+        ([i, e, _], [_, _, name]) if i == "IF" && e == "EXISTS" => Ok((name.clone(), true)),
+        (_, [name]) => Ok((name.clone(), false)),
+        _ => Err(QueryError::Invalid(format!("expected {expected}"))),
+    }
+}
+
+/// `CREATE REPORT [IF NOT EXISTS] name [TITLE '…'] FORMAT f [SCHEDULE '…']
+/// [EMAIL 'a', …] AS <query>`.
+fn parse_create_report(tokens: &[Token]) -> Result<QuiverDdl, QueryError> {
+    let err = |m: String| QueryError::Invalid(format!("CREATE REPORT: {m}"));
+    let significant: Vec<(usize, &Token)> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| !matches!(t, Token::Whitespace(_)))
+        .collect();
+    let word = |i: usize| match significant.get(i) {
+        Some((_, Token::Word(w))) => Some(w.value.to_ascii_uppercase()),
+        _ => None,
+    };
+    let mut at = 2;
+    let if_not_exists = word(2).as_deref() == Some("IF");
+    if if_not_exists {
+        if word(3).as_deref() != Some("NOT") || word(4).as_deref() != Some("EXISTS") {
+            return Err(err("expected IF NOT EXISTS".into()));
+        }
+        at = 5;
+    }
+    let name = match significant.get(at) {
+        Some((_, Token::Word(w))) => w.value.clone(),
+        _ => return Err(err("expected the report's name after CREATE REPORT".into())),
+    };
+    at += 1;
+    let (mut title, mut format, mut schedule, mut email) = (None, None, None, Vec::new());
+    let text = |i: usize, clause: &str| match significant.get(i) {
+        Some((_, Token::SingleQuotedString(s))) => Ok(s.clone()),
+        _ => Err(err(format!("{clause} takes a quoted string"))),
+    };
+    let query_from = loop {
+        match word(at).as_deref() {
+            Some("TITLE") => {
+                title = Some(text(at + 1, "TITLE")?);
+                at += 2;
+            }
+            Some("SCHEDULE") => {
+                schedule = Some(text(at + 1, "SCHEDULE")?);
+                at += 2;
+            }
+            Some("FORMAT") => {
+                format = Some(
+                    word(at + 1)
+                        .ok_or_else(|| err("FORMAT takes csv, xlsx, pdf or parquet".into()))?,
+                );
+                at += 2;
+            }
+            Some("EMAIL") => {
+                email.push(text(at + 1, "EMAIL")?);
+                at += 2;
+                while matches!(significant.get(at), Some((_, Token::Comma))) {
+                    email.push(text(at + 1, "EMAIL")?);
+                    at += 2;
+                }
+            }
+            Some("AS") => break significant[at].0 + 1,
+            _ => {
+                let found = significant
+                    .get(at)
+                    .map_or_else(|| "the end".to_owned(), |(_, t)| format!("'{t}'"));
+                return Err(err(format!(
+                    "expected TITLE, FORMAT, SCHEDULE, EMAIL or AS, found {found}"
+                )));
+            }
+        }
+    };
+    let sql: String = tokens[query_from..]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let sql = sql.trim().trim_end_matches(';').trim().to_owned();
+    if sql.is_empty() {
+        return Err(err("expected a query after AS".into()));
+    }
+    Ok(QuiverDdl::CreateReport {
+        name,
+        if_not_exists,
+        title,
+        format: format
+            .ok_or_else(|| err("FORMAT is required (csv, xlsx, pdf or parquet)".into()))?
+            .to_ascii_lowercase(),
+        schedule,
+        email,
+        sql,
+    })
 }
 
 /// `SHOW ALERTS` as the query over the `alerts` table it stands for.

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# A 1,000,000-row report in each format, timed from outside: generates events with
+# `quiver generate`, loads them over HTTP into a release server on a scratch store,
+# restarts it (everything flushed to Delta), creates one report per format over
+# `SELECT … FROM orders LIMIT 1000000` and runs each through POST /v1/reports/{name}/run,
+# timing from the request to the run's end, sampling the server's RSS every 50 ms, and
+# downloading the file. benches/reports.py does the runs.
+#
+#   benches/reports.sh [rows] [runs]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. benches/lib.sh
+rows="${1:-1000000}"
+runs="${2:-3}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/quiver-target}"
+if [ -z "${QUIVER_BENCH_BIN:-}" ]; then
+  cargo build --release -p quiver-api -p quiver-benches --bin quiver
+fi
+bin="${QUIVER_BENCH_BIN:-$CARGO_TARGET_DIR/release/quiver}"
+
+scratch="$(mktemp -d)"
+port=18091
+token="bench-admin-token"
+pid=""
+trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; rm -rf "$scratch"' EXIT
+
+serve() {
+  QUIVER_ADMIN_TOKEN="$token" QUIVER_LOG=warn "$bin" serve \
+    --store "file://$scratch/store" --http-addr "127.0.0.1:$port" \
+    --upkeep-interval 0s --kpi-dir none --report-dir none >>"$scratch/server.log" 2>&1 &
+  pid=$!
+  wait_ready "$port"
+}
+
+# About 0.8 order lines per event: enough events for the rows asked for.
+"$bin" generate --events "$((rows * 3 / 2))" --format arrow --out "$scratch/gen" --seed 11
+serve
+"$bin" load "$scratch/gen/orders.arrow" --stream orders --url "http://127.0.0.1:$port" --token "$token"
+kill -TERM "$pid"; wait "$pid" || true
+rm -rf "$scratch/gen"
+serve
+python3 -u benches/reports.py "http://127.0.0.1:$port" "$token" "$pid" "$rows" "$runs"
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"
