@@ -9,7 +9,8 @@
 //!
 //! With `--job forecast` the driver starts that batch job over HTTP `--job-after` into
 //! the run and splits the latency into what arrived while the job ran and what arrived
-//! while none did, so one run compares the two.
+//! while none did, so one run compares the two. `--job report:NAME` does the same with a
+//! run of report NAME.
 //!
 //! Only loopback targets are accepted, and the run stops by itself.
 
@@ -51,8 +52,8 @@ struct Args {
     /// Server process id, to sample its RSS.
     #[arg(long)]
     server_pid: Option<u32>,
-    /// A batch job to start during the run (`forecast`, `anomalies`); the token then
-    /// needs the admin scope.
+    /// A batch job to start during the run (`forecast`, `anomalies`, or `report:NAME`
+    /// for a run of that report); the token then needs the admin scope.
     #[arg(long)]
     job: Option<String>,
     /// When to start the job, after measuring begins.
@@ -144,6 +145,9 @@ async fn run_job(
     t0: Instant,
 ) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
+    if let Some(report) = kind.strip_prefix("report:") {
+        return run_report(&client, &base, &token, report, &split, t0).await;
+    }
     let started = client
         .post(format!("{base}/v1/jobs/{kind}"))
         .bearer_auth(&token)
@@ -186,6 +190,58 @@ async fn run_job(
                 last["state"].as_str().unwrap_or("?"),
                 last["series"],
                 last["rows"]
+            );
+            return Ok(());
+        }
+    }
+}
+
+/// Runs report `name` and keeps `split.running` true until the run ends.
+async fn run_report(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    name: &str,
+    split: &JobSplit,
+    t0: Instant,
+) -> anyhow::Result<()> {
+    let started = client
+        .post(format!("{base}/v1/reports/{name}/run"))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    if !started.status().is_success() {
+        bail!(
+            "running report {name}: {} {}",
+            started.status(),
+            started.text().await?
+        );
+    }
+    let run: serde_json::Value = started.json().await?;
+    let id = run["id"].as_str().context("no run id")?.to_owned();
+    split.running.store(true, Ordering::Relaxed);
+    println!(
+        "{:>5.0}s  report {name} run {id} started",
+        t0.elapsed().as_secs_f64()
+    );
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let run: serde_json::Value = client
+            .get(format!("{base}/v1/reports/{name}/runs/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if run["state"] == "succeeded" || run["state"] == "failed" {
+            split.running.store(false, Ordering::Relaxed);
+            println!(
+                "{:>5.0}s  report {name} run {id} {}: {} rows, {} bytes {}",
+                t0.elapsed().as_secs_f64(),
+                run["state"].as_str().unwrap_or("?"),
+                run["rows"],
+                run["bytes"],
+                run["error"].as_str().unwrap_or("")
             );
             return Ok(());
         }
