@@ -39,7 +39,7 @@ const BY_HOUR: &str = "SELECT date_bin(INTERVAL '1 hour', event_time) AS hour, w
 const ALL_LINES: &str = "SELECT event_id, event_time, sku, quantity, unit_price FROM orders \
                          ORDER BY event_id";
 
-async fn create(server: &TestServer, def: Value) -> Value {
+pub(crate) async fn create(server: &TestServer, def: Value) -> Value {
     let (status, body) = send(
         server,
         reqwest::Method::POST,
@@ -53,7 +53,7 @@ async fn create(server: &TestServer, def: Value) -> Value {
 }
 
 /// Runs a report now and waits for the run to end; the run.
-async fn run_to_end(server: &TestServer, name: &str, body: Option<Value>) -> Value {
+pub(crate) async fn run_to_end(server: &TestServer, name: &str, body: Option<Value>) -> Value {
     let (status, run) = send(
         server,
         reqwest::Method::POST,
@@ -82,7 +82,7 @@ async fn wait_run(server: &TestServer, name: &str, id: &str) -> Value {
 }
 
 /// Downloads a run's file; its bytes, content type and disposition.
-async fn download(server: &TestServer, run: &Value) -> (Vec<u8>, String, String) {
+pub(crate) async fn download(server: &TestServer, run: &Value) -> (Vec<u8>, String, String) {
     let resp = server
         .client
         .get(format!(

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use object_store::ObjectStore as _;
+use object_store::ObjectStoreExt as _;
 use serde_json::Value;
 
 use crate::common::*;
@@ -234,6 +235,28 @@ async fn s3_store_with_two_concurrent_writers() {
         .filter(|m| m.location.as_ref().ends_with(".json"))
         .count();
     assert!(commits > 4, "expected many commits, got {commits}");
+
+    // A report's file goes to the same S3 store, and comes back from it.
+    crate::reports::create(
+        &a,
+        serde_json::json!({"name": "on_s3", "format": "csv", "queries": [
+            {"sql": "SELECT COUNT(*) AS n FROM orders"}]}),
+    )
+    .await;
+    let run = crate::reports::run_to_end(&a, "on_s3", None).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    let (bytes, _, _) = crate::reports::download(&a, &run).await;
+    assert_eq!(
+        String::from_utf8(bytes).unwrap(),
+        format!("n\n{}\n", na + nb)
+    );
+    let key = format!("reports/on_s3/{}.csv", run["id"].as_str().unwrap());
+    let meta = log
+        .object_store()
+        .head(&log.path(&key).unwrap())
+        .await
+        .expect("the report file is in the bucket");
+    assert_eq!(Some(meta.size), run["bytes"].as_u64());
 }
 
 /// The `units_sold` view on `server`, checked against a recompute over the events
