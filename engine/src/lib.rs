@@ -33,7 +33,9 @@ pub mod wal;
 pub use engine::{Engine, EngineConfig, IdempotencyKey, IngestOutcome, StreamInfo, node_id};
 pub use error::{Error, Result};
 pub use metrics::EngineMetrics;
-pub use query::{Prepared, QueryError, QueryOptions, QuerySession, QuiverDdl, bind_params};
+pub use query::{
+    Prepared, QueryError, QueryOptions, QuerySession, QuiverDdl, bind_params, cast_param,
+};
 pub use schema::{ColumnDef, ColumnType, Rule, StreamSchema};
 pub use store::Store;
 pub use table::{TableAt, TableOptions};

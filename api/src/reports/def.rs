@@ -134,11 +134,7 @@ impl ReportDef {
 
     /// The stored file's content type.
     pub(crate) fn content_type(&self) -> &'static str {
-        if self.file_extension() == "zip" {
-            "application/zip"
-        } else {
-            self.format.content_type()
-        }
+        content_type_of(self.file_extension())
     }
 
     /// The parsed schedule, if it has one.
@@ -198,6 +194,16 @@ impl ReportDef {
             }
         }
         Ok(())
+    }
+}
+
+/// The content type of a stored report file with extension `ext`.
+pub(crate) fn content_type_of(ext: &str) -> &'static str {
+    match ext {
+        "zip" => "application/zip",
+        other => other
+            .parse::<Format>()
+            .map_or("application/octet-stream", Format::content_type),
     }
 }
 

@@ -37,7 +37,6 @@ use tokio::sync::{Notify, mpsc};
 use tracing::{info, warn};
 
 pub(crate) use def::ReportDef;
-use def::{ChartKind, Format};
 
 use crate::state::AppState;
 
@@ -582,18 +581,7 @@ impl Reports {
 
     /// The content type of a run's file.
     pub(crate) fn content_type(&self, run: &Run) -> &'static str {
-        let live = self.live.lock();
-        match run.extension.as_deref() {
-            Some("zip") => "application/zip",
-            Some("csv") => Format::Csv.content_type(),
-            Some("xlsx") => Format::Xlsx.content_type(),
-            Some("pdf") => Format::Pdf.content_type(),
-            Some("parquet") => Format::Parquet.content_type(),
-            _ => live
-                .defs
-                .get(&run.report)
-                .map_or("application/octet-stream", |s| s.def.content_type()),
-        }
+        def::content_type_of(run.extension.as_deref().unwrap_or(""))
     }
 
     /// Queues a run now, with `params` over the report's own.
@@ -1213,7 +1201,6 @@ async fn check_query(engine: &Engine, def: &ReportDef, i: usize) -> Result<(), R
             )));
         }
     }
-    let _ = ChartKind::Line;
     Ok(())
 }
 
@@ -1242,16 +1229,7 @@ fn bind_named(
         })?;
         let scalar = crate::sql::json_param(0, value)
             .map_err(|e| QueryError::Invalid(format!("params.{name}: {}", e.message)))?;
-        let scalar = match ty {
-            Some(ty) if scalar.is_null() => datafusion::common::ScalarValue::try_from(&ty)?,
-            Some(ty) if scalar.data_type() != ty => scalar.cast_to(&ty).map_err(|e| {
-                QueryError::Invalid(format!(
-                    "params.{name}: {value} cannot be used as {ty}: {}",
-                    e.strip_backtrace()
-                ))
-            })?,
-            _ => scalar,
-        };
+        let scalar = quiver_engine::cast_param(&format!("params.{name}"), &scalar, ty.as_ref())?;
         values.insert(name.to_owned(), scalar.into());
     }
     Ok(plan.with_param_values(datafusion::common::ParamValues::Map(values))?)

@@ -492,15 +492,7 @@ async fn bad_reports_get_clear_errors_and_failed_runs_say_why() {
         assert!(message.contains(want), "{def}:\n{message}\nwanted: {want}");
     }
     // A read token may see reports but not create them.
-    let (_, token) = send(
-        &server,
-        reqwest::Method::POST,
-        ADMIN,
-        "/v1/tokens",
-        Some(json!({"name": "viewer", "scopes": ["read"]})),
-    )
-    .await;
-    let reader = token["token"].as_str().unwrap();
+    let reader = &read_token(&server).await;
     let (status, body) = send(
         &server,
         reqwest::Method::POST,
@@ -829,16 +821,7 @@ async fn create_report_and_drop_report_in_sql() {
         let message = body["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(want), "{text}: {message}");
     }
-    let (_, token) = send(
-        &server,
-        reqwest::Method::POST,
-        ADMIN,
-        "/v1/tokens",
-        Some(json!({"name": "viewer", "scopes": ["read"]})),
-    )
-    .await;
-    let reader: &'static str =
-        Box::leak(token["token"].as_str().unwrap().to_owned().into_boxed_str());
+    let reader: &'static str = Box::leak(read_token(&server).await.into_boxed_str());
     let (status, body) = sql(reader, "DROP REPORT weekly").await;
     assert_eq!(status, 403, "{body}");
 
@@ -858,6 +841,19 @@ async fn create_report_and_drop_report_in_sql() {
     assert_eq!((status, &body["dropped"]), (200, &json!(false)), "{body}");
     let (status, body) = sql(ADMIN, "DROP REPORT weekly").await;
     assert_eq!(status, 404, "{body}");
+}
+
+/// A new token with only the `read` scope.
+async fn read_token(server: &TestServer) -> String {
+    let (_, token) = send(
+        server,
+        reqwest::Method::POST,
+        ADMIN,
+        "/v1/tokens",
+        Some(json!({"name": "viewer", "scopes": ["read"]})),
+    )
+    .await;
+    token["token"].as_str().unwrap().to_owned()
 }
 
 /// Waits until the email of run `id` is in `state`; the run.

@@ -515,19 +515,30 @@ pub fn bind_params(plan: LogicalPlan, params: &[ScalarValue]) -> Result<LogicalP
                 "parameters must be numbered $1 … ${wanted}; {name} is not used"
             )));
         };
-        let value = match slot {
-            Some(ty) if value.data_type() != *ty && !value.is_null() => {
-                value.cast_to(ty).map_err(|e| {
-                    QueryError::Invalid(format!(
-                        "parameter {name}: {value} cannot be used as {ty}: {}",
-                        e.strip_backtrace()
-                    ))
-                })?
-            }
-            Some(ty) if value.is_null() => ScalarValue::try_from(ty)?,
-            _ => value.clone(),
-        };
-        values.push(value);
+        values.push(cast_param(
+            &format!("parameter {name}"),
+            value,
+            slot.as_ref(),
+        )?);
     }
     Ok(plan.with_param_values(ParamValues::from(values))?)
+}
+
+/// `value` as the type its placeholder needs (`ty`, when planning inferred one); a
+/// null becomes that type's null. `label` names the parameter in the error.
+pub fn cast_param(
+    label: &str,
+    value: &ScalarValue,
+    ty: Option<&datafusion::arrow::datatypes::DataType>,
+) -> Result<ScalarValue, QueryError> {
+    Ok(match ty {
+        Some(ty) if value.is_null() => ScalarValue::try_from(ty)?,
+        Some(ty) if value.data_type() != *ty => value.cast_to(ty).map_err(|e| {
+            QueryError::Invalid(format!(
+                "{label}: {value} cannot be used as {ty}: {}",
+                e.strip_backtrace()
+            ))
+        })?,
+        _ => value.clone(),
+    })
 }
