@@ -52,6 +52,20 @@ pub struct TokenRecord {
     pub hash: String,
     /// Creation time, RFC 3339.
     pub created_at: String,
+    /// When the token stops working, RFC 3339 (none: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+impl TokenRecord {
+    /// The expiry instant, if any (an unreadable one counts as already passed).
+    fn expiry(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.expires_at.as_deref().map(|t| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map(|t| t.to_utc())
+                .unwrap_or(chrono::DateTime::UNIX_EPOCH)
+        })
+    }
 }
 
 /// The caller, once authenticated.
@@ -103,6 +117,43 @@ pub(crate) struct NewToken {
     pub(crate) token: String,
     pub(crate) name: String,
     pub(crate) scopes: Vec<Scope>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) expires_at: Option<String>,
+}
+
+/// A rotation's result: the new token, and when the old one stops working.
+#[derive(Debug, Serialize)]
+pub(crate) struct Rotated {
+    #[serde(flatten)]
+    pub(crate) token: NewToken,
+    pub(crate) previous: RotatedFrom,
+}
+
+/// The token a rotation replaced.
+#[derive(Debug, Serialize)]
+pub(crate) struct RotatedFrom {
+    pub(crate) id: String,
+    pub(crate) expires_at: String,
+}
+
+fn new_secret() -> (String, String) {
+    let id = hex::encode(rand::random::<[u8; 6]>());
+    let token = format!("qv_{id}_{}", hex::encode(rand::random::<[u8; 20]>()));
+    (id, token)
+}
+
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// `now + ttl`, refusing a lifetime too long to represent.
+fn expiry_after(ttl: std::time::Duration) -> anyhow::Result<String> {
+    let ttl =
+        chrono::Duration::from_std(ttl).map_err(|_| anyhow::anyhow!("the lifetime is too long"))?;
+    let at = chrono::Utc::now()
+        .checked_add_signed(ttl)
+        .ok_or_else(|| anyhow::anyhow!("the lifetime is too long"))?;
+    Ok(rfc3339(at))
 }
 
 impl Tokens {
@@ -129,21 +180,27 @@ impl Tokens {
         let generated = if has_admin {
             None
         } else {
-            Some(this.create("admin", vec![Scope::Admin]).await?)
+            Some(this.create("admin", vec![Scope::Admin], None).await?)
         };
         Ok((this, generated))
     }
 
-    /// Makes a token.
-    pub(crate) async fn create(&self, name: &str, scopes: Vec<Scope>) -> anyhow::Result<NewToken> {
-        let id = hex::encode(rand::random::<[u8; 6]>());
-        let token = format!("qv_{id}_{}", hex::encode(rand::random::<[u8; 20]>()));
+    /// Makes a token, valid for `ttl` when given.
+    pub(crate) async fn create(
+        &self,
+        name: &str,
+        scopes: Vec<Scope>,
+        ttl: Option<std::time::Duration>,
+    ) -> anyhow::Result<NewToken> {
+        let (id, token) = new_secret();
+        let expires_at = ttl.map(expiry_after).transpose()?;
         let record = TokenRecord {
             id: id.clone(),
             name: name.to_owned(),
             scopes: scopes.clone(),
             hash: sha256_hex(&token),
             created_at: chrono::Utc::now().to_rfc3339(),
+            expires_at: expires_at.clone(),
         };
         let ((), all) = self
             .document
@@ -158,7 +215,61 @@ impl Tokens {
             token,
             name: name.to_owned(),
             scopes,
+            expires_at,
         })
+    }
+
+    /// Replaces token `id` without downtime: a new token with the same name and scopes
+    /// (valid for `ttl`, when given), while the old one keeps working for `grace` and
+    /// then expires. Both changes are one catalog write. `None` if there is no such token.
+    pub(crate) async fn rotate(
+        &self,
+        id: &str,
+        grace: std::time::Duration,
+        ttl: Option<std::time::Duration>,
+    ) -> anyhow::Result<Option<Rotated>> {
+        let (new_id, token) = new_secret();
+        let expires_at = ttl.map(expiry_after).transpose()?;
+        let old_expiry = expiry_after(grace)?;
+        let (rotated, all) = self
+            .document
+            .update(|list| {
+                let Some(old) = list.iter_mut().find(|r| r.id == id) else {
+                    return Ok(None);
+                };
+                // Never extend a token's life by rotating it.
+                let until = match old.expiry() {
+                    Some(at) if rfc3339(at) < old_expiry => rfc3339(at),
+                    _ => old_expiry.clone(),
+                };
+                old.expires_at = Some(until.clone());
+                let record = TokenRecord {
+                    id: new_id.clone(),
+                    name: old.name.clone(),
+                    scopes: old.scopes.clone(),
+                    hash: sha256_hex(&token),
+                    created_at: chrono::Utc::now().to_rfc3339(),
+                    expires_at: expires_at.clone(),
+                };
+                let made = NewToken {
+                    id: new_id.clone(),
+                    token: token.clone(),
+                    name: record.name.clone(),
+                    scopes: record.scopes.clone(),
+                    expires_at: expires_at.clone(),
+                };
+                list.push(record);
+                Ok(Some(Rotated {
+                    token: made,
+                    previous: RotatedFrom {
+                        id: id.to_owned(),
+                        expires_at: until,
+                    },
+                }))
+            })
+            .await?;
+        *self.records.write() = by_id(all);
+        Ok(rotated)
     }
 
     /// Removes a token; false if there was none with that id.
@@ -180,21 +291,33 @@ impl Tokens {
         self.records.read().values().cloned().collect()
     }
 
-    /// Checks a presented token.
-    pub(crate) fn verify(&self, token: &str) -> Option<Principal> {
+    /// Checks a presented token; the error says why it is refused.
+    pub(crate) fn check(&self, token: &str) -> Result<Principal, String> {
+        const INVALID: &str = "the token is not valid";
         let hash = sha256_hex(token);
         if self.env_admin_hash.as_deref() == Some(hash.as_str()) {
-            return Some(Principal {
+            return Ok(Principal {
                 token_id: "env-admin".into(),
                 name: "admin".into(),
                 scopes: vec![Scope::Admin],
             });
         }
-        let id = token.strip_prefix("qv_")?.split('_').next()?;
+        let id = token
+            .strip_prefix("qv_")
+            .and_then(|t| t.split('_').next())
+            .ok_or(INVALID)?;
         let records = self.records.read();
-        let rec = records.get(id)?;
+        let rec = records.get(id).ok_or(INVALID)?;
         // Both sides are hashes of secrets; comparing them leaks nothing useful.
-        (rec.hash == hash).then(|| Principal {
+        if rec.hash != hash {
+            return Err(INVALID.into());
+        }
+        if let Some(at) = rec.expiry()
+            && at <= chrono::Utc::now()
+        {
+            return Err(format!("the token expired at {}", rfc3339(at)));
+        }
+        Ok(Principal {
             token_id: rec.id.clone(),
             name: rec.name.clone(),
             scopes: rec.scopes.clone(),
@@ -217,8 +340,7 @@ impl Tokens {
             .ok_or_else(|| {
                 ApiError::unauthorized("the Authorization header must be 'Bearer <token>'")
             })?;
-        self.verify(token.trim())
-            .ok_or_else(|| ApiError::unauthorized("the token is not valid"))
+        self.check(token.trim()).map_err(ApiError::unauthorized)
     }
 }
 

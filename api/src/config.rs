@@ -35,6 +35,34 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_PG_TLS_KEY", requires = "pg_tls_cert")]
     pub pg_tls_key: Option<PathBuf>,
 
+    /// PEM certificate chain for HTTPS/WSS and Flight SQL over TLS (with --tls-key).
+    /// Also used for Postgres when --pg-tls-cert is not given. Reloaded on SIGHUP.
+    #[arg(long, env = "QUIVER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "QUIVER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Origins allowed to call the API from a browser (CORS), repeatable or
+    /// comma-separated; `*` for any. Off by default: only the dashboard's own origin.
+    #[arg(
+        long = "cors-origin",
+        env = "QUIVER_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
+
+    /// HTTP requests per second allowed per token (per client address for requests
+    /// without a token), on every endpoint but /health and /ready; past it, 429 with
+    /// `Retry-After`. Every limited answer carries `RateLimit-*` headers. 0: unlimited.
+    #[arg(long, env = "QUIVER_RATE_LIMIT", default_value_t = 0)]
+    pub rate_limit: u32,
+
+    /// Requests a client may send at once above --rate-limit (default: one second's worth).
+    #[arg(long, env = "QUIVER_RATE_LIMIT_BURST", default_value_t = 0)]
+    pub rate_limit_burst: u32,
+
     /// Arrow Flight SQL listen address (`off` to disable).
     #[arg(long, env = "QUIVER_FLIGHT_ADDR", default_value = "127.0.0.1:50051")]
     pub flight_addr: Listen,
@@ -318,12 +346,31 @@ pub struct ServeConfig {
     #[arg(long, env = "QUIVER_REPORT_CLOCK_START", value_parser = parse_instant_ms)]
     pub report_clock_start: Option<i64>,
 
+    /// Back the store up on a schedule to this location (a folder, file://PATH or
+    /// s3://BUCKET/PREFIX), flushing the buffers first; see `quiver backup`.
+    #[arg(long, env = "QUIVER_BACKUP_TO")]
+    pub backup_to: Option<String>,
+
+    /// When scheduled backups run (cron, seconds field optional, `CRON_TZ=` for a zone).
+    #[arg(long, env = "QUIVER_BACKUP_SCHEDULE", default_value = "0 */15 * * * *")]
+    pub backup_schedule: String,
+
     /// Alert notifications kept (the `notifications` table holds the newest).
     #[arg(long, env = "QUIVER_NOTIFICATIONS_KEEP", default_value_t = 1000)]
     pub notifications_keep: usize,
 
+    /// A fixed admin token (never stored). Prefer --admin-token-file, which keeps the
+    /// secret out of process listings and environment dumps.
     #[arg(long, env = "QUIVER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// File holding the admin token (e.g. a mounted secret); trailing newline ignored.
+    #[arg(long, env = "QUIVER_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// File holding --smtp-url (it may carry a password).
+    #[arg(long, env = "QUIVER_SMTP_URL_FILE", conflicts_with = "smtp_url")]
+    pub smtp_url_file: Option<PathBuf>,
 
     /// Log format: auto (pretty on a terminal, JSON otherwise), pretty or json.
     #[arg(long, env = "QUIVER_LOG_FORMAT", default_value = "auto")]
@@ -358,6 +405,38 @@ impl std::str::FromStr for Listen {
 }
 
 impl ServeConfig {
+    /// Reads the secrets given as files (`--admin-token-file`, `--smtp-url-file`) into
+    /// their settings; an error names the file.
+    pub fn resolve_secret_files(&mut self) -> anyhow::Result<()> {
+        if let Some(path) = &self.admin_token_file {
+            self.admin_token = Some(
+                quiver_engine::read_secret_file(path)
+                    .map_err(|e| anyhow::anyhow!("--admin-token-file: {e}"))?,
+            );
+        }
+        if let Some(path) = &self.smtp_url_file {
+            self.smtp_url = Some(
+                quiver_engine::read_secret_file(path)
+                    .map_err(|e| anyhow::anyhow!("--smtp-url-file: {e}"))?,
+            );
+        }
+        Ok(())
+    }
+
+    /// The TLS certificate for HTTP and Flight SQL, if any.
+    pub(crate) fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        let (cert, key) = self.tls_cert.clone().zip(self.tls_key.clone())?;
+        Some(crate::tls::TlsFiles { cert, key })
+    }
+
+    /// The TLS certificate for Postgres: its own, else the HTTP one.
+    pub(crate) fn pg_tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        match self.pg_tls_cert.clone().zip(self.pg_tls_key.clone()) {
+            Some((cert, key)) => Some(crate::tls::TlsFiles { cert, key }),
+            None => self.tls_files(),
+        }
+    }
+
     /// The WAL folder in effect.
     pub fn wal_dir(&self) -> PathBuf {
         if let Some(d) = &self.wal_dir {

@@ -58,6 +58,7 @@ use crate::state::AppState;
 pub(crate) async fn start(
     state: Arc<AppState>,
     addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr)
@@ -66,18 +67,32 @@ pub(crate) async fn start(
     let bound = listener.local_addr()?;
     let service =
         FlightServiceServer::new(QuiverFlight::new(state)).max_decoding_message_size(64 << 20);
-    info!(flight_addr = %bound, "Arrow Flight SQL listening");
+    info!(flight_addr = %bound, tls = tls.is_some(), "Arrow Flight SQL listening");
     let task = tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
+        let stop = async move {
+            let _ = shutdown.changed().await;
+        };
+        let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
-                async move {
-                    let _ = shutdown.changed().await;
-                },
-            )
-            .await;
+            .add_service(service);
+        let served = match tls {
+            None => {
+                router
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(listener),
+                        stop,
+                    )
+                    .await
+            }
+            Some(acceptor) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        crate::tls::flight_incoming(listener, acceptor),
+                        stop,
+                    )
+                    .await
+            }
+        };
         if let Err(e) = served {
             warn!(error = %e, "Flight SQL server failed");
         }
@@ -157,8 +172,8 @@ impl QuiverFlight {
         let principal = self
             .state
             .tokens
-            .verify(&token)
-            .ok_or_else(|| Status::unauthenticated("the token is not valid"))?;
+            .check(&token)
+            .map_err(Status::unauthenticated)?;
         if !principal.has(Scope::Read) {
             return Err(Status::permission_denied(
                 "this token lacks the 'read' scope needed to query",

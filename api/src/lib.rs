@@ -9,9 +9,11 @@
 
 mod alerts;
 pub mod auth;
+mod backups;
 pub mod cli;
 pub mod config;
 mod dashboards;
+mod edge;
 mod error;
 mod flight;
 mod jobs;
@@ -25,6 +27,7 @@ mod server;
 mod service;
 mod sql;
 mod state;
+mod tls;
 mod views;
 
 pub use config::ServeConfig;

@@ -22,6 +22,7 @@ pub(crate) struct MemoryMetrics {
     allocated: Gauge<u64, AtomicU64>,
     resident: Gauge<u64, AtomicU64>,
     rss: Gauge<u64, AtomicU64>,
+    limit: Gauge<u64, AtomicU64>,
 }
 
 impl MemoryMetrics {
@@ -33,6 +34,12 @@ impl MemoryMetrics {
             m.rss.clone(),
         );
         let registry = registry.sub_registry_with_prefix("quiver");
+        m.limit.set(memory_limit().unwrap_or(0));
+        registry.register(
+            "memory_limit_bytes",
+            "Memory the process may use: its cgroup's limit (a container's), else the machine's RAM",
+            m.limit.clone(),
+        );
         registry.register(
             "memory_allocated_bytes",
             "Bytes in live allocations (jemalloc stats.allocated)",
@@ -60,6 +67,28 @@ impl MemoryMetrics {
         if let Some(b) = quiver_engine::metrics::resident_bytes(std::process::id()) {
             self.rss.set(b);
         }
+    }
+}
+
+/// The cgroup's memory limit (v2, then v1), or the machine's RAM when there is none.
+fn memory_limit() -> Option<u64> {
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok())
+    .find_map(|t| t.trim().parse::<u64>().ok());
+    let ram = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    // cgroup v1 reports "no limit" as a huge number.
+    match (cgroup, ram) {
+        (Some(c), Some(r)) => Some(c.min(r)),
+        (c, r) => c.or(r),
     }
 }
 

@@ -59,21 +59,15 @@ use crate::error::{ApiError, ErrorKind};
 use crate::service::{DdlOutcome, execute_ddl, spawn_batches, take_slot};
 use crate::state::AppState;
 
-/// Where TLS certificates for the Postgres listener come from.
-#[derive(Debug, Clone)]
-pub(crate) struct PgTls {
-    pub(crate) cert: std::path::PathBuf,
-    pub(crate) key: std::path::PathBuf,
-}
-
 /// Binds the Postgres listener and serves it until `shutdown` changes.
 pub(crate) async fn start(
     state: Arc<AppState>,
     addr: SocketAddr,
-    tls: Option<PgTls>,
+    tls: Option<Arc<crate::tls::ReloadingCert>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let acceptor = tls.as_ref().map(tls_acceptor).transpose()?;
+    // No ALPN: clients negotiate TLS with an SSLRequest first.
+    let acceptor = tls.map(|cert| cert.acceptor(&[])).transpose()?;
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the Postgres listener on {addr}"))?;
@@ -107,26 +101,6 @@ pub(crate) async fn start(
         }
     });
     Ok((bound, task))
-}
-
-fn tls_acceptor(tls: &PgTls) -> anyhow::Result<pgwire::tokio::TlsAcceptor> {
-    use pgwire::tokio::tokio_rustls::rustls;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(&tls.cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("reading TLS certificates from {}", tls.cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key)
-        .with_context(|| format!("reading the TLS key from {}", tls.key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("TLS protocol versions")?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("the TLS certificate and key do not form a pair")?;
-    Ok(pgwire::tokio::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// pgwire's entry points, all served by one [`PgService`].
@@ -178,11 +152,13 @@ impl PgService {
 
     /// Checks the password (a token with `read`) and opens the connection's session.
     fn open(&self, password: &str) -> PgWireResult<PgConn> {
-        let principal = self.state.tokens.verify(password.trim()).ok_or_else(|| {
+        let principal = self.state.tokens.check(password.trim()).map_err(|why| {
             fatal(
                 "28P01",
-                "password authentication failed: the password must be a Quiver token \
-                     (the user name can be anything)",
+                &format!(
+                    "password authentication failed: {why} (the password must be a Quiver \
+                     token; the user name can be anything)"
+                ),
             )
         })?;
         if !principal.has(Scope::Read) {

@@ -270,6 +270,25 @@ fn decode_error(state: &AppState, stream: &str, e: quiver_ingest::Error) -> ApiE
 pub(crate) struct CreateToken {
     name: String,
     scopes: Vec<Scope>,
+    /// Lifetime, e.g. "90days" (none: until deleted).
+    #[serde(default)]
+    ttl: Option<String>,
+}
+
+/// A lifetime like "90days" or "1h"; the error names the field.
+fn lifetime(field: &str, text: Option<&str>) -> ApiResult<Option<std::time::Duration>> {
+    let Some(text) = text else { return Ok(None) };
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(Some(d)),
+        Ok(_) => Err(ApiError::bad_request(
+            "bad_request",
+            format!("{field} must be longer than zero"),
+        )),
+        Err(e) => Err(ApiError::bad_request(
+            "bad_request",
+            format!("{field} '{text}' is not a duration like \"90days\" or \"12h\": {e}"),
+        )),
+    }
 }
 
 pub(crate) async fn create_token(
@@ -283,7 +302,7 @@ pub(crate) async fn create_token(
         ApiError::bad_request(
             "bad_request",
             format!(
-                "expected {{\"name\": \"...\", \"scopes\": [\"read\"|\"ingest\"|\"admin\"]}}: {e}"
+                "expected {{\"name\": \"...\", \"scopes\": [\"read\"|\"ingest\"|\"admin\"], \"ttl\": \"90days\" (optional)}}: {e}"
             ),
         )
     })?;
@@ -293,9 +312,10 @@ pub(crate) async fn create_token(
             "a token needs a name and at least one scope",
         ));
     }
+    let ttl = lifetime("ttl", req.ttl.as_deref())?;
     let made = state
         .tokens
-        .create(req.name.trim(), req.scopes)
+        .create(req.name.trim(), req.scopes, ttl)
         .await
         .map_err(|e| ApiError::internal("saving the token", &e))?;
     if let Some(engine) = state.engine.get() {
@@ -317,10 +337,59 @@ pub(crate) async fn list_tokens(
         .list()
         .into_iter()
         .map(
-            |t| json!({"id": t.id, "name": t.name, "scopes": t.scopes, "created_at": t.created_at}),
+            |t| json!({"id": t.id, "name": t.name, "scopes": t.scopes, "created_at": t.created_at, "expires_at": t.expires_at}),
         )
         .collect();
     Ok(Json(Value::Array(list)))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RotateToken {
+    /// How long the old token keeps working (default one hour).
+    #[serde(default)]
+    grace: Option<String>,
+    /// Lifetime of the new token (default: none).
+    #[serde(default)]
+    ttl: Option<String>,
+}
+
+/// `POST /v1/tokens/{id}/rotate`: a new token with the old one's name and scopes; the
+/// old one keeps working for the grace period, so clients can switch without downtime.
+pub(crate) async fn rotate_token(
+    State(state): AppStateRef,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let principal = state.tokens.authenticate(&headers)?;
+    principal.require(Scope::Admin)?;
+    let req: RotateToken = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateToken::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(
+                "bad_request",
+                format!("expected {{\"grace\": \"1h\", \"ttl\": \"90days\"}} (both optional): {e}"),
+            )
+        })?
+    };
+    let grace =
+        lifetime("grace", req.grace.as_deref())?.unwrap_or(std::time::Duration::from_secs(3600));
+    let ttl = lifetime("ttl", req.ttl.as_deref())?;
+    let rotated = state
+        .tokens
+        .rotate(&id, grace, ttl)
+        .await
+        .map_err(|e| ApiError::internal("saving the tokens", &e))?
+        .ok_or_else(|| ApiError::not_found("unknown_token", format!("no token with id '{id}'")))?;
+    if let Some(engine) = state.engine.get() {
+        engine
+            .activity()
+            .record(&principal.name, "rotate", "token", &id)
+            .await;
+    }
+    Ok((StatusCode::CREATED, Json(json!(rotated))).into_response())
 }
 
 pub(crate) async fn delete_token(

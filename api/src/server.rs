@@ -43,7 +43,35 @@ pub struct RunningServer {
 
 impl RunningServer {
     /// Binds the listeners, loads tokens, and starts recovery in the background.
-    pub async fn start(config: ServeConfig) -> anyhow::Result<Self> {
+    pub async fn start(mut config: ServeConfig) -> anyhow::Result<Self> {
+        config.resolve_secret_files()?;
+        let http_cert = config
+            .tls_files()
+            .map(crate::tls::ReloadingCert::load)
+            .transpose()
+            .context("loading --tls-cert/--tls-key")?;
+        let pg_cert = match (config.pg_tls_cert.is_some(), &http_cert) {
+            (false, Some(shared)) => Some(Arc::clone(shared)),
+            _ => config
+                .pg_tls_files()
+                .map(crate::tls::ReloadingCert::load)
+                .transpose()
+                .context("loading --pg-tls-cert/--pg-tls-key")?,
+        };
+        let mut reloadable: Vec<Arc<crate::tls::ReloadingCert>> =
+            http_cert.iter().cloned().collect();
+        if let Some(pg) = &pg_cert
+            && !reloadable.iter().any(|c| Arc::ptr_eq(c, pg))
+        {
+            reloadable.push(Arc::clone(pg));
+        }
+        crate::tls::reload_on_sighup(reloadable);
+        let cors = crate::edge::cors(&config.cors_origins)?;
+        let request_limits =
+            crate::edge::RequestLimits::new(config.rate_limit, config.rate_limit_burst);
+        if let Some(limits) = &request_limits {
+            limits.spawn_cleanup();
+        }
         let mut registry = Registry::default();
         let metrics = Arc::new(EngineMetrics::new(&mut registry));
         let memory = crate::memory::MemoryMetrics::new(&mut registry);
@@ -67,6 +95,11 @@ impl RunningServer {
             .load()
             .await
             .map_err(|e| anyhow::anyhow!("loading the reports: {e}"))?;
+        let backups = crate::backups::Backups::new(
+            config.backup_to.as_deref(),
+            &config.backup_schedule,
+            &mut registry,
+        )?;
         let rate_limiter = NonZeroU32::new(config.ingest_rate_limit)
             .map(|n| RateLimiter::keyed(Quota::per_second(n)));
         let state = Arc::new(AppState {
@@ -77,6 +110,8 @@ impl RunningServer {
             metrics: Arc::clone(&metrics),
             memory,
             rate_limiter,
+            request_limits,
+            tls: http_cert.is_some(),
             query_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_queries.max(1),
             )),
@@ -89,32 +124,46 @@ impl RunningServer {
             .await
             .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
         let http_addr = listener.local_addr()?;
+        let scheme = if http_cert.is_some() { "https" } else { "http" };
         state
             .reports
-            .default_public_url(format!("http://{http_addr}"));
-        let app = router(Arc::clone(&state));
+            .default_public_url(format!("{scheme}://{http_addr}"));
+        let mut app = router(Arc::clone(&state));
+        if let Some(cors) = cors {
+            app = app.layer(cors);
+        }
+        let listener = crate::tls::EdgeListener::new(
+            listener,
+            http_cert
+                .as_ref()
+                .map(|c| c.acceptor(&[b"http/1.1"]))
+                .transpose()?,
+        )?;
         let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
         let http = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = shutdown_rx.changed().await;
-                })
-                .await;
+            let served = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<crate::tls::PeerAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = shutdown_rx.changed().await;
+            })
+            .await;
             if let Err(e) = served {
                 error!(error = %e, "HTTP server failed");
             }
         });
-        info!(%http_addr, store = %config.store, wal = %config.wal_dir().display(), "HTTP listening; recovering");
+        info!(%http_addr, tls = state.tls, store = %config.store, wal = %config.wal_dir().display(), "HTTP listening; recovering");
         let mut listeners = Vec::new();
         let pg_addr = match config.pg_addr.0 {
             Some(addr) => {
-                let tls = config
-                    .pg_tls_cert
-                    .clone()
-                    .zip(config.pg_tls_key.clone())
-                    .map(|(cert, key)| crate::pg::PgTls { cert, key });
-                let (bound, task) =
-                    crate::pg::start(Arc::clone(&state), addr, tls, shutdown.subscribe()).await?;
+                let (bound, task) = crate::pg::start(
+                    Arc::clone(&state),
+                    addr,
+                    pg_cert.clone(),
+                    shutdown.subscribe(),
+                )
+                .await?;
                 listeners.push(task);
                 Some(bound)
             }
@@ -122,8 +171,13 @@ impl RunningServer {
         };
         let flight_addr = match config.flight_addr.0 {
             Some(addr) => {
+                let tls = http_cert
+                    .as_ref()
+                    .map(|c| c.acceptor(&[b"h2"]))
+                    .transpose()?;
                 let (bound, task) =
-                    crate::flight::start(Arc::clone(&state), addr, shutdown.subscribe()).await?;
+                    crate::flight::start(Arc::clone(&state), addr, tls, shutdown.subscribe())
+                        .await?;
                 listeners.push(task);
                 Some(bound)
             }
@@ -136,6 +190,7 @@ impl RunningServer {
         let (failed_tx, failed) = tokio::sync::watch::channel(None);
         let jobs_stop = shutdown.subscribe();
         let reports_stop = shutdown.subscribe();
+        let backups_stop = shutdown.subscribe();
         let report_examples = match config.report_examples() {
             Ok(examples) => examples,
             Err(e) => {
@@ -150,6 +205,9 @@ impl RunningServer {
                     recovering.push.start(engine.clone());
                     recovering.jobs.load_last(&engine).await;
                     recovering.jobs.spawn(engine.clone(), jobs_stop);
+                    if let Some(backups) = backups {
+                        backups.spawn(engine.clone(), backups_stop);
+                    }
                     recovering
                         .reports
                         .load_examples(&engine, report_examples, examples_scheduled)
@@ -229,7 +287,7 @@ impl RunningServer {
         name: &str,
         scopes: Vec<crate::auth::Scope>,
     ) -> anyhow::Result<String> {
-        Ok(self.state.tokens.create(name, scopes).await?.token)
+        Ok(self.state.tokens.create(name, scopes, None).await?.token)
     }
 
     /// Waits until recovery has finished; an error if it failed.
@@ -290,6 +348,7 @@ fn router(state: Arc<AppState>) -> Router {
             post(routes::create_token).get(routes::list_tokens),
         )
         .route("/v1/tokens/{id}", delete(routes::delete_token))
+        .route("/v1/tokens/{id}/rotate", post(routes::rotate_token))
         .route(
             "/v1/alerts",
             get(crate::alerts::list).post(crate::alerts::create),
@@ -348,11 +407,31 @@ fn router(state: Arc<AppState>) -> Router {
             post(crate::jobs::start).delete(crate::jobs::cancel),
         )
         .fallback(routes::not_found)
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            crate::edge::edge,
+        ))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), observe))
         .with_state(state)
 }
 
-/// Times every request into the route histogram, inside a tracing span.
+/// The client's `X-Request-Id` when it is a sane token, else a new random one.
+fn request_id(req: &Request) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=64).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| hex::encode(rand::random::<[u8; 8]>()))
+}
+
+/// Times every request into the route histogram, inside a tracing span that carries
+/// its request id: every log line of the request (the WAL sequence an ingest got, an
+/// error) names it, and the answer returns it as `X-Request-Id`.
 async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -360,8 +439,20 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
     let started = Instant::now();
-    let span = tracing::info_span!("http", method = %req.method(), route = %route);
-    let resp = tracing::Instrument::instrument(next.run(req), span).await;
+    let id = request_id(&req);
+    let span =
+        tracing::info_span!("http", request_id = %id, method = %req.method(), route = %route);
+    let mut resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    span.in_scope(|| {
+        tracing::debug!(
+            status = resp.status().as_u16(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "request done"
+        );
+    });
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
     state
         .metrics
         .http_request_seconds

@@ -20,6 +20,10 @@ pub(crate) struct AppState {
     pub(crate) metrics: Arc<EngineMetrics>,
     pub(crate) memory: crate::memory::MemoryMetrics,
     pub(crate) rate_limiter: Option<DefaultKeyedRateLimiter<String>>,
+    /// `--rate-limit`: requests per second per client on every endpoint.
+    pub(crate) request_limits: Option<Arc<crate::edge::RequestLimits>>,
+    /// Whether HTTP is served over TLS (answers then carry HSTS).
+    pub(crate) tls: bool,
     /// One permit per query allowed to run at once.
     pub(crate) query_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) push: Arc<crate::push::Push>,

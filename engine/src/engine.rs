@@ -276,6 +276,7 @@ impl Engine {
             let committed = table.committed_seq();
             max_committed = max_committed.max(committed);
             info!(stream = schema.name(), committed_seq = committed, table = %table.url(), "stream opened");
+            metrics.init_stream(schema.name());
             streams.insert(schema.name().to_owned(), StreamState::new(schema, table));
         }
         let shared = Arc::new(Shared {
@@ -593,6 +594,7 @@ impl Engine {
             .write()
             .insert(name.clone(), StreamState::new(schema, table));
         info!(stream = %name, "stream created");
+        self.metrics().init_stream(&name);
         Ok(true)
     }
 
@@ -683,7 +685,8 @@ impl Engine {
                 });
             }
         }
-        self.inner
+        let seq = self
+            .inner
             .wal
             .append(WalAppend {
                 stream: stream.to_owned(),
@@ -695,6 +698,9 @@ impl Engine {
                 batch: stored,
             })
             .await?;
+        // Within the request's span: its request id, and the WAL record that holds the
+        // events (the flush that stores them logs `wal_seq_through` at or past it).
+        info!(stream, rows, wal_seq = seq, "events durable in the WAL");
         let label = stream_label(stream);
         self.metrics()
             .ingest_events_total
@@ -868,6 +874,7 @@ impl Engine {
                     stream,
                     rows,
                     version,
+                    wal_seq_through = last_seq,
                     elapsed_ms = elapsed.as_millis() as u64,
                     "flushed to Delta"
                 );

@@ -13,6 +13,7 @@
 pub mod activity;
 mod admission;
 pub mod alerts;
+pub mod backup;
 mod buffer;
 pub mod catalog;
 pub mod clock;
@@ -37,7 +38,7 @@ pub use query::{
     Prepared, QueryError, QueryOptions, QuerySession, QuiverDdl, bind_params, cast_param,
 };
 pub use schema::{ColumnDef, ColumnType, Rule, StreamSchema};
-pub use store::Store;
+pub use store::{Store, read_secret_file};
 pub use table::{TableAt, TableOptions};
 pub use views::{
     ChangeSet, CheckpointHolds, Maintenance, ViewInfo, ViewOptions, ViewSnapshot, Views,

@@ -168,6 +168,8 @@ pub struct EngineMetrics {
     pub view_checkpoint_bytes: Gauge,
     /// View checkpoints written, by kind.
     pub view_checkpoints_total: Family<CheckpointLabel, Counter>,
+    /// View checkpoints that failed (they are retried at the next interval).
+    pub view_checkpoint_failures_total: Counter,
     /// Change sets published and not yet taken by every subscriber of the change feed
     /// (push), as of the last one published.
     pub view_changes_queued: Gauge,
@@ -228,6 +230,7 @@ impl EngineMetrics {
             view_checkpoint_pause_seconds: seconds_histogram(),
             view_checkpoint_bytes: Gauge::default(),
             view_checkpoints_total: Family::default(),
+            view_checkpoint_failures_total: Counter::default(),
             view_changes_queued: Gauge::default(),
             alert_rules: Gauge::default(),
             alert_transitions_total: Family::default(),
@@ -429,6 +432,11 @@ impl EngineMetrics {
             m.view_checkpoints_total.clone(),
         );
         r.register(
+            "view_checkpoint_failures",
+            "View checkpoints that failed to be encoded or stored (retried at the next interval)",
+            m.view_checkpoint_failures_total.clone(),
+        );
+        r.register(
             "view_changes_queued",
             "Change sets published and not yet taken by every reader of the change feed (push), as of the last one",
             m.view_changes_queued.clone(),
@@ -459,12 +467,48 @@ impl EngineMetrics {
             "Alert deliveries waiting to be sent or retried",
             m.alert_outbox.clone(),
         );
+        // The outcomes the query alert watches start at zero (see `init_stream`).
+        for outcome in ["ok", "query_timeout"] {
+            let _ = m.sql_queries_total.get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            });
+        }
         m
     }
 
     /// Metrics not attached to any registry (tests, tools).
     pub fn unregistered() -> Self {
         Self::new(&mut Registry::default())
+    }
+
+    /// Makes a stream's series exist at zero from the moment it opens. A counter that
+    /// first appears at 1 hides its first increase from `increase()` and `rate()`, so
+    /// an alert on the first flush failure or refusal would never fire.
+    pub fn init_stream(&self, stream: &str) {
+        let label = stream_label(stream);
+        for family in [
+            &self.ingest_events_total,
+            &self.ingest_bytes_total,
+            &self.ingest_rejected_rows_total,
+            &self.flush_total,
+            &self.flush_failures_total,
+            &self.flush_events_total,
+            &self.compactions_total,
+            &self.checkpoints_total,
+            &self.vacuumed_files_total,
+        ] {
+            let _ = family.get_or_create(&label);
+        }
+        let _ = self.buffer_bytes.get_or_create(&label);
+        let _ = self.buffer_events.get_or_create(&label);
+        let _ = self.flush_seconds.get_or_create(&label);
+        // The refusals the availability alert watches.
+        for reason in ["unavailable", "internal"] {
+            let _ = self.ingest_rejects_total.get_or_create(&RejectLabel {
+                stream: stream.to_owned(),
+                reason: reason.to_owned(),
+            });
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use deltalake::logstore::{
 };
 use deltalake::{DeltaResult, DeltaTableError};
 use object_store::ObjectStore;
-use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
@@ -105,6 +105,19 @@ fn local_url(path: &str) -> Result<Url> {
         .map_err(|()| Error::Config(format!("bad store folder '{}'", abs.display())))
 }
 
+/// Reads a secret kept in a file (a mounted secret, a `*_FILE` variable's target): its
+/// text without the trailing newline. An empty file is an error, so a secret that
+/// failed to mount is not taken for an empty password.
+pub fn read_secret_file(path: &std::path::Path) -> std::result::Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))?;
+    let secret = text.trim_end_matches(['\n', '\r']);
+    if secret.is_empty() {
+        return Err(format!("the secret file {} is empty", path.display()));
+    }
+    Ok(secret.to_owned())
+}
+
 /// Builds an S3 store for the bucket in `url` from `AWS_*` variables and `options`.
 fn s3_store(url: &Url, options: &[(String, String)]) -> Result<Arc<dyn ObjectStore>> {
     let bucket = url
@@ -118,6 +131,21 @@ fn s3_store(url: &Url, options: &[(String, String)]) -> Result<Arc<dyn ObjectSto
         && endpoint.starts_with("http://")
     {
         builder = builder.with_allow_http(true);
+    }
+    // Credentials may come from files (mounted secrets) rather than the environment.
+    for (var, key) in [
+        ("AWS_ACCESS_KEY_ID_FILE", AmazonS3ConfigKey::AccessKeyId),
+        (
+            "AWS_SECRET_ACCESS_KEY_FILE",
+            AmazonS3ConfigKey::SecretAccessKey,
+        ),
+        ("AWS_SESSION_TOKEN_FILE", AmazonS3ConfigKey::Token),
+    ] {
+        if let Some(path) = std::env::var_os(var) {
+            let value = read_secret_file(std::path::Path::new(&path))
+                .map_err(|e| Error::Config(format!("{var}: {e}")))?;
+            builder = builder.with_config(key, value);
+        }
     }
     for (k, v) in options {
         if let Ok(key) = k.to_ascii_lowercase().parse() {

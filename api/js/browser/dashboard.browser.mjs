@@ -78,10 +78,19 @@ try {
   page.on("console", (m) => {
     if (m.type() === "error") problems.push(`console: ${m.text()}`);
   });
+  // The page runs under the server's strict Content-Security-Policy; anything it
+  // blocks (an inline script or style, a foreign origin) is a violation reported here.
+  await page.addInitScript(() => {
+    document.addEventListener("securitypolicyviolation", (e) =>
+      console.error(`CSP violation: ${e.violatedDirective} blocked ${e.blockedURI}`),
+    );
+  });
 
   // A bad token is refused on the sign-in form. (The refused request's 401 is logged
   // by the browser as a failed resource load; it is expected, and dropped below.)
-  await page.goto(`${url}/`);
+  const first = await page.goto(`${url}/`);
+  const csp = first.headers()["content-security-policy"] ?? "";
+  assert.ok(csp.includes("script-src 'self'") && csp.includes("frame-ancestors 'none'"), `CSP: ${csp}`);
   await page.fill("#token", "not-a-token");
   await page.click("#signin-form button");
   await until("refusal shown", async () => (await page.textContent("#signin-error")).includes("refused"));

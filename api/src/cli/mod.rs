@@ -1,6 +1,7 @@
 //! The `quiver` command line: `serve`, `demo`, `generate`, `load`, `token`, and the
 //! batch jobs `forecast` and `anomalies`.
 
+mod backup;
 mod files;
 mod jobs;
 mod report;
@@ -85,6 +86,12 @@ enum Command {
         #[command(subcommand)]
         command: report::ReportCommand,
     },
+    /// Back a store up to another location (incremental); `backup list` lists them.
+    Backup(backup::BackupArgs),
+    /// Restore a backup into an empty store, optionally as of a point in time.
+    Restore(backup::RestoreArgs),
+    /// Check a store's tables or a backup location's files.
+    Verify(backup::VerifyArgs),
     /// Manage tokens on a running server.
     Token {
         #[command(subcommand)]
@@ -159,6 +166,23 @@ enum TokenCommand {
         /// A name to recognise it by.
         #[arg(long, default_value = "cli")]
         name: String,
+        /// Lifetime, e.g. 90days (default: until deleted).
+        #[arg(long)]
+        ttl: Option<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Replace a token: a new one with the same name and scopes is printed, and the old
+    /// one keeps working for the grace period so clients can switch without downtime.
+    Rotate {
+        /// Id of the token to replace.
+        id: String,
+        /// How long the old token keeps working.
+        #[arg(long, default_value = "1h")]
+        grace: String,
+        /// Lifetime of the new token (default: until deleted).
+        #[arg(long)]
+        ttl: Option<String>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -242,6 +266,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => files::load(&file, &stream, batch.max(1), concurrency.max(1), &remote).await,
         Command::Token { command } => token(command).await,
         Command::Report { command } => report::run(command).await,
+        Command::Backup(args) => {
+            init_logging_at("auto", "warn");
+            backup::backup(args).await
+        }
+        Command::Restore(args) => {
+            init_logging_at("auto", "warn");
+            backup::restore(args).await
+        }
+        Command::Verify(args) => {
+            init_logging_at("auto", "warn");
+            backup::verify(args).await
+        }
         Command::Forecast(args) => {
             init_logging_at("auto", "warn");
             jobs::run(quiver_models::job::JobKind::Forecast, args).await
@@ -459,17 +495,36 @@ async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::Create {
             scopes,
             name,
+            ttl,
             remote,
         } => {
-            let body = serde_json::json!({"name": name, "scopes": scopes});
+            let body = serde_json::json!({"name": name, "scopes": scopes, "ttl": ttl});
             let made = call(
                 client.post(remote.endpoint("v1/tokens")).json(&body),
                 &remote,
             )
             .await?;
-            println!("id:    {}", made["id"].as_str().unwrap_or(""));
-            println!("token: {}", made["token"].as_str().unwrap_or(""));
-            println!("(the token is shown once)");
+            print_new_token(&made);
+        }
+        TokenCommand::Rotate {
+            id,
+            grace,
+            ttl,
+            remote,
+        } => {
+            let body = serde_json::json!({"grace": grace, "ttl": ttl});
+            let made = call(
+                client
+                    .post(remote.endpoint(&format!("v1/tokens/{id}/rotate")))
+                    .json(&body),
+                &remote,
+            )
+            .await?;
+            print_new_token(&made);
+            println!(
+                "the old token {id} stops working at {}",
+                made["previous"]["expires_at"].as_str().unwrap_or("?")
+            );
         }
         TokenCommand::List { remote } => {
             let list = call(client.get(remote.endpoint("v1/tokens")), &remote).await?;
@@ -485,4 +540,13 @@ async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_new_token(made: &serde_json::Value) {
+    println!("id:      {}", made["id"].as_str().unwrap_or(""));
+    println!("token:   {}", made["token"].as_str().unwrap_or(""));
+    if let Some(at) = made["expires_at"].as_str() {
+        println!("expires: {at}");
+    }
+    println!("(the token is shown once)");
 }

@@ -339,6 +339,17 @@ enum End {
 }
 
 impl End {
+    const ALL: [End; 8] = [
+        End::Client,
+        End::Idle,
+        End::Slow,
+        End::TooBig,
+        End::Overrun,
+        End::Unauthorized,
+        End::Limit,
+        End::Shutdown,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             End::Client => "client",
@@ -351,6 +362,11 @@ impl End {
             End::Shutdown => "shutdown",
         }
     }
+}
+
+/// Every reason a connection may end, as `quiver_ws_closed` labels it.
+pub(super) fn close_reasons() -> impl Iterator<Item = &'static str> {
+    End::ALL.into_iter().map(End::label)
 }
 
 /// A connection's socket, with the bytes its task has written since it last let the
@@ -442,24 +458,27 @@ async fn first_message_auth(
         .as_ref()
         .filter(|m| m["type"] == "auth")
         .and_then(|m| m["token"].as_str());
-    let principal = token.and_then(|t| tokens.verify(t));
-    let refused = match (&token, &principal) {
-        (None, _) => Some((
+    let checked = match token {
+        None => Err((
             "unauthorized",
             "send {\"type\":\"auth\",\"token\":\"…\"} first, or the token in the Authorization header".to_owned(),
         )),
-        (Some(_), None) => Some(("unauthorized", "the token is not valid".to_owned())),
-        (Some(_), Some(p)) if !p.has(Scope::Read) => {
-            Some(("forbidden", "this token lacks the 'read' scope".to_owned()))
-        }
-        _ => None,
+        Some(t) => match tokens.check(t) {
+            Err(why) => Err(("unauthorized", why)),
+            Ok(p) if !p.has(Scope::Read) => {
+                Err(("forbidden", "this token lacks the 'read' scope".to_owned()))
+            }
+            Ok(p) => Ok(p),
+        },
     };
-    if let Some((code, message)) = refused {
-        let _ = socket.send(refuse(code, &message)).await;
-        let _ = socket.send(Frame::close(CloseCode::Policy, code)).await;
-        return Err(End::Unauthorized);
-    }
-    let principal = principal.ok_or(End::Unauthorized)?;
+    let principal = match checked {
+        Ok(p) => p,
+        Err((code, message)) => {
+            let _ = socket.send(refuse(code, &message)).await;
+            let _ = socket.send(Frame::close(CloseCode::Policy, code)).await;
+            return Err(End::Unauthorized);
+        }
+    };
     match push.open(&principal.token_id) {
         Ok(id) => Ok((principal, id)),
         Err((code, message)) => {

@@ -119,6 +119,10 @@ impl PushMetrics {
             errors: Family::default(),
             closed: Family::default(),
         };
+        // Every reason starts at zero, so `increase()` sees a connection's first close.
+        for code in conn::close_reasons() {
+            let _ = m.closed.get_or_create(&CodeLabel { code: code.into() });
+        }
         let r = registry.sub_registry_with_prefix("quiver_ws");
         r.register(
             "connections",

@@ -461,22 +461,7 @@ async fn python_psycopg_sqlalchemy_and_adbc_flight_sql() {
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_wire_over_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", "/CN=127.0.0.1", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl is installed");
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    let (_, cert, key) = crate::edge::certificate(dir.path(), "pg");
     let (cert, key) = (cert.display().to_string(), key.display().to_string());
     let server = TestServer::start(
         dir.path(),

@@ -56,6 +56,20 @@ pub(crate) fn free_port() -> u16 {
     panic!("no free port below the ephemeral range")
 }
 
+/// An HTTP client for a test server; with `ca`, it trusts that certificate (the
+/// server's own, self-signed) and nothing else.
+fn test_client(ca: Option<&Path>) -> reqwest::Client {
+    // No request of a test may hang it: past two minutes it fails.
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(120));
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).expect("the test certificate");
+        builder = builder
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("a PEM certificate"));
+    }
+    builder.build().expect("http client")
+}
+
 impl TestServer {
     /// Starts a server with its store in `dir` and waits until it is ready.
     pub(crate) async fn start(dir: &Path, extra: &[&str]) -> Self {
@@ -63,11 +77,27 @@ impl TestServer {
         Self::start_with(dir, &store, extra, &[]).await
     }
 
+    /// Starts a server with TLS flags in `extra`; the test's client trusts only `ca`.
+    pub(crate) async fn start_with_ca(dir: &Path, extra: &[&str], ca: &Path) -> Self {
+        let store = format!("file://{}", dir.join("store").display());
+        Self::start_full(dir, &store, extra, &[], Some(ca)).await
+    }
+
     pub(crate) async fn start_with(
         dir: &Path,
         store: &str,
         extra: &[&str],
         env: &[(&str, &str)],
+    ) -> Self {
+        Self::start_full(dir, store, extra, env, None).await
+    }
+
+    async fn start_full(
+        dir: &Path,
+        store: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        ca: Option<&Path>,
     ) -> Self {
         let wal = dir.join("wal").display().to_string();
         let defaults = [
@@ -92,11 +122,7 @@ impl TestServer {
             flight_port: 0,
             store: store.to_owned(),
             dir: dir.to_owned(),
-            // No request of a test may hang it: past two minutes it fails.
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()
-                .expect("http client"),
+            client: test_client(ca),
             args,
             env: env
                 .iter()
@@ -142,7 +168,10 @@ impl TestServer {
             .arg(format!("127.0.0.1:{}", self.pg_port))
             .arg("--flight-addr")
             .arg(format!("127.0.0.1:{}", self.flight_port))
-            .env("QUIVER_ADMIN_TOKEN", ADMIN)
+            .envs(
+                (!self.args.iter().any(|a| a == "--admin-token-file"))
+                    .then_some(("QUIVER_ADMIN_TOKEN", ADMIN)),
+            )
             .env("QUIVER_LOG_FORMAT", "json")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
@@ -150,7 +179,12 @@ impl TestServer {
             .spawn()
             .expect("spawn quiver");
         self.child = Some(child);
-        self.url = format!("http://127.0.0.1:{port}");
+        let scheme = if self.args.iter().any(|a| a == "--tls-cert") {
+            "https"
+        } else {
+            "http"
+        };
+        self.url = format!("{scheme}://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(r) = self.client.get(format!("{}/ready", self.url)).send().await
@@ -177,6 +211,11 @@ impl TestServer {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The server's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the server runs").id()
     }
 
     pub(crate) fn log(&self) -> String {

@@ -13,9 +13,9 @@ use serde_json::Value;
 
 use crate::common::*;
 
-struct S3Server {
+pub(crate) struct S3Server {
     child: Child,
-    endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 impl Drop for S3Server {
@@ -25,7 +25,7 @@ impl Drop for S3Server {
     }
 }
 
-async fn start_s3(dir: &std::path::Path) -> S3Server {
+pub(crate) async fn start_s3(dir: &std::path::Path) -> S3Server {
     let port = free_port();
     let python = std::env::var("QUIVER_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let log = std::fs::File::create(dir.join("s3.log")).unwrap();
@@ -52,7 +52,7 @@ async fn start_s3(dir: &std::path::Path) -> S3Server {
     S3Server { child, endpoint }
 }
 
-fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
+pub(crate) fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
     vec![
         ("AWS_ACCESS_KEY_ID", "testing".into()),
         ("AWS_SECRET_ACCESS_KEY", "testing".into()),

@@ -178,6 +178,7 @@ impl Maintainer {
         };
         if let Err(e) = self.write_sliced(slicing) {
             warn!(error = %e, "view checkpoint failed; will retry");
+            self.count_failure();
             self.dirty = true;
             self.chain.broken = true;
             self.answer(Err(e.to_string()));
@@ -344,6 +345,12 @@ impl Maintainer {
         Ok(())
     }
 
+    fn count_failure(&self) {
+        if let Some(host) = self.host() {
+            host.metrics().view_checkpoint_failures_total.inc();
+        }
+    }
+
     /// Waits for the checkpoint being written, if any. A failed write leaves the
     /// views dirty, so the next interval tries again.
     pub(super) fn finish_checkpoint(&mut self) -> crate::Result<()> {
@@ -360,6 +367,7 @@ impl Maintainer {
             }
             Ok(None) => Ok(()),
             Err(e) => {
+                self.count_failure();
                 // The changes it held are forgotten: only a full checkpoint has them all.
                 self.dirty = true;
                 self.chain.broken = true;

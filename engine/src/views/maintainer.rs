@@ -484,6 +484,10 @@ impl Maintainer {
         name: &str,
         sql: &str,
     ) -> Result<Running, QueryError> {
+        // Its change counter exists from the start (see `EngineMetrics::init_stream`).
+        let _ = host.metrics().view_changes_total.get_or_create(&ViewLabel {
+            view: name.to_owned(),
+        });
         let plan = host
             .query_runtime()
             .block_on(host.view_planner().plan_view(sql))?;
