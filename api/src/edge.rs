@@ -138,7 +138,9 @@ base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 const API_CSP: &str = "default-src 'none'; frame-ancestors 'none'; sandbox";
 
 fn security_headers(state: &AppState, path: &str, resp: &mut Response) {
-    let dashboard = path == "/" || path.starts_with("/ui/");
+    // The dashboard and the push client script (which pages of this origin import) get
+    // the page policy; everything else is data.
+    let dashboard = path == "/" || path.starts_with("/ui/") || path == "/v1/ws/client.js";
     let h = resp.headers_mut();
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,

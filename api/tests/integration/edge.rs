@@ -356,7 +356,7 @@ async fn every_answer_carries_security_headers_and_cors_is_opt_in() {
             csp.contains("frame-ancestors 'none'"),
             "{method} {path}: {csp}"
         );
-        if *path == "/" || path.starts_with("/ui/") {
+        if *path == "/" || path.starts_with("/ui/") || *path == "/v1/ws/client.js" {
             assert!(csp.contains("script-src 'self'"), "{csp}");
             assert!(!csp.contains("unsafe-inline"), "{csp}");
         } else {
