@@ -118,7 +118,7 @@ impl Backups {
         let started = std::time::Instant::now();
         let cut = chrono::Utc::now();
         // Everything acknowledged so far goes into the tables first.
-        let result = match engine.flush_all().await {
+        let result = match engine.flush_acknowledged().await {
             Ok(()) => quiver_engine::backup::backup(engine.store(), &self.dest, Some(cut))
                 .await
                 .map_err(|e| e.to_string()),

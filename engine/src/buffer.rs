@@ -48,6 +48,16 @@ impl LiveBuffer {
         self.rows
     }
 
+    /// The WAL position of the newest buffered batch.
+    pub(crate) fn newest_seq(&self) -> Option<u64> {
+        self.items.back().map(|b| b.seq)
+    }
+
+    /// The WAL position of the oldest buffered batch.
+    pub(crate) fn oldest_seq(&self) -> Option<u64> {
+        self.items.front().map(|b| b.seq)
+    }
+
     pub(crate) fn oldest(&self) -> Option<Instant> {
         self.items.front().map(|b| b.at)
     }

@@ -27,6 +27,10 @@ enum BackupCommand {
         /// The backup location.
         #[arg(long, env = "QUIVER_BACKUP_TO")]
         to: String,
+        /// One JSON object per backup (id, cut, complete_before, tables, sizes) instead
+        /// of text, for scripts.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -71,9 +75,24 @@ fn open(url: &str, what: &str) -> anyhow::Result<Store> {
 }
 
 pub(super) async fn backup(args: BackupArgs) -> anyhow::Result<()> {
-    if let Some(BackupCommand::List { to }) = args.command {
+    if let Some(BackupCommand::List { to, json }) = args.command {
         let dest = open(&to, "backup location")?;
         let manifests = backup::list(&dest).await?;
+        if json {
+            for m in &manifests {
+                let line = serde_json::json!({
+                    "id": m.id,
+                    "cut_at": m.cut_at,
+                    "complete_before": m.complete_before,
+                    "tables": m.tables,
+                    "files": m.files.len(),
+                    "bytes": m.bytes(),
+                    "copied_bytes": m.copied_bytes,
+                });
+                println!("{line}");
+            }
+            return Ok(());
+        }
         if manifests.is_empty() {
             println!("no backups at {to}");
         }

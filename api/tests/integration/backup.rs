@@ -222,9 +222,60 @@ type Acked = (chrono::DateTime<chrono::Utc>, Vec<String>);
 async fn disaster_recovery_drill() {
     let dir = tempfile::tempdir().unwrap();
     let to = format!("file://{}", dir.path().join("backups").display());
-    let mut server = TestServer::start(
+    let store = format!("file://{}", dir.path().join("store").display());
+    let target = format!("file://{}", dir.path().join("recovered/store").display());
+    drill(dir.path(), &store, &to, &target, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disaster_recovery_drill_on_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = crate::s3::start_s3(dir.path()).await;
+    let env = crate::s3::s3_env(&s3.endpoint);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    drill(
         dir.path(),
-        &["--backup-to", &to, "--backup-schedule", "*/2 * * * * *"],
+        "s3://quiver-test/drill-store",
+        "s3://quiver-test/drill-backups",
+        "s3://quiver-test/drill-restored",
+        &env,
+    )
+    .await;
+}
+
+/// Deletes everything under the store `url` (a folder, or a prefix of moto's S3).
+fn destroy(url: &str, env: &[(&str, &str)]) {
+    if let Some(path) = url.strip_prefix("file://") {
+        std::fs::remove_dir_all(path).unwrap();
+        return;
+    }
+    let (bucket, prefix) = url.trim_start_matches("s3://").split_once('/').unwrap();
+    let script = "import boto3, os, sys\n\
+        s3 = boto3.resource('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'])\n\
+        b = s3.Bucket(sys.argv[1])\n\
+        b.objects.filter(Prefix=sys.argv[2] + '/').delete()\n\
+        assert not list(b.objects.filter(Prefix=sys.argv[2] + '/'))\n";
+    let out = Command::new("python3")
+        .args(["-c", script, bucket, prefix])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The drill: scheduled backups every 2 s of `store` to `to` under continuous ingest,
+/// kill -9, the store and the WAL destroyed, the latest backup restored into `target`
+/// and served; then exactly the events acknowledged before its cut, once each.
+async fn drill(dir: &Path, store: &str, to: &str, target: &str, env: &[(&str, &str)]) {
+    let mut server = TestServer::start_with(
+        dir,
+        store,
+        &["--backup-to", to, "--backup-schedule", "*/2 * * * * *"],
+        env,
     )
     .await;
     // Continuous ingest: each request's ids and when it was acknowledged.
@@ -257,30 +308,39 @@ async fn disaster_recovery_drill() {
         })
     };
     // At least three scheduled backups, then a little more ingest, then disaster.
-    eventually(60, || async {
-        metric(
-            &server.metrics_text().await,
-            "quiver_backup_succeeded_total",
-        ) >= 3.0
-    })
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(
+        &server.metrics_text().await,
+        "quiver_backup_succeeded_total",
+    ) < 3.0
+    {
+        if Instant::now() > deadline {
+            let log = server.log();
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains("backup")).collect();
+            panic!(
+                "fewer than 3 backups in 60 s; backup log lines:\n{}",
+                lines.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tokio::time::sleep(Duration::from_millis(700)).await;
     server.kill9();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = sender.await;
-    std::fs::remove_dir_all(dir.path().join("store")).unwrap();
-    std::fs::remove_dir_all(dir.path().join("wal")).unwrap();
+    destroy(store, env);
+    std::fs::remove_dir_all(dir.join("wal")).unwrap();
 
     // Restore the latest backup into a new store and start on it: the RTO.
-    let list = manifests(&dir.path().join("backups"));
-    let last = list.last().unwrap();
+    let listed = quiver(&["backup", "list", "--to", to, "--json"], env).unwrap();
+    let last: Value = serde_json::from_str(listed.lines().last().unwrap()).unwrap();
     let cut: chrono::DateTime<chrono::Utc> =
         serde_json::from_value(last["complete_before"].clone()).expect("a scheduled backup's cut");
-    let recovered = dir.path().join("recovered");
-    let store = format!("file://{}", recovered.join("store").display());
+    let recovered = dir.join("recovered");
+    std::fs::create_dir_all(&recovered).unwrap();
     let rto = Instant::now();
-    quiver(&["restore", "--from", &to, "--store", &store], &[]).unwrap();
-    let back = TestServer::start(&recovered, &[]).await;
+    quiver(&["restore", "--from", to, "--store", target], env).unwrap();
+    let back = TestServer::start_with(&recovered, target, &[], env).await;
     let rto = rto.elapsed();
 
     let present: BTreeSet<String> = back
@@ -325,7 +385,7 @@ async fn disaster_recovery_drill() {
     let last_ack = acked.iter().map(|(at, _)| *at).max().unwrap();
     let rpo = (last_ack - cut).to_std().unwrap_or_default();
     println!(
-        "drill: {} events acknowledged, {before_cut} before the cut, {} restored; \
+        "drill on {store}: {} events acknowledged, {before_cut} before the cut, {} restored; \
          RPO {:.2} s (last acknowledgement to the backup's cut), RTO {:.2} s (restore and start to ready)",
         sent.len(),
         present.len(),
