@@ -44,12 +44,31 @@ pub(crate) fn metric(text: &str, name: &str) -> f64 {
 /// A port no listener holds, below the kernel's ephemeral range (32768 up by default):
 /// a server restarted on its old ports must not find one taken by some client
 /// connection's local end, as a port from the ephemeral range can be (seen once in CI).
+///
+/// Each port handed out is also reserved for ten minutes by a marker file that only one
+/// process can create: nextest runs tests in separate processes, and a port free only
+/// because its server is restarting must not go to another test meanwhile (seen once:
+/// a restarted server found its Postgres port taken).
 pub(crate) fn free_port() -> u16 {
     use rand::Rng;
+    let reservations = std::env::temp_dir().join("quiver-test-ports");
+    let _ = std::fs::create_dir_all(&reservations);
     let mut rng = rand::rng();
     for _ in 0..1000 {
         let port = rng.random_range(20_000..32_000);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let marker = reservations.join(port.to_string());
+        let stale = std::fs::metadata(&marker)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(600));
+        if stale {
+            let _ = std::fs::remove_file(&marker);
+        }
+        let reserved = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&marker)
+            .is_ok();
+        if reserved && TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
