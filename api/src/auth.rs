@@ -147,13 +147,12 @@ fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
 }
 
 /// `now + ttl`, refusing a lifetime too long to represent.
-fn expiry_after(ttl: std::time::Duration) -> anyhow::Result<String> {
+fn expiry_after(ttl: std::time::Duration) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
     let ttl =
         chrono::Duration::from_std(ttl).map_err(|_| anyhow::anyhow!("the lifetime is too long"))?;
-    let at = chrono::Utc::now()
+    chrono::Utc::now()
         .checked_add_signed(ttl)
-        .ok_or_else(|| anyhow::anyhow!("the lifetime is too long"))?;
-    Ok(rfc3339(at))
+        .ok_or_else(|| anyhow::anyhow!("the lifetime is too long"))
 }
 
 impl Tokens {
@@ -193,7 +192,7 @@ impl Tokens {
         ttl: Option<std::time::Duration>,
     ) -> anyhow::Result<NewToken> {
         let (id, token) = new_secret();
-        let expires_at = ttl.map(expiry_after).transpose()?;
+        let expires_at = ttl.map(expiry_after).transpose()?.map(rfc3339);
         let record = TokenRecord {
             id: id.clone(),
             name: name.to_owned(),
@@ -229,8 +228,8 @@ impl Tokens {
         ttl: Option<std::time::Duration>,
     ) -> anyhow::Result<Option<Rotated>> {
         let (new_id, token) = new_secret();
-        let expires_at = ttl.map(expiry_after).transpose()?;
-        let old_expiry = expiry_after(grace)?;
+        let expires_at = ttl.map(expiry_after).transpose()?.map(rfc3339);
+        let grace_end = expiry_after(grace)?;
         let (rotated, all) = self
             .document
             .update(|list| {
@@ -238,10 +237,7 @@ impl Tokens {
                     return Ok(None);
                 };
                 // Never extend a token's life by rotating it.
-                let until = match old.expiry() {
-                    Some(at) if rfc3339(at) < old_expiry => rfc3339(at),
-                    _ => old_expiry.clone(),
-                };
+                let until = rfc3339(old.expiry().map_or(grace_end, |at| at.min(grace_end)));
                 old.expires_at = Some(until.clone());
                 let record = TokenRecord {
                     id: new_id.clone(),

@@ -133,11 +133,14 @@ pub(crate) fn reload_on_sighup(certs: Vec<Arc<ReloadingCert>>) {
     });
 }
 
+/// A server-side TLS connection.
+type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
+
 /// A connection on the HTTP listener, plain or TLS.
 #[derive(Debug)]
 pub(crate) enum Conn {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<ServerTls>),
 }
 
 impl AsyncRead for Conn {
@@ -214,7 +217,7 @@ pub(crate) struct EdgeListener {
 #[derive(Debug)]
 enum Inner {
     Plain(TcpListener),
-    Tls(tokio::sync::mpsc::Receiver<(Conn, SocketAddr)>),
+    Tls(tokio::sync::mpsc::Receiver<(ServerTls, SocketAddr)>),
 }
 
 impl EdgeListener {
@@ -233,7 +236,7 @@ impl EdgeListener {
 fn spawn_handshakes(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-) -> tokio::sync::mpsc::Receiver<(Conn, SocketAddr)> {
+) -> tokio::sync::mpsc::Receiver<(ServerTls, SocketAddr)> {
     let (tx, rx) = tokio::sync::mpsc::channel(HANDSHAKE_QUEUE);
     tokio::spawn(async move {
         loop {
@@ -254,7 +257,7 @@ fn spawn_handshakes(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send((Conn::Tls(Box::new(stream)), peer)).await;
+                        let _ = tx.send((stream, peer)).await;
                     }
                     Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => info!(%peer, "TLS handshake timed out"),
@@ -284,7 +287,7 @@ impl axum::serve::Listener for EdgeListener {
                 }
             },
             Inner::Tls(rx) => match rx.recv().await {
-                Some(conn) => conn,
+                Some((stream, peer)) => (Conn::Tls(Box::new(stream)), peer),
                 // The handshake task only ends once this receiver is gone.
                 None => std::future::pending().await,
             },
@@ -310,7 +313,7 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Edge
 
 /// A TLS connection on the Flight SQL listener, as tonic wants it.
 #[derive(Debug)]
-pub(crate) struct FlightConn(pub(crate) tokio_rustls::server::TlsStream<TcpStream>);
+pub(crate) struct FlightConn(ServerTls);
 
 impl tonic::transport::server::Connected for FlightConn {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
@@ -355,10 +358,7 @@ pub(crate) fn flight_incoming(
 ) -> impl futures::Stream<Item = std::io::Result<FlightConn>> {
     let rx = spawn_handshakes(listener, acceptor);
     futures::stream::unfold(rx, |mut rx| async move {
-        let (conn, _) = rx.recv().await?;
-        match conn {
-            Conn::Tls(stream) => Some((Ok(FlightConn(*stream)), rx)),
-            Conn::Plain(_) => None,
-        }
+        let (stream, _) = rx.recv().await?;
+        Some((Ok(FlightConn(stream)), rx))
     })
 }

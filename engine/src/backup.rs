@@ -136,16 +136,21 @@ async fn table_names(store: &Store) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// The path of `location` relative to the store root.
+fn relative(store: &Store, location: &object_store::path::Path) -> Result<String> {
+    let base = store.path("")?;
+    let full = location.as_ref();
+    Ok(full
+        .strip_prefix(base.as_ref())
+        .unwrap_or(full)
+        .trim_start_matches('/')
+        .to_owned())
+}
+
 /// Every object under the store, as (path relative to the store, size).
 async fn list_store(store: &Store) -> Result<Vec<(String, u64)>> {
     let root = store.object_store();
     let base = store.path("")?;
-    let base_str = format!("{}/", base.as_ref().trim_end_matches('/'));
-    let base_str = if base.as_ref().is_empty() {
-        String::new()
-    } else {
-        base_str
-    };
     let mut out = Vec::new();
     let mut listing = root.list(Some(&base));
     while let Some(meta) = listing
@@ -153,9 +158,7 @@ async fn list_store(store: &Store) -> Result<Vec<(String, u64)>> {
         .await
         .map_err(|e| err("listing the store", e))?
     {
-        let full = meta.location.as_ref();
-        let rel = full.strip_prefix(base_str.as_str()).unwrap_or(full);
-        out.push((rel.to_owned(), meta.size));
+        out.push((relative(store, &meta.location)?, meta.size));
     }
     out.sort();
     Ok(out)
@@ -508,20 +511,13 @@ async fn roll_back(target: &Store, name: &str, latest: u64, at: DateTime<Utc>) -
         ))
     })?;
     let log = target.path(&format!("tables/{name}/_delta_log/"))?;
-    let base = target.path("")?;
     let entries: Vec<_> = root
         .list(Some(&log))
         .try_collect()
         .await
         .map_err(|e| err("listing the restored log", e))?;
     for meta in entries {
-        let rel = meta
-            .location
-            .as_ref()
-            .strip_prefix(base.as_ref())
-            .unwrap_or(meta.location.as_ref())
-            .trim_start_matches('/')
-            .to_owned();
+        let rel = relative(target, &meta.location)?;
         if log_version(&rel).is_some_and(|(v, _)| v > keep) {
             root.delete(&meta.location)
                 .await
