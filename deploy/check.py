@@ -33,7 +33,8 @@ def run(name, cmd, cwd=HERE):
     return out
 
 
-run("yamllint", ["yamllint", "-s", "-c", ".yamllint.yaml", "compose.yaml", "prometheus", "grafana/provisioning"])
+# Run as modules of this Python, so a pip scripts folder missing from PATH does not matter.
+run("yamllint", [sys.executable, "-m", "yamllint", "-s", "-c", ".yamllint.yaml", "compose.yaml", "prometheus", "grafana/provisioning"])
 run("promtool check rules", ["promtool", "check", "rules", "prometheus/rules.yml"])
 run("promtool check config", ["promtool", "check", "config", "--syntax-only", "prometheus/prometheus.yml"])
 run("promtool test rules", ["promtool", "test", "rules", "rules_test.yml"], cwd=HERE / "prometheus")
@@ -42,7 +43,7 @@ run("promtool test rules", ["promtool", "test", "rules", "rules_test.yml"], cwd=
 for framework, target in [("dockerfile", ["-f", "Dockerfile"]), ("terraform", ["-d", "terraform"])]:
     out = run(
         f"checkov {framework}",
-        ["checkov", *target, "--framework", framework, "--compact", "--quiet", "--skip-download", "-o", "json"],
+        [sys.executable, "-m", "checkov.main", *target, "--framework", framework, "--compact", "--quiet", "--skip-download", "-o", "json"],
     )
     try:
         report = json.loads(out.stdout)

@@ -43,8 +43,7 @@ install() {
     "${sudo[@]}" apt-get update -qq
     "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${apt[@]}"
   fi
-  if ! python3 -c "import moto.server, flask, flask_cors, psycopg, sqlalchemy, adbc_driver_flightsql.dbapi, pyarrow, duckdb, aiosmtpd, hcl2, yamllint" 2>/dev/null \
-    || ! command -v checkov >/dev/null 2>&1; then
+  if ! python3 -c "import moto.server, flask, flask_cors, psycopg, sqlalchemy, adbc_driver_flightsql.dbapi, pyarrow, duckdb, aiosmtpd, hcl2, yamllint, checkov.main" 2>/dev/null; then
     python3 -m pip install --quiet --disable-pip-version-check \
       'moto[server]>=5.1' 'psycopg[binary]>=3.2' 'sqlalchemy>=2.0' \
       'adbc-driver-flightsql>=1.5' 'adbc-driver-manager>=1.5' 'pyarrow>=17' 'duckdb>=1.1' \
